@@ -1,5 +1,5 @@
 //! Every example under examples/ parses, validates and analyzes clean; every file under
-//! examples/broken/ fails with the field path its README promises.
+//! control/model/tests/broken/ fails with the field path its README promises.
 
 use std::path::{Path, PathBuf};
 
@@ -81,7 +81,9 @@ fn every_example_parses_validates_and_analyzes_without_errors() {
 }
 
 fn broken_errors(name: &str) -> Vec<String> {
-    let path = examples_dir().join("broken").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/broken")
+        .join(name);
     let text = std::fs::read_to_string(&path).unwrap();
     let (docs, parse_errors) = parse_documents(&text, name);
     let mut out: Vec<String> = parse_errors.iter().map(|e| e.to_string()).collect();

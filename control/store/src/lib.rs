@@ -24,7 +24,7 @@ pub mod testing;
 mod time;
 
 pub use reflector::{ReflectorEvent, reflector, reflector_from};
-pub use resources::{EventType, ResourceStore, WatchEvent};
+pub use resources::{EventType, ResourceStore, WatchEvent, parse_resource_version};
 
 /// A store revision. Every write gets the next one; `resourceVersion` is its decimal form.
 pub type Revision = i64;

@@ -1,0 +1,74 @@
+//! `trellis-control`: the Trellis control plane binary. Opens the store, creates the admin
+//! token on first start, applies `--apply` paths, and serves the config API until SIGINT or
+//! SIGTERM.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio::net::TcpListener;
+use trellis_control::api::{ApiState, router};
+use trellis_control::auth::{Auth, load_or_create_token, token_path};
+use trellis_control::config::Config;
+use trellis_store::ResourceStore;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    if config.allow_anonymous_loopback && !config.api_addr.ip().is_loopback() {
+        bail!(
+            "--allow-anonymous-loopback needs a loopback --api-addr (got {})",
+            config.api_addr
+        );
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let token = load_or_create_token(&config.data_dir)?;
+    let store_config = config.store_config();
+    let kv = trellis_store::open(&store_config)
+        .await
+        .with_context(|| format!("opening the {store_config}"))?;
+    let store = ResourceStore::new(kv);
+
+    for path in &config.apply {
+        let summary = trellis_control::config_apply::apply_path(&store, path).await?;
+        tracing::info!(path = %path.display(), created = summary.created, configured = summary.configured, unchanged = summary.unchanged, "applied configuration");
+    }
+
+    let listener = TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("binding the API to {}", config.api_addr))?;
+    let addr = listener.local_addr()?;
+    let state = ApiState {
+        store,
+        auth: Arc::new(Auth::new(vec![token], config.allow_anonymous_loopback)),
+    };
+    tracing::info!(api = %addr, store = %store_config, "trellis-control ready");
+    // The one place the control plane talks to a person: where things are and what to run.
+    eprintln!(
+        "\nTrellis control plane is up.\n  config API:  http://{addr}\n  store:       {store_config}\n  admin token: {}\n\nTry:\n  export TRELLIS_SERVER=http://{addr} TRELLIS_TOKEN_FILE={}\n  trellis get virtualservices -A\n  trellis apply -f examples/\n  trellis analyze\n",
+        token_path(&config.data_dir).display(),
+        token_path(&config.data_dir).display(),
+    );
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown())
+        .await
+        .context("serving the API")?;
+    tracing::info!("trellis-control stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
