@@ -67,22 +67,36 @@ impl EmbeddedStore {
             }
             other => unavailable(path, other),
         })?;
-        let txn = db.begin_write().map_err(|e| unavailable(path, e))?;
+        Self::init(db, path.to_path_buf(), history)
+    }
+
+    /// Opens a store on any redb storage backend (`label` names it in errors). Tests use this
+    /// with [`crate::testing::PowerLossDisk`] to prove that acknowledged writes are durable.
+    pub fn open_with_backend(backend: impl redb::StorageBackend, label: &str) -> Result<Self> {
+        let path = PathBuf::from(label);
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| unavailable(&path, e))?;
+        Self::init(db, path, DEFAULT_HISTORY)
+    }
+
+    fn init(db: Database, path: PathBuf, history: u64) -> Result<Self> {
+        let txn = db.begin_write().map_err(|e| unavailable(&path, e))?;
         let revision = {
-            txn.open_table(OBJECTS).map_err(|e| unavailable(path, e))?;
-            txn.open_table(EVENTS).map_err(|e| unavailable(path, e))?;
-            let meta = txn.open_table(META).map_err(|e| unavailable(path, e))?;
+            txn.open_table(OBJECTS).map_err(|e| unavailable(&path, e))?;
+            txn.open_table(EVENTS).map_err(|e| unavailable(&path, e))?;
+            let meta = txn.open_table(META).map_err(|e| unavailable(&path, e))?;
             meta.get(REVISION)
-                .map_err(|e| unavailable(path, e))?
+                .map_err(|e| unavailable(&path, e))?
                 .map(|g| g.value())
                 .unwrap_or(0)
         };
-        txn.commit().map_err(|e| unavailable(path, e))?;
+        txn.commit().map_err(|e| unavailable(&path, e))?;
         let (notify, _) = watch::channel(revision as Revision);
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
-                path: path.to_path_buf(),
+                path,
                 history,
                 notify,
             }),

@@ -97,3 +97,95 @@ impl Drop for EtcdServer {
         let _ = self.child.wait();
     }
 }
+
+/// An in-memory disk for redb that models power loss: writes land in a volatile image, and
+/// only `sync_data` (fsync) copies it to the durable image. [`PowerLossDisk::crash`] returns a
+/// disk holding only what was synced — what a machine would find after losing power. A store
+/// that acknowledged a write before syncing it loses that write here, which `kill -9` (which
+/// keeps the page cache) can never show.
+#[derive(Debug, Clone, Default)]
+pub struct PowerLossDisk {
+    images: std::sync::Arc<std::sync::Mutex<Images>>,
+}
+
+#[derive(Debug, Default)]
+struct Images {
+    volatile: Vec<u8>,
+    durable: Vec<u8>,
+    syncs: u64,
+}
+
+impl PowerLossDisk {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn images(&self) -> std::sync::MutexGuard<'_, Images> {
+        self.images.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new disk with only the durable image: unsynced writes are gone.
+    pub fn crash(&self) -> PowerLossDisk {
+        let durable = self.images().durable.clone();
+        PowerLossDisk {
+            images: std::sync::Arc::new(std::sync::Mutex::new(Images {
+                volatile: durable.clone(),
+                durable,
+                syncs: 0,
+            })),
+        }
+    }
+
+    /// How many times the store asked for its data to be made durable.
+    pub fn syncs(&self) -> u64 {
+        self.images().syncs
+    }
+}
+
+fn out_of_range() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "access past the end of the disk",
+    )
+}
+
+impl redb::StorageBackend for PowerLossDisk {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.images().volatile.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let images = self.images();
+        let start = usize::try_from(offset).map_err(|_| out_of_range())?;
+        let src = images
+            .volatile
+            .get(start..start + out.len())
+            .ok_or_else(out_of_range)?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let len = usize::try_from(len).map_err(|_| out_of_range())?;
+        self.images().volatile.resize(len, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        let mut images = self.images();
+        images.durable = images.volatile.clone();
+        images.syncs += 1;
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut images = self.images();
+        let start = usize::try_from(offset).map_err(|_| out_of_range())?;
+        let dst = images
+            .volatile
+            .get_mut(start..start + data.len())
+            .ok_or_else(out_of_range)?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+}

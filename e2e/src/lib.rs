@@ -1,0 +1,182 @@
+//! End-to-end harness: starts the real binaries (`trellis-control`, `trellis`) and real peers
+//! (etcd, via [`trellis_store::testing`]) on loopback, and gives tests handles to them.
+//! Scenarios live in `tests/`. Only public interfaces are used: command lines, the HTTP API.
+//!
+//! The binaries are taken from the workspace target directory; build them first
+//! (`cargo build --workspace --bins`, which `scripts/test.sh` does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub use trellis_store::testing::{EtcdServer, free_port};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from(".."))
+}
+
+/// A workspace binary next to the running test executable (`target/<profile>/NAME`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no target directory")?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build the binaries first (cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn await_condition(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A running `trellis-control`.
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: Child,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts `trellis-control` with `--data-dir data_dir` on a free loopback port plus
+    /// `extra` arguments, and waits until its API answers.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        std::fs::create_dir_all(data_dir)?;
+        let log = data_dir.join(format!("control-{port}.log"));
+        let child = Command::new(binary("trellis-control")?)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--api-addr")
+            .arg(&addr)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting trellis-control")?;
+        let mut cp = ControlPlane {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log,
+        };
+        let target = cp.addr.clone();
+        let mut exited = None;
+        let ready = await_condition("trellis-control to listen", Duration::from_secs(30), || {
+            if let Ok(Some(status)) = cp.child.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            std::net::TcpStream::connect(&target).is_ok()
+        });
+        if let Some(status) = exited {
+            bail!("trellis-control exited with {status}: {}", cp.log_text());
+        }
+        ready.with_context(|| cp.log_text())?;
+        Ok(cp)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.data_dir.join("admin.token"))?
+            .trim()
+            .to_string())
+    }
+
+    pub fn client(&self) -> anyhow::Result<trellis_client::Client> {
+        Ok(trellis_client::Client::new(
+            &self.url(),
+            Some(self.token()?),
+        ))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the `trellis` CLI against this control plane.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        cli(&self.url(), &self.token()?, args, None)
+    }
+
+    /// SIGKILL: no shutdown code runs, like a crash.
+    pub fn kill_9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the `trellis` CLI (with `stdin` fed if given) from the repository root.
+pub fn cli(
+    server: &str,
+    token: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<Output> {
+    use std::io::Write;
+    let mut child = Command::new(binary("trellis")?)
+        .args(args)
+        .env("TRELLIS_SERVER", server)
+        .env("TRELLIS_TOKEN", token)
+        .env_remove("TRELLIS_TOKEN_FILE")
+        .current_dir(repo_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(input.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    Ok(child.wait_with_output()?)
+}
+
+/// stdout and stderr of a finished command, for assertion messages.
+pub fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
