@@ -983,8 +983,9 @@ message! {
     }
 }
 
-/// A parsed spec of any kind.
+/// A parsed spec of any kind. Built once per resource, so variant sizes do not matter.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Spec {
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),

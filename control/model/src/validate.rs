@@ -1174,7 +1174,10 @@ fn load_balancer(lb: &LoadBalancerSettings, path: &str, v: &mut V) {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|i| i * i <= n).all(|i| n % i != 0)
+    n >= 2
+        && (2..)
+            .take_while(|i| i * i <= n)
+            .all(|i| !n.is_multiple_of(i))
 }
 
 fn check_locality_pattern(loc: &str, path: &str, v: &mut V) {
@@ -1720,9 +1723,8 @@ fn request_authentication(s: &RequestAuthentication, v: &mut V) {
         if !r.jwks_uri.is_empty() && !r.jwks.is_empty() {
             v.err(&rp, "jwksUri and jwks are mutually exclusive");
         }
-        if !r.jwks_uri.is_empty()
-            && !(r.jwks_uri.starts_with("https://") || r.jwks_uri.starts_with("http://"))
-        {
+        let is_url = r.jwks_uri.starts_with("https://") || r.jwks_uri.starts_with("http://");
+        if !r.jwks_uri.is_empty() && !is_url {
             v.err(
                 format!("{rp}.jwksUri"),
                 format!("{:?} is not an http(s) URL", r.jwks_uri),
@@ -1816,21 +1818,19 @@ fn wasm_plugin(s: &WasmPlugin, v: &mut V) {
         v.err("spec.url", "required");
     } else {
         match s.url.split_once("://") {
-            Some((scheme, rest)) if ["oci", "file", "http", "https", "trellis"].contains(&scheme) => {
-                if rest.is_empty() {
-                    v.err("spec.url", format!("{:?} names no module", s.url));
-                }
+            Some((scheme, "")) if ["oci", "file", "http", "https", "trellis"].contains(&scheme) => {
+                v.err("spec.url", format!("{:?} names no module", s.url));
             }
+            Some((scheme, _)) if ["oci", "file", "http", "https", "trellis"].contains(&scheme) => {}
             Some((scheme, _)) => v.err("spec.url", format!("unsupported scheme {scheme:?}; use oci://, https://, http://, file:// or trellis://sha256")),
             None => {}
         }
     }
-    if !s.sha256.is_empty()
-        && !(s.sha256.len() == 64
-            && s.sha256
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    {
+    let is_hex64 = s.sha256.len() == 64
+        && s.sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !s.sha256.is_empty() && !is_hex64 {
         v.err(
             "spec.sha256",
             "must be 64 lower-case hexadecimal characters",

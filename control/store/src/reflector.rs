@@ -22,7 +22,7 @@ pub enum ReflectorEvent {
         revision: Revision,
     },
     /// One change after the last snapshot or change.
-    Changed(WatchEvent),
+    Changed(Box<WatchEvent>),
     /// The store failed; the reflector retries with backoff. Informational.
     Retrying { error: String },
 }
@@ -109,7 +109,7 @@ pub fn reflector_from(
                     item = stream.next() => match item {
                         Some(Ok(ev)) => {
                             resume = Some(ev.revision);
-                            if tx.send(ReflectorEvent::Changed(ev)).await.is_err() {
+                            if tx.send(ReflectorEvent::Changed(Box::new(ev))).await.is_err() {
                                 return;
                             }
                         }
