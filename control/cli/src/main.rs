@@ -229,17 +229,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn doc_origins(docs: &[ParsedDocument]) -> Vec<String> {
-    docs.iter()
-        .map(|d| {
-            format!(
-                "document {} ({} {})",
-                d.index, d.resource.kind, d.resource.metadata.name
-            )
-        })
-        .collect()
-}
-
 async fn apply(
     client: &Client,
     files: &[String],
@@ -287,7 +276,10 @@ async fn apply(
             Err(ClientError::Api {
                 causes, message, ..
             }) if !causes.is_empty() => {
-                let origins = doc_origins(&docs);
+                let origins = docs
+                    .iter()
+                    .map(ParsedDocument::short_origin)
+                    .collect::<Vec<_>>();
                 for c in causes {
                     eprintln!(
                         "error: {name}: {}: {}",

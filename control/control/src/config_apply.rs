@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use trellis_model::parse_documents;
+use trellis_model::{ParsedDocument, parse_documents};
 use trellis_store::ResourceStore;
 
 use crate::api::apply_batch;
@@ -33,6 +33,7 @@ pub async fn apply_path(store: &ResourceStore, path: &Path) -> anyhow::Result<Su
             .iter()
             .map(|d| serde_json::to_value(&d.resource))
             .collect::<Result<Vec<_>, _>>()?;
+        let origins: Vec<String> = docs.iter().map(ParsedDocument::short_origin).collect();
         let outcome = apply_batch(store, items, None, false).await.map_err(|e| {
             let causes: Vec<String> = e
                 .causes
@@ -40,7 +41,7 @@ pub async fn apply_path(store: &ResourceStore, path: &Path) -> anyhow::Result<Su
                 .map(|(f, m)| {
                     format!(
                         "{name}: {}: {m}",
-                        trellis_client::describe_item_field(&docs_origin(&docs), f)
+                        trellis_client::describe_item_field(&origins, f)
                     )
                 })
                 .collect();
@@ -62,15 +63,4 @@ pub async fn apply_path(store: &ResourceStore, path: &Path) -> anyhow::Result<Su
         }
     }
     Ok(summary)
-}
-
-fn docs_origin(docs: &[trellis_model::ParsedDocument]) -> Vec<String> {
-    docs.iter()
-        .map(|d| {
-            format!(
-                "document {} ({} {})",
-                d.index, d.resource.kind, d.resource.metadata.name
-            )
-        })
-        .collect()
 }

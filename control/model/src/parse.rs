@@ -19,7 +19,15 @@ pub struct ParsedDocument {
 }
 
 impl ParsedDocument {
-    /// `file#index (Kind namespace/name)`, for messages.
+    /// `document N (Kind name)`, for messages about one document of a known file.
+    pub fn short_origin(&self) -> String {
+        format!(
+            "document {} ({} {})",
+            self.index, self.resource.kind, self.resource.metadata.name
+        )
+    }
+
+    /// `file: document N (Kind namespace/name)`, for messages.
     pub fn origin(&self) -> String {
         let r = &self.resource;
         let ns = r
@@ -200,5 +208,50 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert!(errors[0].message.contains("specc"), "{}", errors[0]);
         assert_eq!(errors[0].index, Some(0));
+    }
+}
+
+#[cfg(test)]
+mod hostile_input {
+    use super::*;
+
+    #[test]
+    fn alias_bombs_are_refused_not_expanded() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            text.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n", p = i - 1));
+        }
+        let start = std::time::Instant::now();
+        let (docs, errors) = parse_documents(&text, "bomb.yaml");
+        assert!(docs.is_empty());
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let (_, errors) = parse_documents(&deep_json, "deep.json");
+        assert_eq!(errors.len(), 1);
+        let deep_yaml = format!("a: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let (_, errors) = parse_documents(&deep_yaml, "deep.yaml");
+        assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn documents_of_the_wrong_shape_are_errors() {
+        for text in [
+            "42",
+            "- a\n- b\n",
+            "\"just a string\"",
+            "apiVersion: 5\nkind: Gateway\n",
+            "kind: Gateway\n",
+        ] {
+            let (docs, errors) = parse_documents(text, "odd.yaml");
+            assert!(
+                docs.is_empty() && errors.len() == 1,
+                "{text:?}: {docs:?} {errors:?}"
+            );
+        }
     }
 }

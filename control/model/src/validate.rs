@@ -123,54 +123,45 @@ pub fn validate_resource(
         res.spec.clone()
     };
     let spec = match kind {
-        Kind::VirtualService => typed(&spec_value, &mut v).map(|s| {
-            virtual_service(&s, &mut v);
-            Spec::VirtualService(s)
-        }),
-        Kind::DestinationRule => typed(&spec_value, &mut v).map(|s| {
-            destination_rule(&s, &mut v);
-            Spec::DestinationRule(s)
-        }),
-        Kind::Gateway => typed(&spec_value, &mut v).map(|s| {
-            gateway(&s, &mut v);
-            Spec::Gateway(s)
-        }),
-        Kind::ServiceEntry => typed(&spec_value, &mut v).map(|s| {
-            service_entry(&s, &mut v);
-            Spec::ServiceEntry(s)
-        }),
-        Kind::WorkloadEntry => typed(&spec_value, &mut v).map(|s| {
-            workload_entry(&s, "spec", None, &mut v);
-            Spec::WorkloadEntry(s)
-        }),
-        Kind::Sidecar => typed(&spec_value, &mut v).map(|s| {
-            sidecar(&s, &mut v);
-            Spec::Sidecar(s)
-        }),
-        Kind::PeerAuthentication => typed(&spec_value, &mut v).map(|s| {
-            peer_authentication(&s, &mut v);
-            Spec::PeerAuthentication(s)
-        }),
-        Kind::AuthorizationPolicy => typed(&spec_value, &mut v).map(|s| {
-            authorization_policy(&s, &mut v);
-            Spec::AuthorizationPolicy(s)
-        }),
-        Kind::RequestAuthentication => typed(&spec_value, &mut v).map(|s| {
-            request_authentication(&s, &mut v);
-            Spec::RequestAuthentication(s)
-        }),
-        Kind::Telemetry => typed(&spec_value, &mut v).map(|s| {
-            telemetry(&s, &mut v);
-            Spec::Telemetry(s)
-        }),
-        Kind::WasmPlugin => typed(&spec_value, &mut v).map(|s| {
-            wasm_plugin(&s, &mut v);
-            Spec::WasmPlugin(s)
-        }),
-        Kind::MeshCluster => typed(&spec_value, &mut v).map(|s| {
-            mesh_cluster(&meta.name, &s, &mut v);
-            Spec::MeshCluster(s)
-        }),
+        Kind::VirtualService => check(&spec_value, &mut v, virtual_service, Spec::VirtualService),
+        Kind::DestinationRule => {
+            check(&spec_value, &mut v, destination_rule, Spec::DestinationRule)
+        }
+        Kind::Gateway => check(&spec_value, &mut v, gateway, Spec::Gateway),
+        Kind::ServiceEntry => check(&spec_value, &mut v, service_entry, Spec::ServiceEntry),
+        Kind::WorkloadEntry => check(
+            &spec_value,
+            &mut v,
+            |s, v| workload_entry(s, "spec", None, v),
+            Spec::WorkloadEntry,
+        ),
+        Kind::Sidecar => check(&spec_value, &mut v, sidecar, Spec::Sidecar),
+        Kind::PeerAuthentication => check(
+            &spec_value,
+            &mut v,
+            peer_authentication,
+            Spec::PeerAuthentication,
+        ),
+        Kind::AuthorizationPolicy => check(
+            &spec_value,
+            &mut v,
+            authorization_policy,
+            Spec::AuthorizationPolicy,
+        ),
+        Kind::RequestAuthentication => check(
+            &spec_value,
+            &mut v,
+            request_authentication,
+            Spec::RequestAuthentication,
+        ),
+        Kind::Telemetry => check(&spec_value, &mut v, telemetry, Spec::Telemetry),
+        Kind::WasmPlugin => check(&spec_value, &mut v, wasm_plugin, Spec::WasmPlugin),
+        Kind::MeshCluster => check(
+            &spec_value,
+            &mut v,
+            |s, v| mesh_cluster(&meta.name, s, v),
+            Spec::MeshCluster,
+        ),
     };
     match spec {
         Some(spec) if v.errors.is_empty() => {
@@ -196,9 +187,18 @@ pub fn parse_spec<T: DeserializeOwned>(value: &Value) -> Result<T, FieldError> {
     })
 }
 
-fn typed<T: DeserializeOwned>(value: &Value, v: &mut V) -> Option<T> {
-    match parse_spec(value) {
-        Ok(t) => Some(t),
+/// Parses a typed spec, runs its semantic checks, and wraps it.
+fn check<T: DeserializeOwned>(
+    value: &Value,
+    v: &mut V,
+    rules: impl FnOnce(&T, &mut V),
+    wrap: fn(T) -> Spec,
+) -> Option<Spec> {
+    match parse_spec::<T>(value) {
+        Ok(t) => {
+            rules(&t, v);
+            Some(wrap(t))
+        }
         Err(e) => {
             v.errors.push(e);
             None

@@ -65,17 +65,9 @@ pub fn reflector_from(
                         revision
                     }
                     Err(e) => {
-                        if tx
-                            .send(ReflectorEvent::Retrying {
-                                error: e.to_string(),
-                            })
-                            .await
-                            .is_err()
-                        {
+                        if !report_and_back_off(&tx, &mut backoff, e).await {
                             return;
                         }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                 },
@@ -88,17 +80,9 @@ pub fn reflector_from(
                     continue;
                 }
                 Err(e) => {
-                    if tx
-                        .send(ReflectorEvent::Retrying {
-                            error: e.to_string(),
-                        })
-                        .await
-                        .is_err()
-                    {
+                    if !report_and_back_off(&tx, &mut backoff, e).await {
                         return;
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
@@ -131,4 +115,25 @@ pub fn reflector_from(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Reports a store failure to the consumer and sleeps with exponential backoff (capped at 5 s).
+/// False when the consumer is gone.
+async fn report_and_back_off(
+    tx: &mpsc::Sender<ReflectorEvent>,
+    backoff: &mut Duration,
+    e: Error,
+) -> bool {
+    if tx
+        .send(ReflectorEvent::Retrying {
+            error: e.to_string(),
+        })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    true
 }
