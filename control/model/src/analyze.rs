@@ -435,6 +435,7 @@ fn authorization_policy(
                         &s.remote_ip_blocks,
                         &s.not_remote_ip_blocks,
                     ),
+                    ("trustDomains", &s.trust_domains, &s.not_trust_domains),
                 ];
                 contradictions.extend(contradicting(&format!("{rp}.from[{j}].source"), &pairs));
             }

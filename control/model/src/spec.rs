@@ -46,8 +46,9 @@ impl<'de> Deserialize<'de> for Unsupported {
     }
 }
 
-/// A `google.protobuf.Duration` as a string ("10s", "1.5s", "3m"). Checked by the validator
-/// so the error can say which rule failed.
+/// A `google.protobuf.Duration` as a string. Protobuf JSON writes "10s" / "1.5s"; Istio's
+/// CRD validation (CEL `duration()`) also takes Go forms such as "3m", which Istio's own docs
+/// use, so both are accepted. Checked by the validator so the error can say which rule failed.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct DurationStr(pub String);
@@ -174,6 +175,7 @@ istio_enum! {
 message! {
     pub struct HttpRedirect {
         pub uri: String,
+        pub prefix_rewrite: String,
         pub authority: String,
         pub port: Option<u32>,
         pub derive_port: Option<RedirectPortSelection>,
@@ -320,6 +322,7 @@ message! {
         pub port_level_settings: Vec<PortTrafficPolicy>,
         pub tunnel: Option<Unsupported>,
         pub proxy_protocol: Option<Unsupported>,
+        pub retry_budget: Option<Unsupported>,
     }
 }
 
@@ -352,6 +355,7 @@ message! {
         pub locality_lb_setting: Option<LocalityLbSetting>,
         pub warmup_duration_secs: Option<Unsupported>,
         pub warmup: Option<Unsupported>,
+        pub zone_aware_lb_setting: Option<Unsupported>,
     }
 }
 
@@ -373,6 +377,14 @@ message! {
         pub name: String,
         pub path: String,
         pub ttl: Option<DurationStr>,
+        pub attributes: Vec<CookieAttribute>,
+    }
+}
+
+message! {
+    pub struct CookieAttribute {
+        pub name: String,
+        pub value: String,
     }
 }
 
@@ -438,6 +450,7 @@ message! {
         pub h2_upgrade_policy: Option<Unsupported>,
         pub use_client_protocol: Option<Unsupported>,
         pub max_concurrent_streams: Option<Unsupported>,
+        pub http2_keep_alive: Option<Unsupported>,
     }
 }
 
@@ -453,6 +466,7 @@ message! {
         pub max_ejection_percent: Option<i64>,
         pub min_health_percent: Option<i64>,
         pub consecutive_errors: Option<Unsupported>,
+        pub outlier_detection_http_error_codes: Option<Unsupported>,
     }
 }
 
@@ -532,6 +546,8 @@ message! {
         pub min_protocol_version: Option<TlsProtocol>,
         pub max_protocol_version: Option<TlsProtocol>,
         pub cipher_suites: Option<Unsupported>,
+        pub ca_cert_credential_name: String,
+        pub insecure_skip_verify: Option<Unsupported>,
     }
 }
 
@@ -540,7 +556,7 @@ istio_enum! {
 }
 
 istio_enum! {
-    pub enum ServiceEntryResolution { NONE, STATIC, DNS, DNS_ROUND_ROBIN, }
+    pub enum ServiceEntryResolution { NONE, STATIC, DNS, DNS_ROUND_ROBIN, DYNAMIC_DNS, }
 }
 
 message! {
@@ -708,6 +724,8 @@ message! {
         pub not_ip_blocks: Vec<String>,
         pub remote_ip_blocks: Vec<String>,
         pub not_remote_ip_blocks: Vec<String>,
+        pub trust_domains: Vec<String>,
+        pub not_trust_domains: Vec<String>,
     }
 }
 
@@ -754,6 +772,7 @@ message! {
         pub output_claim_to_headers: Vec<ClaimToHeader>,
         pub from_cookies: Vec<String>,
         pub timeout: Option<DurationStr>,
+        pub space_delimited_claims: Vec<String>,
     }
 }
 
@@ -810,6 +829,7 @@ message! {
         pub custom_tags: Option<Unsupported>,
         pub use_request_id_for_trace_sampling: Option<bool>,
         pub enable_istio_tags: Option<bool>,
+        pub disable_context_propagation: Option<bool>,
     }
 }
 

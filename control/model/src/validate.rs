@@ -332,13 +332,15 @@ fn check_regex(re: &str, path: &str, v: &mut V) {
     }
 }
 
+/// Istio's StringMatch is a oneof: at most one of exact, prefix, regex. An empty match is
+/// allowed (for headers and query parameters it means "present").
 fn check_string_match(m: &StringMatch, path: &str, v: &mut V) {
     let set = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()]
         .iter()
         .filter(|b| **b)
         .count();
-    if set != 1 {
-        v.err(path, "exactly one of exact, prefix or regex must be set");
+    if set > 1 {
+        v.err(path, "only one of exact, prefix or regex may be set");
     }
     if let Some(re) = &m.regex {
         check_regex(re, &format!("{path}.regex"), v);
@@ -638,7 +640,14 @@ fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
                 format!("{:?} must be http or https", red.scheme),
             );
         }
+        if !red.prefix_rewrite.is_empty() && !red.uri.is_empty() {
+            v.err(
+                format!("{rp}.prefixRewrite"),
+                "uri and prefixRewrite are mutually exclusive",
+            );
+        }
         if red.uri.is_empty()
+            && red.prefix_rewrite.is_empty()
             && red.authority.is_empty()
             && red.port.is_none()
             && red.scheme.is_empty()
@@ -646,7 +655,7 @@ fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
         {
             v.err(
                 &rp,
-                "a redirect must set at least one of uri, authority, port, derivePort or scheme",
+                "a redirect must set at least one of uri, prefixRewrite, authority, port, derivePort or scheme",
             );
         }
         if r.rewrite.is_some() {
@@ -861,10 +870,7 @@ fn http_match(m: &HttpMatchRequest, path: &str, v: &mut V) {
         for (h, sm) in map {
             let hp = format!("{path}.{field}[{h}]");
             check_header_name(h, &hp, v);
-            // An empty StringMatch on a header means "present", as in Istio.
-            if sm.exact.is_some() || sm.prefix.is_some() || sm.regex.is_some() {
-                check_string_match(sm, &hp, v);
-            }
+            check_string_match(sm, &hp, v);
         }
     }
     for (q, sm) in &m.query_params {
@@ -1113,6 +1119,11 @@ fn load_balancer(lb: &LoadBalancerSettings, path: &str, v: &mut V) {
             {
                 v.err(format!("{cp}.httpCookie.ttl"), msg);
             }
+            for (i, a) in c.attributes.iter().enumerate() {
+                if a.name.is_empty() {
+                    v.err(format!("{cp}.httpCookie.attributes[{i}].name"), "required");
+                }
+            }
         }
         if ch.ring_hash.is_some() && ch.maglev.is_some() {
             v.err(&cp, "ringHash and maglev are mutually exclusive");
@@ -1352,6 +1363,9 @@ fn service_entry(s: &ServiceEntry, v: &mut V) {
     if let Some(ws) = &s.workload_selector {
         check_selector_labels(&ws.labels, "spec.workloadSelector.labels", v);
     }
+    if s.resolution == ServiceEntryResolution::DYNAMIC_DNS {
+        v.err("spec.resolution", "DYNAMIC_DNS (dynamic forward proxy) is not supported by Trellis; use DNS, DNS_ROUND_ROBIN, STATIC or NONE");
+    }
     if s.resolution == ServiceEntryResolution::STATIC
         && s.endpoints.is_empty()
         && s.workload_selector.is_none()
@@ -1574,7 +1588,7 @@ fn authorization_policy(s: &AuthorizationPolicy, v: &mut V) {
                 v.err(fp, "required");
                 continue;
             };
-            let lists: [(&str, &Vec<String>); 12] = [
+            let lists: [(&str, &Vec<String>); 14] = [
                 ("principals", &src.principals),
                 ("notPrincipals", &src.not_principals),
                 ("requestPrincipals", &src.request_principals),
@@ -1587,6 +1601,8 @@ fn authorization_policy(s: &AuthorizationPolicy, v: &mut V) {
                 ("notIpBlocks", &src.not_ip_blocks),
                 ("remoteIpBlocks", &src.remote_ip_blocks),
                 ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
+                ("trustDomains", &src.trust_domains),
+                ("notTrustDomains", &src.not_trust_domains),
             ];
             if lists.iter().all(|(_, l)| l.is_empty()) {
                 v.err(&fp, "a source must set at least one field");

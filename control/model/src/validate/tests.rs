@@ -206,3 +206,56 @@ fn old_api_versions_are_accepted_and_unknown_ones_are_not() {
     r.api_version = "networking.istio.io/v9".into();
     assert_error(&r, "apiVersion", "not \"networking.istio.io/v9\"");
 }
+
+#[test]
+fn recent_istio_fields_are_accepted_or_refused_by_name() {
+    let r = res(
+        "AuthorizationPolicy",
+        "security.istio.io/v1",
+        json!({"rules": [{"from": [{"source": {"trustDomains": ["cluster.local"], "serviceAccounts": ["bookinfo/reviews"]}}]}]}),
+    );
+    assert_eq!(errors(&r), Vec::<String>::new());
+    let r = res(
+        "DestinationRule",
+        "networking.istio.io/v1",
+        json!({"host": "a", "trafficPolicy": {
+        "loadBalancer": {"consistentHash": {"httpCookie": {"name": "c", "ttl": "0s", "attributes": [{"name": "SameSite", "value": "Strict"}]}}}}}),
+    );
+    assert_eq!(errors(&r), Vec::<String>::new());
+    let r = res(
+        "DestinationRule",
+        "networking.istio.io/v1",
+        json!({"host": "a", "trafficPolicy": {"retryBudget": {"percent": 20}}}),
+    );
+    assert_error(
+        &r,
+        "spec.trafficPolicy.retryBudget",
+        "not supported by Trellis",
+    );
+    let r = res(
+        "ServiceEntry",
+        "networking.istio.io/v1",
+        json!({"hosts": ["*.example.com"], "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}], "resolution": "DYNAMIC_DNS"}),
+    );
+    assert_error(&r, "spec.resolution", "DYNAMIC_DNS");
+    let r =
+        vs(json!({"hosts": ["a"], "http": [{"redirect": {"prefixRewrite": "/new", "uri": "/x"}}]}));
+    assert_error(
+        &r,
+        "spec.http[0].redirect.prefixRewrite",
+        "mutually exclusive",
+    );
+    let r = vs(
+        json!({"hosts": ["a"], "http": [{"match": [{"uri": {"exact": "/a", "prefix": "/b"}}, {"headers": {"x-present": {}}}], "route": [{"destination": {"host": "a"}}]}]}),
+    );
+    let errs = errors(&r);
+    assert_eq!(
+        errs.len(),
+        1,
+        "an empty header match means presence: {errs:?}"
+    );
+    assert!(
+        errs[0].starts_with("spec.http[0].match[0].uri: only one of"),
+        "{errs:?}"
+    );
+}
