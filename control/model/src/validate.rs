@@ -477,15 +477,15 @@ fn virtual_service(s: &VirtualService, v: &mut V) {
             for (k, h) in m.sni_hosts.iter().enumerate() {
                 check_host(h, &format!("{mp}.sniHosts[{k}]"), true, v);
             }
-            for (k, c) in m.destination_subnets.iter().enumerate() {
-                check_ip_or_cidr(c, &format!("{mp}.destinationSubnets[{k}]"), v);
-            }
-            if let Some(p) = m.port {
-                check_port(p, &format!("{mp}.port"), v);
-            }
-            for (k, g) in m.gateways.iter().enumerate() {
-                check_gateway_ref(g, &format!("{mp}.gateways[{k}]"), v);
-            }
+            l4_match(
+                &m.destination_subnets,
+                m.port,
+                &m.source_labels,
+                &m.gateways,
+                &m.source_namespace,
+                &mp,
+                v,
+            );
         }
         route_destinations(
             r.route.iter().map(|d| (d.destination.as_ref(), d.weight)),
@@ -497,15 +497,15 @@ fn virtual_service(s: &VirtualService, v: &mut V) {
         let path = format!("spec.tcp[{i}]");
         for (j, m) in r.matches.iter().enumerate() {
             let mp = format!("{path}.match[{j}]");
-            for (k, c) in m.destination_subnets.iter().enumerate() {
-                check_ip_or_cidr(c, &format!("{mp}.destinationSubnets[{k}]"), v);
-            }
-            if let Some(p) = m.port {
-                check_port(p, &format!("{mp}.port"), v);
-            }
-            for (k, g) in m.gateways.iter().enumerate() {
-                check_gateway_ref(g, &format!("{mp}.gateways[{k}]"), v);
-            }
+            l4_match(
+                &m.destination_subnets,
+                m.port,
+                &m.source_labels,
+                &m.gateways,
+                &m.source_namespace,
+                &mp,
+                v,
+            );
         }
         route_destinations(
             r.route.iter().map(|d| (d.destination.as_ref(), d.weight)),
@@ -514,6 +514,46 @@ fn virtual_service(s: &VirtualService, v: &mut V) {
         );
     }
     check_export_to(&s.export_to, v);
+}
+
+/// The parts TLS and TCP route matches share.
+fn l4_match(
+    subnets: &[String],
+    port: Option<u32>,
+    source_labels: &Labels,
+    gateways: &[String],
+    source_namespace: &str,
+    path: &str,
+    v: &mut V,
+) {
+    for (k, c) in subnets.iter().enumerate() {
+        check_ip_or_cidr(c, &format!("{path}.destinationSubnets[{k}]"), v);
+    }
+    match_scope(port, source_labels, gateways, source_namespace, path, v);
+}
+
+/// Port, source labels, gateways and source namespace of any route match.
+fn match_scope(
+    port: Option<u32>,
+    source_labels: &Labels,
+    gateways: &[String],
+    source_namespace: &str,
+    path: &str,
+    v: &mut V,
+) {
+    if let Some(p) = port {
+        check_port(p, &format!("{path}.port"), v);
+    }
+    check_selector_labels(source_labels, &format!("{path}.sourceLabels"), v);
+    for (i, g) in gateways.iter().enumerate() {
+        check_gateway_ref(g, &format!("{path}.gateways[{i}]"), v);
+    }
+    if !source_namespace.is_empty() && !is_dns1123_label(source_namespace) {
+        v.err(
+            format!("{path}.sourceNamespace"),
+            format!("{source_namespace:?} is not a namespace"),
+        );
+    }
 }
 
 fn check_gateway_ref(g: &str, path: &str, v: &mut V) {
@@ -673,13 +713,18 @@ fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
                 format!("status {} is out of range 200-599", dr.status),
             );
         }
-        if let Some(b) = &dr.body
-            && b.string.is_some() == b.bytes.is_some()
-        {
-            v.err(
-                format!("{dp}.body"),
-                "exactly one of string or bytes must be set",
-            );
+        if let Some(b) = &dr.body {
+            if b.string.is_some() == b.bytes.is_some() {
+                v.err(
+                    format!("{dp}.body"),
+                    "exactly one of string or bytes must be set",
+                );
+            }
+            if let Some(bytes) = &b.bytes
+                && !is_base64(bytes)
+            {
+                v.err(format!("{dp}.body.bytes"), "not valid base64");
+            }
         }
         if r.rewrite.is_some()
             || r.fault.is_some()
@@ -876,19 +921,14 @@ fn http_match(m: &HttpMatchRequest, path: &str, v: &mut V) {
     for (q, sm) in &m.query_params {
         check_string_match(sm, &format!("{path}.queryParams[{q}]"), v);
     }
-    if let Some(p) = m.port {
-        check_port(p, &format!("{path}.port"), v);
-    }
-    check_selector_labels(&m.source_labels, &format!("{path}.sourceLabels"), v);
-    for (i, g) in m.gateways.iter().enumerate() {
-        check_gateway_ref(g, &format!("{path}.gateways[{i}]"), v);
-    }
-    if !m.source_namespace.is_empty() && !is_dns1123_label(&m.source_namespace) {
-        v.err(
-            format!("{path}.sourceNamespace"),
-            format!("{:?} is not a namespace", m.source_namespace),
-        );
-    }
+    match_scope(
+        m.port,
+        &m.source_labels,
+        &m.gateways,
+        &m.source_namespace,
+        path,
+        v,
+    );
 }
 
 fn check_headers(h: &Headers, path: &str, v: &mut V) {
@@ -1182,6 +1222,16 @@ fn load_balancer(lb: &LoadBalancerSettings, path: &str, v: &mut V) {
             }
         }
     }
+}
+
+/// Standard base64 with padding, as protobuf JSON writes `bytes`.
+fn is_base64(s: &str) -> bool {
+    let body = s.trim_end_matches('=');
+    s.len().is_multiple_of(4)
+        && s.len() - body.len() <= 2
+        && body
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
 }
 
 fn is_prime(n: u64) -> bool {

@@ -259,3 +259,22 @@ fn recent_istio_fields_are_accepted_or_refused_by_name() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn tls_and_tcp_matches_and_direct_response_bodies_are_checked() {
+    let r = vs(
+        json!({"hosts": ["a"], "tcp": [{"match": [{"sourceNamespace": "Bad_NS", "sourceLabels": {"app": "x*"}}], "route": [{"destination": {"host": "a"}}]}],
+        "http": [{"directResponse": {"status": 200, "body": {"bytes": "not base64!"}}}]}),
+    );
+    assert_error(
+        &r,
+        "spec.tcp[0].match[0].sourceNamespace",
+        "not a namespace",
+    );
+    assert_error(&r, "spec.tcp[0].match[0].sourceLabels[app]", "wildcards");
+    assert_error(&r, "spec.http[0].directResponse.body.bytes", "base64");
+    let ok = vs(
+        json!({"hosts": ["a"], "http": [{"directResponse": {"status": 503, "body": {"bytes": "aGVsbG8="}}}]}),
+    );
+    assert_eq!(errors(&ok), Vec::<String>::new());
+}
