@@ -156,7 +156,7 @@ pub fn parse_resource(value: Value) -> Result<Resource, (String, String)> {
         let path = e.path().to_string();
         (
             if path == "." { String::new() } else { path },
-            e.into_inner().to_string(),
+            crate::validate::yaml_hint(e.into_inner().to_string()),
         )
     })
 }

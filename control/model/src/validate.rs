@@ -173,6 +173,12 @@ pub fn validate_resource(
 
 /// Parses a typed spec from JSON, turning serde's error into a field error with its path.
 pub fn parse_spec<T: DeserializeOwned>(value: &Value) -> Result<T, FieldError> {
+    parse_spec_at(value).map_err(|(e, _)| e)
+}
+
+/// Like [`parse_spec`], also returning the failing path's segments when it ends at an object
+/// key (so the caller can drop that key and look for further errors).
+fn parse_spec_at<T: DeserializeOwned>(value: &Value) -> Result<T, (FieldError, Option<Vec<Step>>)> {
     serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." {
@@ -180,30 +186,100 @@ pub fn parse_spec<T: DeserializeOwned>(value: &Value) -> Result<T, FieldError> {
         } else {
             format!("spec.{path}")
         };
-        FieldError {
-            path,
-            message: e.into_inner().to_string(),
-        }
+        let steps: Option<Vec<Step>> = e
+            .path()
+            .iter()
+            .map(|seg| match seg {
+                serde_path_to_error::Segment::Map { key } => Some(Step::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(Step::Index(*index)),
+                _ => None,
+            })
+            .collect();
+        let removable = steps.filter(|s| matches!(s.last(), Some(Step::Key(_))));
+        (
+            FieldError {
+                path,
+                message: yaml_hint(e.into_inner().to_string()),
+            },
+            removable,
+        )
     })
 }
 
-/// Parses a typed spec, runs its semantic checks, and wraps it.
+/// One step of a path into a JSON value.
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// Removes the object key at the end of `steps`. False if the path does not lead there.
+fn remove_at(value: &mut Value, steps: &[Step]) -> bool {
+    let Some((Step::Key(last), parents)) = steps.split_last() else {
+        return false;
+    };
+    let mut cur = value;
+    for step in parents {
+        cur = match (step, cur) {
+            (Step::Key(k), Value::Object(m)) => match m.get_mut(k) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Step::Index(i), Value::Array(a)) => match a.get_mut(*i) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match cur {
+        Value::Object(m) => m.remove(last).is_some(),
+        _ => false,
+    }
+}
+
+/// Adds the usual explanation when YAML turned an unquoted word into a boolean.
+pub(crate) fn yaml_hint(message: String) -> String {
+    if message.starts_with("invalid type: boolean") {
+        format!(
+            "{message} (YAML reads unquoted y, n, yes, no, on, off, true, false as booleans: quote the value)"
+        )
+    } else {
+        message
+    }
+}
+
+/// At most this many field errors are collected from one spec before giving up.
+const MAX_PARSE_ERRORS: usize = 50;
+
+/// Parses a typed spec, runs its semantic checks, and wraps it. Every unknown, refused or
+/// mistyped field is reported (not just the first): each failing key is dropped and the spec
+/// parsed again. Semantic rules run only on a spec that parsed cleanly.
 fn check<T: DeserializeOwned>(
     value: &Value,
     v: &mut V,
     rules: impl FnOnce(&T, &mut V),
     wrap: fn(T) -> Spec,
 ) -> Option<Spec> {
-    match parse_spec::<T>(value) {
-        Ok(t) => {
-            rules(&t, v);
-            Some(wrap(t))
-        }
-        Err(e) => {
-            v.errors.push(e);
-            None
+    let mut value = value.clone();
+    let mut failed = false;
+    for _ in 0..MAX_PARSE_ERRORS {
+        match parse_spec_at::<T>(&value) {
+            Ok(t) if !failed => {
+                rules(&t, v);
+                return Some(wrap(t));
+            }
+            Ok(_) => return None,
+            Err((e, steps)) => {
+                failed = true;
+                v.errors.push(e);
+                match steps {
+                    Some(steps) if remove_at(&mut value, &steps) => continue,
+                    _ => return None,
+                }
+            }
         }
     }
+    None
 }
 
 // ===== common checks =====

@@ -278,3 +278,38 @@ fn tls_and_tcp_matches_and_direct_response_bodies_are_checked() {
     );
     assert_eq!(errors(&ok), Vec::<String>::new());
 }
+
+#[test]
+fn every_bad_field_is_reported_not_just_the_first() {
+    let r = res(
+        "DestinationRule",
+        "networking.istio.io/v1",
+        json!({"host": "x", "trafficPolicy": {
+        "conectionPool": {}, "tunnel": {"protocol": "CONNECT"},
+        "loadBalancer": {"simple": "FASTEST"}},
+        "subsets": [{"name": "v1", "lables": {"version": "v1"}}]}),
+    );
+    let errs = errors(&r);
+    assert_eq!(errs.len(), 4, "{errs:#?}");
+    for (path, needle) in [
+        ("spec.trafficPolicy.conectionPool", "unknown field"),
+        ("spec.trafficPolicy.tunnel", "not supported by Trellis"),
+        (
+            "spec.trafficPolicy.loadBalancer.simple",
+            "unknown variant `FASTEST`",
+        ),
+        ("spec.subsets[0].lables", "unknown field"),
+    ] {
+        assert_error(&r, path, needle);
+    }
+}
+
+#[test]
+fn yaml_booleans_get_a_hint() {
+    let (docs, _) = crate::parse_documents(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: ns}\nspec:\n  hosts: [no]\n  http: [{route: [{destination: {host: a}}]}]\n",
+        "f.yaml",
+    );
+    let errs = errors(&docs[0].resource);
+    assert!(errs[0].contains("quote the value"), "{errs:?}");
+}
