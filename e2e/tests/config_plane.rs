@@ -319,3 +319,40 @@ fn two_control_planes_on_one_etcd_see_each_others_writes() {
         assert_eq!(stale.status(), Some(409));
     });
 }
+
+#[test]
+fn cli_tokens_are_scoped_and_revocable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &[]).unwrap();
+    let out = cp
+        .cli(&["token", "create", "ci", "--role", "viewer"])
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let secret = stdout.trim().to_string();
+    assert!(secret.starts_with("trl_") && secret.len() == 68, "{stdout}");
+    let as_viewer = |args: &[&str]| cli(&cp.url(), &secret, args, None).unwrap();
+    trellis_e2e::await_condition("the new token to work", Duration::from_secs(10), || {
+        as_viewer(&["get", "vs", "-A"]).status.success()
+    })
+    .unwrap();
+    let out = as_viewer(&["apply", "-f", "examples/canary"]);
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("read-only"), "{:?}", text(&out));
+    let listed = text(&cp.cli(&["token", "list"]).unwrap()).0;
+    assert!(
+        listed.contains("ci") && listed.contains("Viewer") && !listed.contains(&secret),
+        "{listed}"
+    );
+    let out = cp.cli(&["token", "revoke", "ci"]).unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+    trellis_e2e::await_condition(
+        "the revoked token to stop working",
+        Duration::from_secs(10),
+        || {
+            let out = as_viewer(&["get", "vs", "-A"]);
+            !out.status.success() && text(&out).1.contains("bearer token")
+        },
+    )
+    .unwrap();
+}

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use sha2::Digest;
 use trellis_client::{Client, Error as ClientError, describe_item_field};
 use trellis_model::analyze::{Analyzed, Severity, analyze};
 use trellis_model::{Kind, ParsedDocument, parse_documents, validate_resource};
@@ -93,6 +94,32 @@ enum Command {
     },
     /// Client and server versions.
     Version,
+    /// Manage API tokens (needs an Admin token).
+    Token {
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print its secret. The secret is shown only this once; the server
+    /// keeps its SHA-256.
+    Create {
+        name: String,
+        /// viewer (read only), editor (read and write configuration) or admin (everything).
+        #[arg(long, value_parser = ["viewer", "editor", "admin"])]
+        role: String,
+        /// Limit the token to these namespaces (repeatable); not with admin.
+        #[arg(long = "namespace", short = 'n')]
+        namespaces: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Revoke tokens: they stop working at once.
+    Revoke { names: Vec<String> },
+    /// List tokens (names, roles, namespaces; never secrets).
+    List,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -214,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate { files } => validate(files),
         Command::Analyze { files } if !files.is_empty() => validate(files),
         Command::Analyze { .. } => analyze_server(&client(&cli)?).await,
+        Command::Token { action } => token(&client(&cli)?, action).await,
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
             match client(&cli)?.version().await {
@@ -441,4 +469,57 @@ async fn analyze_server(client: &Client) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+async fn token(client: &Client, action: &TokenCommand) -> anyhow::Result<ExitCode> {
+    match action {
+        TokenCommand::Create {
+            name,
+            role,
+            namespaces,
+            description,
+        } => {
+            let bytes: [u8; 32] = rand::random();
+            let secret = format!(
+                "trl_{}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+            let sha: String = sha2::Sha256::digest(secret.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let role = match role.as_str() {
+                "viewer" => "Viewer",
+                "editor" => "Editor",
+                _ => "Admin",
+            };
+            let res: trellis_model::Resource = serde_json::from_value(serde_json::json!({
+                "apiVersion": "trellis.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name},
+                "spec": {"role": role, "namespaces": namespaces, "sha256": sha, "description": description},
+            }))?;
+            match client.create(&res).await {
+                Ok(_) => {
+                    eprintln!("token {name} created ({role}); its secret, shown only now:");
+                    println!("{secret}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(ClientError::Api {
+                    message, causes, ..
+                }) => {
+                    for c in &causes {
+                        eprintln!("error: {}: {}", c.field, c.message);
+                    }
+                    if causes.is_empty() {
+                        eprintln!("error: {message}");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        TokenCommand::Revoke { names } => {
+            delete(client, Some("apitokens"), names, "default", &[], false).await
+        }
+        TokenCommand::List => output::get(client, Kind::ApiToken, &[], None, "table").await,
+    }
 }

@@ -144,6 +144,10 @@ fn columns(kind: Kind, spec: &Value) -> Vec<(&'static str, String)> {
             ("NETWORK", strings(&spec["network"])),
             ("GATEWAY", strings(&spec["eastWestGateway"]["address"])),
         ],
+        Kind::ApiToken => vec![
+            ("ROLE", strings(&spec["role"])),
+            ("NAMESPACES", strings(&spec["namespaces"])),
+        ],
         Kind::Sidecar | Kind::RequestAuthentication | Kind::Telemetry => Vec::new(),
     }
 }

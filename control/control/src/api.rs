@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,10 +32,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use trellis_model::analyze::{Analyzed, Diagnostic, analyze};
 use trellis_model::parse::parse_resource;
+use trellis_model::spec::TokenRole;
 use trellis_model::{Kind, Resource, ResourceKey, validate_resource};
 use trellis_store::{Error as StoreError, ResourceStore, WatchEvent};
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Principal};
 
 /// Shared by every handler.
 #[derive(Debug, Clone)]
@@ -86,26 +87,64 @@ pub fn router(state: ApiState) -> Router {
         })
 }
 
-async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+async fn authenticate(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
     let authz = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if !state.auth.allows(authz) {
+    let Some(principal) = state.auth.authenticate(authz) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
-            "a bearer token is required: pass the admin token (see <data-dir>/admin.token) as 'Authorization: Bearer TOKEN'",
+            "a valid bearer token is required: pass the admin token (see <data-dir>/admin.token) or an ApiToken's secret as 'Authorization: Bearer TOKEN'",
         )
         .into_response();
-    }
+    };
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    if let Err(why) = authorize(&principal, &method, &path) {
+        tracing::info!(target: "audit", %method, %path, token = %principal.name, status = 403, "refused");
+        return ApiError::new(StatusCode::FORBIDDEN, "Forbidden", why).into_response();
+    }
+    let token = principal.name.clone();
+    request.extensions_mut().insert(principal);
     let response = next.run(request).await;
     if method != Method::GET {
-        tracing::info!(target: "audit", %method, %path, status = response.status().as_u16(), "config write");
+        tracing::info!(target: "audit", %method, %path, %token, status = response.status().as_u16(), "config write");
     }
     response
+}
+
+/// Checks what a request under `/apis` reaches against the principal: the kind and namespace
+/// come from the path. `apply` is checked again per item by [`apply_batch`].
+fn authorize(principal: &Principal, method: &Method, path: &str) -> Result<(), String> {
+    let write = !matches!(*method, Method::GET | Method::HEAD);
+    let segments: Vec<&str> = path
+        .trim_start_matches("/apis")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    match segments.as_slice() {
+        [] => Ok(()),
+        ["trellis.dev", "v1alpha1", "apply"] => principal
+            .check(write, Some(Kind::VirtualService), None)
+            .or_else(|e| {
+                // Namespace limits are checked per item; only the role matters here.
+                if principal.role == TokenRole::Viewer {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
+            }),
+        ["trellis.dev", "v1alpha1", "analyze"] => principal.check(false, None, None),
+        [group, _, "namespaces", ns, plural, ..] => {
+            principal.check(write, Kind::from_group_plural(group, plural), Some(ns))
+        }
+        [group, _, plural, ..] => {
+            principal.check(write, Kind::from_group_plural(group, plural), None)
+        }
+        _ => Ok(()),
+    }
 }
 
 // ===== errors =====
@@ -702,18 +741,30 @@ fn diagnostic_json(d: &Diagnostic) -> Value {
 /// Validates every item first; if any is invalid, returns 422 with causes named
 /// `items[N].<field path>` and stores nothing. Otherwise creates or updates each item in order
 /// and reports `created`, `configured` or `unchanged`, plus analyzer warnings about them.
-async fn apply(State(s): State<ApiState>, body: Bytes) -> ApiResult<Response> {
+async fn apply(
+    State(s): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let req: ApplyRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid apply request: {e}")))?;
-    Ok(
-        axum::Json(apply_batch(&s.store, req.items, req.namespace.as_deref(), req.dry_run).await?)
-            .into_response(),
+    Ok(axum::Json(
+        apply_batch(
+            &s.store,
+            &principal,
+            req.items,
+            req.namespace.as_deref(),
+            req.dry_run,
+        )
+        .await?,
     )
+    .into_response())
 }
 
 /// The apply logic shared by the API and `trellis-control --apply`.
 pub async fn apply_batch(
     store: &ResourceStore,
+    principal: &Principal,
     items: Vec<Value>,
     namespace: Option<&str>,
     dry_run: bool,
@@ -772,6 +823,29 @@ pub async fn apply_batch(
     }
     if !causes.is_empty() {
         return Err(ApiError::invalid("the request", causes));
+    }
+    let refused: Vec<(String, String)> = admitted
+        .iter()
+        .filter_map(|(i, key, _)| {
+            let ns = (!key.namespace.is_empty()).then_some(key.namespace.as_str());
+            principal
+                .check(true, Some(key.kind), ns)
+                .err()
+                .map(|why| (format!("items[{i}]"), why))
+        })
+        .collect();
+    if !refused.is_empty() {
+        let message = refused
+            .iter()
+            .map(|(f, m)| format!("{f}: {m}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(ApiError {
+            code: StatusCode::FORBIDDEN,
+            reason: "Forbidden",
+            message,
+            causes: refused,
+        });
     }
     let mut results = Vec::new();
     for (i, key, res) in &admitted {

@@ -34,7 +34,15 @@ pub async fn apply_path(store: &ResourceStore, path: &Path) -> anyhow::Result<Su
             .map(|d| serde_json::to_value(&d.resource))
             .collect::<Result<Vec<_>, _>>()?;
         let origins: Vec<String> = docs.iter().map(ParsedDocument::short_origin).collect();
-        let outcome = apply_batch(store, items, None, false).await.map_err(|e| {
+        let outcome = apply_batch(
+            store,
+            &crate::auth::Principal::admin("--apply"),
+            items,
+            None,
+            false,
+        )
+        .await
+        .map_err(|e| {
             let causes: Vec<String> = e
                 .causes
                 .iter()

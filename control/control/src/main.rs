@@ -43,10 +43,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the API to {}", config.api_addr))?;
     let addr = listener.local_addr()?;
-    let state = ApiState {
-        store,
-        auth: Arc::new(Auth::new(vec![token], config.allow_anonymous_loopback)),
-    };
+    let auth = Arc::new(Auth::new(vec![token], config.allow_anonymous_loopback));
+    auth.watch_tokens(store.clone());
+    let state = ApiState { store, auth };
     tracing::info!(api = %addr, store = %store_config, "trellis-control ready");
     // The one place the control plane talks to a person: where things are and what to run.
     eprintln!(

@@ -23,9 +23,11 @@ async fn start(anonymous: bool) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let kv = trellis_store::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
     let store = ResourceStore::new(Arc::new(kv));
+    let auth = Arc::new(Auth::new(vec![TOKEN.into()], anonymous));
+    auth.watch_tokens(store.clone());
     let state = ApiState {
         store: store.clone(),
-        auth: Arc::new(Auth::new(vec![TOKEN.into()], anonymous)),
+        auth,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
@@ -419,4 +421,123 @@ async fn reqwest_like_post(base: &str, path: &str, body: &str) -> (u16, String) 
     let code = out[9..12].parse().unwrap();
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
     (code, body)
+}
+
+fn api_token(name: &str, role: &str, namespaces: &[&str], secret: &str) -> Resource {
+    serde_json::from_value(json!({"apiVersion": "trellis.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name},
+        "spec": {"role": role, "namespaces": namespaces, "sha256": trellis_control::auth::token_sha256(secret)}}))
+    .unwrap()
+}
+
+/// Polls until `client` gets `want` (an HTTP status, 200 for success) listing VirtualServices
+/// in `ns`, for up to 10 s.
+async fn await_status(client: &Client, ns: Option<&str>, want: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = match client.list(Kind::VirtualService, ns).await {
+            Ok(_) => 200,
+            Err(e) => api_code(&e),
+        };
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {got}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn api_tokens_have_roles_namespaces_and_can_be_revoked() {
+    let s = start(false).await;
+    let admin = client(&s);
+    admin
+        .create(&api_token("reader", "Viewer", &[], "reader-secret"))
+        .await
+        .unwrap();
+    admin
+        .create(&api_token("team", "Editor", &["bookinfo"], "team-secret"))
+        .await
+        .unwrap();
+    let reader = Client::new(&s.addr, Some("reader-secret".into()));
+    let team = Client::new(&s.addr, Some("team-secret".into()));
+    await_status(&reader, None, 200).await;
+    await_status(&team, Some("bookinfo"), 200).await;
+
+    // The viewer reads everything but writes nothing and cannot see tokens.
+    let e = reader.create(&vs("reviews", (90, 10))).await.unwrap_err();
+    assert_eq!(api_code(&e), 403);
+    assert!(e.to_string().contains("read-only"), "{e}");
+    assert_eq!(
+        api_code(&reader.list(Kind::ApiToken, None).await.unwrap_err()),
+        403
+    );
+    assert_eq!(
+        api_code(
+            &reader
+                .apply(
+                    vec![serde_json::to_value(vs("x", (90, 10))).unwrap()],
+                    None,
+                    false
+                )
+                .await
+                .unwrap_err()
+        ),
+        403
+    );
+
+    // The editor works in its namespace only.
+    team.create(&vs("reviews", (90, 10))).await.unwrap();
+    let mut elsewhere = vs("reviews", (90, 10));
+    elsewhere.metadata.namespace = Some("other".into());
+    assert_eq!(api_code(&team.create(&elsewhere).await.unwrap_err()), 403);
+    assert_eq!(
+        api_code(&team.list(Kind::VirtualService, None).await.unwrap_err()),
+        403,
+        "no cluster-wide list"
+    );
+    assert_eq!(api_code(&team.analyze().await.unwrap_err()), 403);
+    let batch = vec![
+        serde_json::to_value(vs("ok", (90, 10))).unwrap(),
+        serde_json::to_value(&elsewhere).unwrap(),
+    ];
+    match team.apply(batch, None, false).await.unwrap_err() {
+        Error::Api { code, causes, .. } => {
+            assert_eq!(code, 403);
+            assert_eq!(causes[0].field, "items[1]");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(
+        admin
+            .get(Kind::VirtualService, Some("bookinfo"), "ok")
+            .await
+            .unwrap()
+            .is_none(),
+        "a refused batch stores nothing"
+    );
+    assert!(
+        admin
+            .create(&api_token("bad", "Admin", &["bookinfo"], "x"))
+            .await
+            .is_err(),
+        "admin tokens cannot be namespaced"
+    );
+
+    // Revocation takes effect without a restart.
+    admin.delete(Kind::ApiToken, None, "reader").await.unwrap();
+    await_status(&reader, None, 401).await;
+    // The secret is never stored: only its hash.
+    let stored = admin
+        .get(Kind::ApiToken, None, "team")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !serde_json::to_string(&stored)
+            .unwrap()
+            .contains("team-secret")
+    );
 }

@@ -17,6 +17,7 @@ pub enum Kind {
     Telemetry,
     WasmPlugin,
     MeshCluster,
+    ApiToken,
 }
 
 pub const NETWORKING_GROUP: &str = "networking.istio.io";
@@ -26,7 +27,7 @@ pub const EXTENSIONS_GROUP: &str = "extensions.istio.io";
 pub const TRELLIS_GROUP: &str = "trellis.dev";
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
@@ -39,6 +40,7 @@ impl Kind {
         Kind::Telemetry,
         Kind::WasmPlugin,
         Kind::MeshCluster,
+        Kind::ApiToken,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +57,7 @@ impl Kind {
             Kind::Telemetry => "Telemetry",
             Kind::WasmPlugin => "WasmPlugin",
             Kind::MeshCluster => "MeshCluster",
+            Kind::ApiToken => "ApiToken",
         }
     }
 
@@ -71,7 +74,7 @@ impl Kind {
             }
             Kind::Telemetry => TELEMETRY_GROUP,
             Kind::WasmPlugin => EXTENSIONS_GROUP,
-            Kind::MeshCluster => TRELLIS_GROUP,
+            Kind::MeshCluster | Kind::ApiToken => TRELLIS_GROUP,
         }
     }
 
@@ -110,6 +113,7 @@ impl Kind {
             Kind::Telemetry => "telemetries",
             Kind::WasmPlugin => "wasmplugins",
             Kind::MeshCluster => "meshclusters",
+            Kind::ApiToken => "apitokens",
         }
     }
 
@@ -128,12 +132,13 @@ impl Kind {
             Kind::Telemetry => &["telemetry"],
             Kind::WasmPlugin => &["wp"],
             Kind::MeshCluster => &["mc"],
+            Kind::ApiToken => &["token", "tokens"],
         }
     }
 
     /// Namespaced kinds live under `/namespaces/{ns}/`; cluster-scoped ones do not.
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::MeshCluster)
+        !matches!(self, Kind::MeshCluster | Kind::ApiToken)
     }
 
     /// Finds the kind for an `apiVersion` + `kind` pair, or explains why there is none.

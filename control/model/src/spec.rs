@@ -1003,6 +1003,27 @@ message! {
     }
 }
 
+istio_enum! {
+    /// What an API token may do.
+    pub enum TokenRole { Viewer, Editor, Admin, }
+}
+
+message! {
+    /// A credential for the config API (cluster-scoped, `trellis.dev/v1alpha1`). Only the
+    /// SHA-256 of the secret is stored; the secret is shown once, when created. Deleting the
+    /// ApiToken revokes it.
+    pub struct ApiToken {
+        /// `Viewer`: read only. `Editor`: read and write configuration. `Admin`: everything,
+        /// including ApiTokens and cluster-scoped kinds.
+        pub role: Option<TokenRole>,
+        /// If set, the token only reaches namespaced resources in these namespaces.
+        pub namespaces: Vec<String>,
+        /// Lower-case hex SHA-256 of the secret.
+        pub sha256: String,
+        pub description: String,
+    }
+}
+
 /// A parsed spec of any kind. Built once per resource, so variant sizes do not matter.
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant)]
@@ -1019,4 +1040,5 @@ pub enum Spec {
     Telemetry(Telemetry),
     WasmPlugin(WasmPlugin),
     MeshCluster(MeshCluster),
+    ApiToken(ApiToken),
 }

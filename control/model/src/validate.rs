@@ -162,6 +162,7 @@ pub fn validate_resource(
             |s, v| mesh_cluster(&meta.name, s, v),
             Spec::MeshCluster,
         ),
+        Kind::ApiToken => check(&spec_value, &mut v, api_token, Spec::ApiToken),
     };
     match spec {
         Some(spec) if v.errors.is_empty() => {
@@ -2059,6 +2060,36 @@ fn mesh_cluster(name: &str, s: &MeshCluster, v: &mut V) {
         v.err(
             "spec.discovery.kubeconfig",
             "required for Kubernetes discovery",
+        );
+    }
+}
+
+fn api_token(s: &ApiToken, v: &mut V) {
+    if s.role.is_none() {
+        v.err("spec.role", "required: Viewer, Editor or Admin");
+    }
+    if !(s.sha256.len() == 64
+        && s.sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    {
+        v.err(
+            "spec.sha256",
+            "the SHA-256 of the secret, as 64 lower-case hexadecimal characters",
+        );
+    }
+    for (i, ns) in s.namespaces.iter().enumerate() {
+        if !is_dns1123_label(ns) {
+            v.err(
+                format!("spec.namespaces[{i}]"),
+                format!("{ns:?} is not a namespace"),
+            );
+        }
+    }
+    if s.role == Some(TokenRole::Admin) && !s.namespaces.is_empty() {
+        v.err(
+            "spec.namespaces",
+            "an Admin token reaches everything; use Editor or Viewer to limit it to namespaces",
         );
     }
 }
