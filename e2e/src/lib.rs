@@ -15,35 +15,22 @@ pub use trellis_store::testing::{EtcdServer, free_port};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap_or_else(|_| PathBuf::from(".."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().unwrap_or_else(|_| PathBuf::from(".."))
 }
 
 /// A workspace binary next to the running test executable (`target/<profile>/NAME`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable has no target directory")?;
+    let profile_dir = exe.parent().and_then(Path::parent).context("test executable has no target directory")?;
     let path = profile_dir.join(name);
     if !path.exists() {
-        bail!(
-            "{} not found: build the binaries first (cargo build --workspace --bins)",
-            path.display()
-        );
+        bail!("{} not found: build the binaries first (cargo build --workspace --bins)", path.display());
     }
     Ok(path)
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn await_condition(
-    what: &str,
-    timeout: Duration,
-    mut cond: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
+pub fn await_condition(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while !cond() {
         if Instant::now() > deadline {
@@ -61,6 +48,8 @@ pub struct ControlPlane {
     pub addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// Whether the API serves TLS (started with `--api-tls on`).
+    pub tls: bool,
 }
 
 impl ControlPlane {
@@ -81,12 +70,8 @@ impl ControlPlane {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting trellis-control")?;
-        let mut cp = ControlPlane {
-            child,
-            addr,
-            data_dir: data_dir.to_path_buf(),
-            log,
-        };
+        let tls = extra.windows(2).any(|w| w == ["--api-tls", "on"]);
+        let mut cp = ControlPlane { child, addr, data_dir: data_dir.to_path_buf(), log, tls };
         let target = cp.addr.clone();
         let mut exited = None;
         let ready = await_condition("trellis-control to listen", Duration::from_secs(30), || {
@@ -104,20 +89,27 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    /// The CA clients must trust when the API serves TLS.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("api-ca.pem")
     }
 
     pub fn token(&self) -> anyhow::Result<String> {
-        Ok(std::fs::read_to_string(self.data_dir.join("admin.token"))?
-            .trim()
-            .to_string())
+        Ok(std::fs::read_to_string(self.data_dir.join("admin.token"))?.trim().to_string())
     }
 
     pub fn client(&self) -> anyhow::Result<trellis_client::Client> {
-        Ok(trellis_client::Client::new(
-            &self.url(),
-            Some(self.token()?),
-        ))
+        if self.tls {
+            return Ok(trellis_client::Client::with_ca(
+                &self.url(),
+                Some(self.token()?),
+                &std::fs::read(self.ca_file())?,
+            )?);
+        }
+        Ok(trellis_client::Client::new(&self.url(), Some(self.token()?)))
     }
 
     pub fn log_text(&self) -> String {
@@ -126,7 +118,8 @@ impl ControlPlane {
 
     /// Runs the `trellis` CLI against this control plane.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        cli(&self.url(), &self.token()?, args, None)
+        let ca = self.tls.then(|| self.ca_file());
+        cli_with(&self.url(), &self.token()?, ca.as_deref(), args, None)
     }
 
     /// SIGKILL: no shutdown code runs, like a crash.
@@ -145,14 +138,25 @@ impl Drop for ControlPlane {
 }
 
 /// Runs the `trellis` CLI (with `stdin` fed if given) from the repository root.
-pub fn cli(
+pub fn cli(server: &str, token: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Output> {
+    cli_with(server, token, None, args, stdin)
+}
+
+/// Like [`cli`], trusting `ca` for an https:// server.
+pub fn cli_with(
     server: &str,
     token: &str,
+    ca: Option<&Path>,
     args: &[&str],
     stdin: Option<&str>,
 ) -> anyhow::Result<Output> {
     use std::io::Write;
-    let mut child = Command::new(binary("trellis")?)
+    let mut cmd = Command::new(binary("trellis")?);
+    match ca {
+        Some(ca) => cmd.env("TRELLIS_CA_FILE", ca),
+        None => cmd.env_remove("TRELLIS_CA_FILE"),
+    };
+    let mut child = cmd
         .args(args)
         .env("TRELLIS_SERVER", server)
         .env("TRELLIS_TOKEN", token)
@@ -163,11 +167,7 @@ pub fn cli(
         .stderr(Stdio::piped())
         .spawn()?;
     if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(input.as_bytes())?;
+        child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
     }
     drop(child.stdin.take());
     Ok(child.wait_with_output()?)
@@ -175,8 +175,5 @@ pub fn cli(
 
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }

@@ -23,12 +23,7 @@ use trellis_model::{Kind, ParsedDocument, parse_documents, validate_resource};
 #[command(name = "trellis", version, about = "Trellis service mesh CLI")]
 struct Cli {
     /// Config API address.
-    #[arg(
-        long,
-        global = true,
-        env = "TRELLIS_SERVER",
-        default_value = "http://127.0.0.1:15080"
-    )]
+    #[arg(long, global = true, env = "TRELLIS_SERVER", default_value = "http://127.0.0.1:15080")]
     server: String,
     /// Bearer token for the API.
     #[arg(long, global = true, env = "TRELLIS_TOKEN", hide_env_values = true)]
@@ -36,6 +31,10 @@ struct Cli {
     /// File holding the token (default: <data-dir>/admin.token of a local control plane).
     #[arg(long, global = true, env = "TRELLIS_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// CA certificate(s) to trust for an https:// server (default: <data-dir>/api-ca.pem of a
+    /// local control plane).
+    #[arg(long, global = true, env = "TRELLIS_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -134,17 +133,14 @@ async fn main() -> ExitCode {
     }
 }
 
-fn default_token_file() -> Option<PathBuf> {
-    let data = std::env::var_os("TRELLIS_DATA_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_DATA_HOME")
-                .map(|x| PathBuf::from(x).join("trellis"))
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/trellis"))
-                })
-        })?;
-    Some(data.join("admin.token")).filter(|p| p.exists())
+/// A file in the data directory of a local control plane, if it exists.
+fn local_file(name: &str) -> Option<PathBuf> {
+    let data = std::env::var_os("TRELLIS_DATA_DIR").map(PathBuf::from).or_else(|| {
+        std::env::var_os("XDG_DATA_HOME")
+            .map(|x| PathBuf::from(x).join("trellis"))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/trellis")))
+    })?;
+    Some(data.join(name)).filter(|p| p.exists())
 }
 
 fn client(cli: &Cli) -> anyhow::Result<Client> {
@@ -156,7 +152,7 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
                 .trim()
                 .to_string(),
         ),
-        (None, None) => match default_token_file() {
+        (None, None) => match local_file("admin.token") {
             Some(f) => Some(
                 std::fs::read_to_string(&f)
                     .with_context(|| format!("reading token file {}", f.display()))?
@@ -166,7 +162,17 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
             None => None,
         },
     };
-    Ok(Client::new(&cli.server, token))
+    let ca = cli
+        .ca_file
+        .clone()
+        .or_else(|| if cli.server.starts_with("https://") { local_file("api-ca.pem") } else { None });
+    match ca {
+        Some(path) => {
+            let pem = std::fs::read(&path).with_context(|| format!("reading CA file {}", path.display()))?;
+            Ok(Client::with_ca(&cli.server, token, &pem)?)
+        }
+        None => Ok(Client::new(&cli.server, token)),
+    }
 }
 
 fn kind_arg(name: &str) -> anyhow::Result<Kind> {
@@ -188,15 +194,12 @@ fn read_inputs(args: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     for a in args {
         if a == "-" {
             let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("reading stdin")?;
+            std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
             out.push(("<stdin>".to_string(), text));
             continue;
         }
         for f in trellis_client::files::collect(Path::new(a))? {
-            let text =
-                std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
             out.push((f.display().to_string(), text));
         }
     }
@@ -205,38 +208,16 @@ fn read_inputs(args: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Apply {
-            files,
-            namespace,
-            dry_run,
-        } => apply(&client(&cli)?, files, namespace.as_deref(), *dry_run).await,
-        Command::Get {
-            kind,
-            names,
-            namespace,
-            all_namespaces,
-            output,
-        } => {
+        Command::Apply { files, namespace, dry_run } => {
+            apply(&client(&cli)?, files, namespace.as_deref(), *dry_run).await
+        }
+        Command::Get { kind, names, namespace, all_namespaces, output } => {
             let kind = kind_arg(kind)?;
             let ns = (!all_namespaces).then_some(namespace.as_str());
             output::get(&client(&cli)?, kind, names, ns, output).await
         }
-        Command::Delete {
-            kind,
-            names,
-            namespace,
-            files,
-            ignore_not_found,
-        } => {
-            delete(
-                &client(&cli)?,
-                kind.as_deref(),
-                names,
-                namespace,
-                files,
-                *ignore_not_found,
-            )
-            .await
+        Command::Delete { kind, names, namespace, files, ignore_not_found } => {
+            delete(&client(&cli)?, kind.as_deref(), names, namespace, files, *ignore_not_found).await
         }
         Command::Validate { files } => validate(files),
         Command::Analyze { files } if !files.is_empty() => validate(files),
@@ -245,11 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
             match client(&cli)?.version().await {
-                Ok(v) => println!(
-                    "server {} at {}",
-                    v["trellis"].as_str().unwrap_or("?"),
-                    cli.server
-                ),
+                Ok(v) => println!("server {} at {}", v["trellis"].as_str().unwrap_or("?"), cli.server),
                 Err(e) => eprintln!("server: {e}"),
             }
             Ok(ExitCode::SUCCESS)
@@ -257,12 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn apply(
-    client: &Client,
-    files: &[String],
-    namespace: Option<&str>,
-    dry_run: bool,
-) -> anyhow::Result<ExitCode> {
+async fn apply(client: &Client, files: &[String], namespace: Option<&str>, dry_run: bool) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for (name, text) in read_inputs(files)? {
         let (docs, errors) = parse_documents(&text, &name);
@@ -278,42 +250,21 @@ async fn apply(
             eprintln!("warning: {name}: no resources");
             continue;
         }
-        let items = docs
-            .iter()
-            .map(|d| serde_json::to_value(&d.resource))
-            .collect::<Result<Vec<_>, _>>()?;
+        let items = docs.iter().map(|d| serde_json::to_value(&d.resource)).collect::<Result<Vec<_>, _>>()?;
         match client.apply(items, namespace, dry_run).await {
             Ok(resp) => {
                 let suffix = if dry_run { " (dry run)" } else { "" };
                 for r in &resp.results {
-                    println!(
-                        "{}.{}/{} {}{suffix}",
-                        r.kind.to_ascii_lowercase(),
-                        r.group,
-                        r.name,
-                        r.action
-                    );
+                    println!("{}.{}/{} {}{suffix}", r.kind.to_ascii_lowercase(), r.group, r.name, r.action);
                 }
                 for d in &resp.diagnostics {
-                    eprintln!(
-                        "{} [{}] ({}) {}: {}",
-                        d.severity, d.code, d.resource, d.path, d.message
-                    );
+                    eprintln!("{} [{}] ({}) {}: {}", d.severity, d.code, d.resource, d.path, d.message);
                 }
             }
-            Err(ClientError::Api {
-                causes, message, ..
-            }) if !causes.is_empty() => {
-                let origins = docs
-                    .iter()
-                    .map(ParsedDocument::short_origin)
-                    .collect::<Vec<_>>();
+            Err(ClientError::Api { causes, message, .. }) if !causes.is_empty() => {
+                let origins = docs.iter().map(ParsedDocument::short_origin).collect::<Vec<_>>();
                 for c in causes {
-                    eprintln!(
-                        "error: {name}: {}: {}",
-                        describe_item_field(&origins, &c.field),
-                        c.message
-                    );
+                    eprintln!("error: {name}: {}: {}", describe_item_field(&origins, &c.field), c.message);
                 }
                 let _ = message;
                 eprintln!("error: {name}: nothing applied from this file");
@@ -326,11 +277,7 @@ async fn apply(
             }
         }
     }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 async fn delete(
@@ -349,11 +296,7 @@ async fn delete(
                 bail!("name the resources to delete: trellis delete {k} NAME...");
             }
             for n in names {
-                targets.push((
-                    kind,
-                    kind.namespaced().then(|| namespace.to_string()),
-                    n.clone(),
-                ));
+                targets.push((kind, kind.namespaced().then(|| namespace.to_string()), n.clone()));
             }
         }
         (None, false) => {
@@ -363,17 +306,10 @@ async fn delete(
                     bail!("{e}");
                 }
                 for d in docs {
-                    let kind = d
-                        .resource
-                        .kind()
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", d.origin()))?;
-                    let ns = kind.namespaced().then(|| {
-                        d.resource
-                            .metadata
-                            .namespace
-                            .clone()
-                            .unwrap_or_else(|| namespace.to_string())
-                    });
+                    let kind = d.resource.kind().map_err(|e| anyhow::anyhow!("{}: {e}", d.origin()))?;
+                    let ns = kind
+                        .namespaced()
+                        .then(|| d.resource.metadata.namespace.clone().unwrap_or_else(|| namespace.to_string()));
                     targets.push((kind, ns, d.resource.metadata.name.clone()));
                 }
             }
@@ -383,11 +319,7 @@ async fn delete(
     let mut failed = false;
     for (kind, ns, name) in targets {
         match client.delete(kind, ns.as_deref(), &name).await {
-            Ok(_) => println!(
-                "{}.{}/{name} deleted",
-                kind.name().to_ascii_lowercase(),
-                kind.group()
-            ),
+            Ok(_) => println!("{}.{}/{name} deleted", kind.name().to_ascii_lowercase(), kind.group()),
             Err(ClientError::Api { code: 404, .. }) if ignore_not_found => {}
             Err(e @ ClientError::Transport { .. }) => return Err(e.into()),
             Err(e) => {
@@ -396,11 +328,7 @@ async fn delete(
             }
         }
     }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Offline validation of files, then analysis across all of them.
@@ -415,11 +343,7 @@ fn validate(files: &[String]) -> anyhow::Result<ExitCode> {
         }
         for d in docs {
             match validate_resource(&d.resource, "default") {
-                Ok((key, spec)) => analyzed.push(Analyzed {
-                    key,
-                    spec,
-                    origin: Some(d.origin()),
-                }),
+                Ok((key, spec)) => analyzed.push(Analyzed { key, spec, origin: Some(d.origin()) }),
                 Err(e) => {
                     for fe in e.errors {
                         eprintln!("error: {}: {fe}", d.origin());
@@ -433,14 +357,8 @@ fn validate(files: &[String]) -> anyhow::Result<ExitCode> {
     for d in &diags {
         eprintln!("{d}");
     }
-    errors += diags
-        .iter()
-        .filter(|d| d.severity == Severity::Error)
-        .count();
-    let warnings = diags
-        .iter()
-        .filter(|d| d.severity == Severity::Warning)
-        .count();
+    errors += diags.iter().filter(|d| d.severity == Severity::Error).count();
+    let warnings = diags.iter().filter(|d| d.severity == Severity::Warning).count();
     if errors == 0 {
         println!("{} resources valid ({warnings} warnings)", analyzed.len());
         Ok(ExitCode::SUCCESS)
@@ -457,37 +375,19 @@ async fn analyze_server(client: &Client) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     for f in &findings {
-        eprintln!(
-            "{} [{}] ({}) {}: {}",
-            f.severity, f.code, f.resource, f.path, f.message
-        );
+        eprintln!("{} [{}] ({}) {}: {}", f.severity, f.code, f.resource, f.path, f.message);
     }
     let errors = findings.iter().filter(|f| f.severity == "Error").count();
     eprintln!("{errors} errors, {} warnings", findings.len() - errors);
-    Ok(if errors > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if errors > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 async fn token(client: &Client, action: &TokenCommand) -> anyhow::Result<ExitCode> {
     match action {
-        TokenCommand::Create {
-            name,
-            role,
-            namespaces,
-            description,
-        } => {
+        TokenCommand::Create { name, role, namespaces, description } => {
             let bytes: [u8; 32] = rand::random();
-            let secret = format!(
-                "trl_{}",
-                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            );
-            let sha: String = sha2::Sha256::digest(secret.as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let secret = format!("trl_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+            let sha: String = sha2::Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
             let role = match role.as_str() {
                 "viewer" => "Viewer",
                 "editor" => "Editor",
@@ -503,9 +403,7 @@ async fn token(client: &Client, action: &TokenCommand) -> anyhow::Result<ExitCod
                     println!("{secret}");
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(ClientError::Api {
-                    message, causes, ..
-                }) => {
+                Err(ClientError::Api { message, causes, .. }) => {
                     for c in &causes {
                         eprintln!("error: {}: {}", c.field, c.message);
                     }
@@ -517,9 +415,7 @@ async fn token(client: &Client, action: &TokenCommand) -> anyhow::Result<ExitCod
                 Err(e) => Err(e.into()),
             }
         }
-        TokenCommand::Revoke { names } => {
-            delete(client, Some("apitokens"), names, "default", &[], false).await
-        }
+        TokenCommand::Revoke { names } => delete(client, Some("apitokens"), names, "default", &[], false).await,
         TokenCommand::List => output::get(client, Kind::ApiToken, &[], None, "table").await,
     }
 }

@@ -31,9 +31,7 @@ pub async fn get(
                         "error: {} {:?} not found{}",
                         kind,
                         n,
-                        namespace
-                            .map(|ns| format!(" in namespace {ns}"))
-                            .unwrap_or_default()
+                        namespace.map(|ns| format!(" in namespace {ns}")).unwrap_or_default()
                     );
                     failed = true;
                 }
@@ -55,12 +53,7 @@ pub async fn get(
         }
         "name" => {
             for r in &items {
-                println!(
-                    "{}.{}/{}",
-                    kind.name().to_ascii_lowercase(),
-                    kind.group(),
-                    r.metadata.name
-                );
+                println!("{}.{}/{}", kind.name().to_ascii_lowercase(), kind.group(), r.metadata.name);
             }
         }
         _ => {
@@ -72,23 +65,11 @@ pub async fn get(
                     _ => eprintln!("No {} found.", kind.plural()),
                 }
             } else if !items.is_empty() {
-                print!(
-                    "{}",
-                    table(
-                        kind,
-                        &items,
-                        namespace.is_none() && kind.namespaced(),
-                        output == "wide"
-                    )
-                );
+                print!("{}", table(kind, &items, namespace.is_none() && kind.namespaced(), output == "wide"));
             }
         }
     }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 fn strings(v: &Value) -> String {
@@ -96,10 +77,7 @@ fn strings(v: &Value) -> String {
         Value::Array(a) => format!(
             "[{}]",
             a.iter()
-                .map(|x| x
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| x.to_string()))
+                .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
                 .collect::<Vec<_>>()
                 .join(",")
         ),
@@ -112,19 +90,9 @@ fn strings(v: &Value) -> String {
 /// Kind-specific columns: (header, value).
 fn columns(kind: Kind, spec: &Value) -> Vec<(&'static str, String)> {
     match kind {
-        Kind::VirtualService => vec![
-            ("GATEWAYS", strings(&spec["gateways"])),
-            ("HOSTS", strings(&spec["hosts"])),
-        ],
+        Kind::VirtualService => vec![("GATEWAYS", strings(&spec["gateways"])), ("HOSTS", strings(&spec["hosts"]))],
         Kind::DestinationRule => vec![("HOST", strings(&spec["host"]))],
-        Kind::Gateway => vec![(
-            "SERVERS",
-            spec["servers"]
-                .as_array()
-                .map(|s| s.len())
-                .unwrap_or(0)
-                .to_string(),
-        )],
+        Kind::Gateway => vec![("SERVERS", spec["servers"].as_array().map(|s| s.len()).unwrap_or(0).to_string())],
         Kind::ServiceEntry => vec![
             ("HOSTS", strings(&spec["hosts"])),
             ("LOCATION", strings(&spec["location"])),
@@ -132,22 +100,12 @@ fn columns(kind: Kind, spec: &Value) -> Vec<(&'static str, String)> {
         ],
         Kind::WorkloadEntry => vec![("ADDRESS", strings(&spec["address"]))],
         Kind::PeerAuthentication => vec![("MODE", strings(&spec["mtls"]["mode"]))],
-        Kind::AuthorizationPolicy => vec![(
-            "ACTION",
-            spec["action"].as_str().unwrap_or("ALLOW").to_string(),
-        )],
-        Kind::WasmPlugin => vec![
-            ("URL", strings(&spec["url"])),
-            ("PHASE", strings(&spec["phase"])),
-        ],
-        Kind::MeshCluster => vec![
-            ("NETWORK", strings(&spec["network"])),
-            ("GATEWAY", strings(&spec["eastWestGateway"]["address"])),
-        ],
-        Kind::ApiToken => vec![
-            ("ROLE", strings(&spec["role"])),
-            ("NAMESPACES", strings(&spec["namespaces"])),
-        ],
+        Kind::AuthorizationPolicy => vec![("ACTION", spec["action"].as_str().unwrap_or("ALLOW").to_string())],
+        Kind::WasmPlugin => vec![("URL", strings(&spec["url"])), ("PHASE", strings(&spec["phase"]))],
+        Kind::MeshCluster => {
+            vec![("NETWORK", strings(&spec["network"])), ("GATEWAY", strings(&spec["eastWestGateway"]["address"]))]
+        }
+        Kind::ApiToken => vec![("ROLE", strings(&spec["role"])), ("NAMESPACES", strings(&spec["namespaces"]))],
         Kind::Sidecar | Kind::RequestAuthentication | Kind::Telemetry => Vec::new(),
     }
 }
@@ -159,21 +117,14 @@ fn table(kind: Kind, items: &[Resource], with_namespace: bool, wide: bool) -> St
         header.push("NAMESPACE".into());
     }
     header.push("NAME".into());
-    header.extend(
-        columns(kind, &Value::Null)
-            .into_iter()
-            .map(|(h, _)| h.to_string()),
-    );
+    header.extend(columns(kind, &Value::Null).into_iter().map(|(h, _)| h.to_string()));
     header.push("AGE".into());
     if wide {
         header.push("RESOURCE-VERSION".into());
         header.push("GENERATION".into());
     }
     rows.push(header);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     for r in items {
         let mut row = Vec::new();
         if with_namespace {
@@ -191,25 +142,15 @@ fn table(kind: Kind, items: &[Resource], with_namespace: bool, wide: bool) -> St
         );
         if wide {
             row.push(r.metadata.resource_version.clone().unwrap_or_default());
-            row.push(
-                r.metadata
-                    .generation
-                    .map(|g| g.to_string())
-                    .unwrap_or_default(),
-            );
+            row.push(r.metadata.generation.map(|g| g.to_string()).unwrap_or_default());
         }
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         out.push_str(line.join("   ").trim_end());
         out.push('\n');
     }
@@ -261,18 +202,14 @@ mod tests {
 
     #[test]
     fn tables_align_columns() {
-        let r: Resource = serde_json::from_value(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        let r: Resource =
+            serde_json::from_value(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
             "metadata": {"name": "reviews", "namespace": "bookinfo", "creationTimestamp": "1970-01-01T00:00:00Z"},
-            "spec": {"hosts": ["reviews"]}})).unwrap();
+            "spec": {"hosts": ["reviews"]}}))
+            .unwrap();
         let t = table(Kind::VirtualService, &[r], true, false);
         let lines: Vec<&str> = t.lines().collect();
-        assert!(
-            lines[0].starts_with("NAMESPACE   NAME      GATEWAYS   HOSTS"),
-            "{t}"
-        );
-        assert!(
-            lines[1].starts_with("bookinfo    reviews              [reviews]"),
-            "{t}"
-        );
+        assert!(lines[0].starts_with("NAMESPACE   NAME      GATEWAYS   HOSTS"), "{t}");
+        assert!(lines[1].starts_with("bookinfo    reviews              [reviews]"), "{t}");
     }
 }

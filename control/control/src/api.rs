@@ -51,47 +51,24 @@ pub fn router(state: ApiState) -> Router {
         .route("/apis", get(discovery))
         .route("/apis/trellis.dev/v1alpha1/apply", post(apply))
         .route("/apis/trellis.dev/v1alpha1/analyze", get(analyze_stored))
-        .route(
-            "/apis/{group}/{version}/namespaces/{ns}/{plural}",
-            get(list_namespaced).post(create_namespaced),
-        )
+        .route("/apis/{group}/{version}/namespaces/{ns}/{plural}", get(list_namespaced).post(create_namespaced))
         .route(
             "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
-            get(get_namespaced)
-                .put(replace_namespaced)
-                .delete(delete_namespaced),
+            get(get_namespaced).put(replace_namespaced).delete(delete_namespaced),
         )
-        .route(
-            "/apis/{group}/{version}/{plural}",
-            get(list_all).post(create_cluster),
-        )
-        .route(
-            "/apis/{group}/{version}/{plural}/{name}",
-            get(get_cluster).put(replace_cluster).delete(delete_cluster),
-        )
+        .route("/apis/{group}/{version}/{plural}", get(list_all).post(create_cluster))
+        .route("/apis/{group}/{version}/{plural}/{name}", get(get_cluster).put(replace_cluster).delete(delete_cluster))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/version",
-            get(|| async { axum::Json(json!({"trellis": env!("CARGO_PKG_VERSION")})) }),
-        )
+        .route("/version", get(|| async { axum::Json(json!({"trellis": env!("CARGO_PKG_VERSION")})) }))
         .merge(apis)
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                "no such API path; see GET /apis",
-            )
-        })
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such API path; see GET /apis") })
 }
 
 async fn authenticate(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
-    let authz = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let authz = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let Some(principal) = state.auth.authenticate(authz) else {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -119,30 +96,18 @@ async fn authenticate(State(state): State<ApiState>, mut request: Request, next:
 /// come from the path. `apply` is checked again per item by [`apply_batch`].
 fn authorize(principal: &Principal, method: &Method, path: &str) -> Result<(), String> {
     let write = !matches!(*method, Method::GET | Method::HEAD);
-    let segments: Vec<&str> = path
-        .trim_start_matches("/apis")
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
+    let segments: Vec<&str> = path.trim_start_matches("/apis").split('/').filter(|s| !s.is_empty()).collect();
     match segments.as_slice() {
         [] => Ok(()),
-        ["trellis.dev", "v1alpha1", "apply"] => principal
-            .check(write, Some(Kind::VirtualService), None)
-            .or_else(|e| {
-                // Namespace limits are checked per item; only the role matters here.
-                if principal.role == TokenRole::Viewer {
-                    Err(e)
-                } else {
-                    Ok(())
-                }
-            }),
+        ["trellis.dev", "v1alpha1", "apply"] => principal.check(write, Some(Kind::VirtualService), None).or_else(|e| {
+            // Namespace limits are checked per item; only the role matters here.
+            if principal.role == TokenRole::Viewer { Err(e) } else { Ok(()) }
+        }),
         ["trellis.dev", "v1alpha1", "analyze"] => principal.check(false, None, None),
         [group, _, "namespaces", ns, plural, ..] => {
             principal.check(write, Kind::from_group_plural(group, plural), Some(ns))
         }
-        [group, _, plural, ..] => {
-            principal.check(write, Kind::from_group_plural(group, plural), None)
-        }
+        [group, _, plural, ..] => principal.check(write, Kind::from_group_plural(group, plural), None),
         _ => Ok(()),
     }
 }
@@ -160,12 +125,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason,
-            message: message.into(),
-            causes: Vec::new(),
-        }
+        Self { code, reason, message: message.into(), causes: Vec::new() }
     }
 
     fn bad_request(message: impl Into<String>) -> Self {
@@ -175,13 +135,7 @@ impl ApiError {
     fn invalid(what: &str, causes: Vec<(String, String)>) -> Self {
         let summary = causes
             .iter()
-            .map(|(f, m)| {
-                if f.is_empty() {
-                    m.clone()
-                } else {
-                    format!("{f}: {m}")
-                }
-            })
+            .map(|(f, m)| if f.is_empty() { m.clone() } else { format!("{f}: {m}") })
             .collect::<Vec<_>>()
             .join("; ");
         Self {
@@ -280,9 +234,7 @@ struct WriteParams {
 
 impl WriteParams {
     fn dry_run(&self) -> bool {
-        self.dry_run
-            .as_deref()
-            .is_some_and(|d| d == "All" || d == "true")
+        self.dry_run.as_deref().is_some_and(|d| d == "All" || d == "true")
     }
 }
 
@@ -304,16 +256,10 @@ fn resolve(group: &str, version: &str, plural: &str) -> ApiResult<Target> {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NotFound",
-            format!(
-                "{kind} is served at versions {} of {group}, not {version:?}",
-                kind.versions().join(", ")
-            ),
+            format!("{kind} is served at versions {} of {group}, not {version:?}", kind.versions().join(", ")),
         ));
     }
-    Ok(Target {
-        kind,
-        version: version.to_string(),
-    })
+    Ok(Target { kind, version: version.to_string() })
 }
 
 fn namespaced(group: &str, version: &str, plural: &str) -> ApiResult<Target> {
@@ -322,10 +268,7 @@ fn namespaced(group: &str, version: &str, plural: &str) -> ApiResult<Target> {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NotFound",
-            format!(
-                "{} is cluster-scoped: use /apis/{group}/{version}/{plural}",
-                t.kind
-            ),
+            format!("{} is cluster-scoped: use /apis/{group}/{version}/{plural}", t.kind),
         ));
     }
     Ok(t)
@@ -337,10 +280,7 @@ fn cluster_scoped(group: &str, version: &str, plural: &str) -> ApiResult<Target>
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "NotFound",
-            format!(
-                "{} is namespaced: use /apis/{group}/{version}/namespaces/NAMESPACE/{plural}/NAME",
-                t.kind
-            ),
+            format!("{} is namespaced: use /apis/{group}/{version}/namespaces/NAMESPACE/{plural}/NAME", t.kind),
         ));
     }
     Ok(t)
@@ -354,29 +294,19 @@ fn served(mut r: Resource, t: &Target) -> Resource {
 
 /// Parses a request body (JSON, or YAML when the content type says so) as a resource envelope.
 fn parse_body(headers: &HeaderMap, body: &Bytes) -> ApiResult<Resource> {
-    let is_yaml = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.contains("yaml"));
-    let text = std::str::from_utf8(body)
-        .map_err(|_| ApiError::bad_request("the request body is not UTF-8"))?;
+    let is_yaml = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.contains("yaml"));
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the request body is not UTF-8"))?;
     let value: Value = if is_yaml {
-        serde_saphyr::from_str(text)
-            .map_err(|e| ApiError::bad_request(format!("invalid YAML: {e}")))?
+        serde_saphyr::from_str(text).map_err(|e| ApiError::bad_request(format!("invalid YAML: {e}")))?
     } else {
-        serde_json::from_str(text)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?
+        serde_json::from_str(text).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?
     };
     envelope(value)
 }
 
 fn envelope(value: Value) -> ApiResult<Resource> {
     parse_resource(value).map_err(|(path, msg)| {
-        let mut e = ApiError::bad_request(if path.is_empty() {
-            msg.clone()
-        } else {
-            format!("{path}: {msg}")
-        });
+        let mut e = ApiError::bad_request(if path.is_empty() { msg.clone() } else { format!("{path}: {msg}") });
         e.causes.push((path, msg));
         e
     })
@@ -384,20 +314,12 @@ fn envelope(value: Value) -> ApiResult<Resource> {
 
 /// Validates a resource sent to `t` in namespace `ns` (None for cluster-scoped), returning its
 /// key and the resource as it will be stored (preferred apiVersion, namespace filled in).
-fn admit(
-    t: &Target,
-    ns: Option<&str>,
-    name: Option<&str>,
-    mut res: Resource,
-) -> ApiResult<(ResourceKey, Resource)> {
+fn admit(t: &Target, ns: Option<&str>, name: Option<&str>, mut res: Resource) -> ApiResult<(ResourceKey, Resource)> {
     let what = format!("{} {:?}", t.kind, res.metadata.name);
     if res.kind != t.kind.name() {
         return Err(ApiError::invalid(
             &what,
-            vec![(
-                "kind".into(),
-                format!("{:?} sent to the {} endpoint", res.kind, t.kind.plural()),
-            )],
+            vec![("kind".into(), format!("{:?} sent to the {} endpoint", res.kind, t.kind.plural()))],
         ));
     }
     if let Some(ns) = ns {
@@ -422,19 +344,12 @@ fn admit(
             &what,
             vec![(
                 "metadata.name".into(),
-                format!(
-                    "{:?} does not match the name in the path ({name:?})",
-                    res.metadata.name
-                ),
+                format!("{:?} does not match the name in the path ({name:?})", res.metadata.name),
             )],
         ));
     }
-    let (key, _) = validate_resource(&res, ns.unwrap_or("default")).map_err(|e| {
-        ApiError::invalid(
-            &what,
-            e.errors.into_iter().map(|f| (f.path, f.message)).collect(),
-        )
-    })?;
+    let (key, _) = validate_resource(&res, ns.unwrap_or("default"))
+        .map_err(|e| ApiError::invalid(&what, e.errors.into_iter().map(|f| (f.path, f.message)).collect()))?;
     res.api_version = t.kind.api_version();
     Ok((key, res))
 }
@@ -478,43 +393,26 @@ fn label_filter(selector: Option<&str>) -> ApiResult<Vec<(String, String)>> {
     sel.split(',')
         .map(|term| {
             term.split_once('=')
-                .map(|(k, v)| {
-                    (
-                        k.trim().trim_end_matches('=').to_string(),
-                        v.trim().to_string(),
-                    )
-                })
+                .map(|(k, v)| (k.trim().trim_end_matches('=').to_string(), v.trim().to_string()))
                 .ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "labelSelector term {term:?}: only key=value terms are supported"
-                    ))
+                    ApiError::bad_request(format!("labelSelector term {term:?}: only key=value terms are supported"))
                 })
         })
         .collect()
 }
 
 fn matches_labels(r: &Resource, filter: &[(String, String)]) -> bool {
-    filter
-        .iter()
-        .all(|(k, v)| r.metadata.labels.get(k) == Some(v))
+    filter.iter().all(|(k, v)| r.metadata.labels.get(k) == Some(v))
 }
 
-async fn list_or_watch(
-    s: &ApiState,
-    t: Target,
-    ns: Option<String>,
-    q: ListParams,
-) -> ApiResult<Response> {
+async fn list_or_watch(s: &ApiState, t: Target, ns: Option<String>, q: ListParams) -> ApiResult<Response> {
     let filter = label_filter(q.label_selector.as_deref())?;
     if q.watch.unwrap_or(false) {
         return watch(s, t, ns, q.resource_version, filter).await;
     }
     let (items, rev) = s.store.list(Some(t.kind), ns.as_deref()).await?;
-    let items: Vec<Resource> = items
-        .into_iter()
-        .filter(|r| matches_labels(r, &filter))
-        .map(|r| served(r, &t))
-        .collect();
+    let items: Vec<Resource> =
+        items.into_iter().filter(|r| matches_labels(r, &filter)).map(|r| served(r, &t)).collect();
     Ok(axum::Json(json!({
         "apiVersion": format!("{}/{}", t.kind.group(), t.version),
         "kind": format!("{}List", t.kind.name()),
@@ -525,8 +423,7 @@ async fn list_or_watch(
 }
 
 fn event_line(event_type: &str, object: &impl serde::Serialize) -> Bytes {
-    let mut line =
-        serde_json::to_vec(&json!({"type": event_type, "object": object})).unwrap_or_default();
+    let mut line = serde_json::to_vec(&json!({"type": event_type, "object": object})).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
 }
@@ -579,10 +476,7 @@ async fn watch(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn get_namespaced(
-    State(s): State<ApiState>,
-    Path(p): Path<NamedNsPath>,
-) -> ApiResult<Response> {
+async fn get_namespaced(State(s): State<ApiState>, Path(p): Path<NamedNsPath>) -> ApiResult<Response> {
     let t = namespaced(&p.group, &p.version, &p.plural)?;
     get_one(&s, &t, key_for(&t, &p.ns, &p.name)).await
 }
@@ -593,11 +487,7 @@ async fn get_cluster(State(s): State<ApiState>, Path(p): Path<NamedPath>) -> Api
 }
 
 async fn get_one(s: &ApiState, t: &Target, key: ResourceKey) -> ApiResult<Response> {
-    let r = s.store.get(&key).await?.ok_or_else(|| {
-        ApiError::from(StoreError::NotFound {
-            key: key.to_string(),
-        })
-    })?;
+    let r = s.store.get(&key).await?.ok_or_else(|| ApiError::from(StoreError::NotFound { key: key.to_string() }))?;
     Ok(axum::Json(served(r, t)).into_response())
 }
 
@@ -702,17 +592,8 @@ async fn delete_cluster(
     delete(&s, &t, key_for(&t, "", &p.name), d).await
 }
 
-async fn delete(
-    s: &ApiState,
-    t: &Target,
-    key: ResourceKey,
-    d: DeleteParams,
-) -> ApiResult<Response> {
-    let expected = d
-        .resource_version
-        .as_deref()
-        .map(trellis_store::parse_resource_version)
-        .transpose()?;
+async fn delete(s: &ApiState, t: &Target, key: ResourceKey, d: DeleteParams) -> ApiResult<Response> {
+    let expected = d.resource_version.as_deref().map(trellis_store::parse_resource_version).transpose()?;
     let deleted = s.store.delete(&key, expected).await?;
     Ok(axum::Json(served(deleted, t)).into_response())
 }
@@ -746,19 +627,10 @@ async fn apply(
     Extension(principal): Extension<Principal>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let req: ApplyRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid apply request: {e}")))?;
-    Ok(axum::Json(
-        apply_batch(
-            &s.store,
-            &principal,
-            req.items,
-            req.namespace.as_deref(),
-            req.dry_run,
-        )
-        .await?,
-    )
-    .into_response())
+    let req: ApplyRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid apply request: {e}")))?;
+    Ok(axum::Json(apply_batch(&s.store, &principal, req.items, req.namespace.as_deref(), req.dry_run).await?)
+        .into_response())
 }
 
 /// The apply logic shared by the API and `trellis-control --apply`.
@@ -777,12 +649,7 @@ pub async fn apply_batch(
         let res = match parse_resource(value) {
             Ok(r) => r,
             Err((path, msg)) => {
-                causes.push((
-                    format!("items[{i}].{path}")
-                        .trim_end_matches('.')
-                        .to_string(),
-                    msg,
-                ));
+                causes.push((format!("items[{i}].{path}").trim_end_matches('.').to_string(), msg));
                 continue;
             }
         };
@@ -793,24 +660,14 @@ pub async fn apply_batch(
                 continue;
             }
         };
-        let t = Target {
-            kind,
-            version: kind.preferred_version().to_string(),
-        };
-        let ns = kind.namespaced().then(|| {
-            res.metadata
-                .namespace
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| default_ns.clone())
-        });
+        let t = Target { kind, version: kind.preferred_version().to_string() };
+        let ns = kind
+            .namespaced()
+            .then(|| res.metadata.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| default_ns.clone()));
         match admit(&t, ns.as_deref(), None, res) {
             Ok((key, res)) => {
                 if !seen.insert(key.clone()) {
-                    causes.push((
-                        format!("items[{i}].metadata.name"),
-                        format!("{key} appears twice in this request"),
-                    ));
+                    causes.push((format!("items[{i}].metadata.name"), format!("{key} appears twice in this request")));
                 }
                 admitted.push((i, key, res));
             }
@@ -828,45 +685,27 @@ pub async fn apply_batch(
         .iter()
         .filter_map(|(i, key, _)| {
             let ns = (!key.namespace.is_empty()).then_some(key.namespace.as_str());
-            principal
-                .check(true, Some(key.kind), ns)
-                .err()
-                .map(|why| (format!("items[{i}]"), why))
+            principal.check(true, Some(key.kind), ns).err().map(|why| (format!("items[{i}]"), why))
         })
         .collect();
     if !refused.is_empty() {
-        let message = refused
-            .iter()
-            .map(|(f, m)| format!("{f}: {m}"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(ApiError {
-            code: StatusCode::FORBIDDEN,
-            reason: "Forbidden",
-            message,
-            causes: refused,
-        });
+        let message = refused.iter().map(|(f, m)| format!("{f}: {m}")).collect::<Vec<_>>().join("; ");
+        return Err(ApiError { code: StatusCode::FORBIDDEN, reason: "Forbidden", message, causes: refused });
     }
     let mut results = Vec::new();
     for (i, key, res) in &admitted {
         let existing = store.get(key).await?;
         let (action, rv) = match existing {
-            Some(cur) if cur.same_intent(res) => {
-                ("unchanged", cur.metadata.resource_version.clone())
-            }
+            Some(cur) if cur.same_intent(res) => ("unchanged", cur.metadata.resource_version.clone()),
             Some(_) if dry_run => ("configured", None),
             None if dry_run => ("created", None),
-            Some(_) => (
-                "configured",
-                store.update(key, res).await?.metadata.resource_version,
-            ),
+            Some(_) => ("configured", store.update(key, res).await?.metadata.resource_version),
             None => match store.create(key, res).await {
                 Ok(c) => ("created", c.metadata.resource_version),
                 // Created concurrently since our read: update it instead.
-                Err(StoreError::AlreadyExists { .. }) => (
-                    "configured",
-                    store.update(key, res).await?.metadata.resource_version,
-                ),
+                Err(StoreError::AlreadyExists { .. }) => {
+                    ("configured", store.update(key, res).await?.metadata.resource_version)
+                }
                 Err(e) => return Err(e.into()),
             },
         };
@@ -882,19 +721,12 @@ pub async fn apply_batch(
         context.retain(|a| !applied.contains(&a.key));
         for (_, key, res) in &admitted {
             if let Ok((_, spec)) = validate_resource(res, &key.namespace) {
-                context.push(Analyzed {
-                    key: key.clone(),
-                    spec,
-                    origin: None,
-                });
+                context.push(Analyzed { key: key.clone(), spec, origin: None });
             }
         }
     }
-    let warnings: Vec<Value> = analyze(&context)
-        .iter()
-        .filter(|d| applied.contains(&d.resource))
-        .map(diagnostic_json)
-        .collect();
+    let warnings: Vec<Value> =
+        analyze(&context).iter().filter(|d| applied.contains(&d.resource)).map(diagnostic_json).collect();
     Ok(json!({"results": results, "diagnostics": warnings, "dryRun": dry_run}))
 }
 
@@ -904,11 +736,7 @@ async fn stored_analyzed(store: &ResourceStore) -> ApiResult<Vec<Analyzed>> {
     for r in items {
         let ns = r.namespace().to_string();
         match validate_resource(&r, &ns) {
-            Ok((key, spec)) => out.push(Analyzed {
-                key,
-                spec,
-                origin: None,
-            }),
+            Ok((key, spec)) => out.push(Analyzed { key, spec, origin: None }),
             Err(e) => {
                 tracing::warn!(resource = %r.metadata.name, error = %e, "stored resource no longer validates")
             }

@@ -33,37 +33,22 @@ pub struct Principal {
 
 impl Principal {
     pub fn admin(name: &str) -> Self {
-        Self {
-            name: name.to_string(),
-            role: TokenRole::Admin,
-            namespaces: None,
-        }
+        Self { name: name.to_string(), role: TokenRole::Admin, namespaces: None }
     }
 
     /// May this principal read (or, with `write`, change) `kind` (any when `None`) in
     /// `namespace` (`None`: across all namespaces, or a cluster-scoped kind)? The error says why
     /// not.
-    pub fn check(
-        &self,
-        write: bool,
-        kind: Option<Kind>,
-        namespace: Option<&str>,
-    ) -> Result<(), String> {
+    pub fn check(&self, write: bool, kind: Option<Kind>, namespace: Option<&str>) -> Result<(), String> {
         if write && self.role == TokenRole::Viewer {
             return Err(format!("token {:?} is read-only (Viewer)", self.name));
         }
         if kind == Some(Kind::ApiToken) && self.role != TokenRole::Admin {
-            return Err(format!(
-                "only Admin tokens manage ApiTokens; {:?} is {:?}",
-                self.name, self.role
-            ));
+            return Err(format!("only Admin tokens manage ApiTokens; {:?} is {:?}", self.name, self.role));
         }
         let cluster_scoped = kind.is_some_and(|k| !k.namespaced());
         if write && cluster_scoped && self.role != TokenRole::Admin {
-            return Err(format!(
-                "only Admin tokens change cluster-scoped kinds; {:?} is {:?}",
-                self.name, self.role
-            ));
+            return Err(format!("only Admin tokens change cluster-scoped kinds; {:?} is {:?}", self.name, self.role));
         }
         if let Some(allowed) = &self.namespaces {
             let list = allowed.iter().cloned().collect::<Vec<_>>().join(", ");
@@ -71,10 +56,7 @@ impl Principal {
                 _ if cluster_scoped && !write => {}
                 Some(ns) if allowed.contains(ns) => {}
                 Some(ns) => {
-                    return Err(format!(
-                        "token {:?} is limited to namespaces {list}, not {ns:?}",
-                        self.name
-                    ));
+                    return Err(format!("token {:?} is limited to namespaces {list}, not {ns:?}", self.name));
                 }
                 None => {
                     return Err(format!(
@@ -100,60 +82,33 @@ pub struct Auth {
 
 /// Lower-case hex SHA-256 of a token secret, as ApiTokens store it.
 pub fn token_sha256(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Auth {
     pub fn new(admin_tokens: Vec<String>, anonymous: bool) -> Self {
-        Self {
-            admin_tokens,
-            tokens: RwLock::new(HashMap::new()),
-            anonymous,
-        }
+        Self { admin_tokens, tokens: RwLock::new(HashMap::new()), anonymous }
     }
 
     /// Who presents this `Authorization` header value, if anyone valid.
     pub fn authenticate(&self, authorization: Option<&str>) -> Option<Principal> {
-        let token = authorization
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty());
+        let token = authorization.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim).filter(|t| !t.is_empty());
         let Some(token) = token else {
             return self.anonymous.then(|| Principal::admin("anonymous"));
         };
-        if self
-            .admin_tokens
-            .iter()
-            .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
-        {
+        if self.admin_tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) {
             return Some(Principal::admin("admin"));
         }
         // Looking up by hash compares hashes, not secrets: no timing leak about the secret.
-        let found = self
-            .tokens
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&token_sha256(token))
-            .cloned();
+        let found = self.tokens.read().unwrap_or_else(|p| p.into_inner()).get(&token_sha256(token)).cloned();
         found.or_else(|| self.anonymous.then(|| Principal::admin("anonymous")))
     }
 
     fn principal_of(r: &Resource) -> Option<(String, Principal)> {
         match validate_resource(r, "") {
             Ok((key, Spec::ApiToken(t))) => {
-                let namespaces =
-                    (!t.namespaces.is_empty()).then(|| t.namespaces.iter().cloned().collect());
-                Some((
-                    t.sha256,
-                    Principal {
-                        name: key.name,
-                        role: t.role?,
-                        namespaces,
-                    },
-                ))
+                let namespaces = (!t.namespaces.is_empty()).then(|| t.namespaces.iter().cloned().collect());
+                Some((t.sha256, Principal { name: key.name, role: t.role?, namespaces }))
             }
             _ => None,
         }
@@ -207,19 +162,14 @@ pub fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
     let path = token_path(data_dir);
     if path.exists() {
         check_private(&path)?;
-        let token = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let token = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let token = token.trim().to_string();
         if token.len() < 32 {
-            bail!(
-                "{} holds a token shorter than 32 characters; delete it to have a new one generated",
-                path.display()
-            );
+            bail!("{} holds a token shorter than 32 characters; delete it to have a new one generated", path.display());
         }
         return Ok(token);
     }
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let bytes: [u8; 32] = rand::random();
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let mut file = open_private(&path)?;
@@ -245,10 +195,7 @@ fn check_private(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        bail!(
-            "{} is readable by others (mode {mode:o}); run chmod 600 on it",
-            path.display()
-        );
+        bail!("{} is readable by others (mode {mode:o}); run chmod 600 on it", path.display());
     }
     Ok(())
 }
@@ -265,32 +212,16 @@ mod tests {
         assert_eq!(t1, t2);
         assert_eq!(t1.len(), 64);
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(token_path(dir.path()))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = std::fs::metadata(token_path(dir.path())).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        std::fs::set_permissions(
-            token_path(dir.path()),
-            std::fs::Permissions::from_mode(0o644),
-        )
-        .unwrap();
-        assert!(
-            load_or_create_token(dir.path())
-                .unwrap_err()
-                .to_string()
-                .contains("chmod 600")
-        );
+        std::fs::set_permissions(token_path(dir.path()), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_or_create_token(dir.path()).unwrap_err().to_string().contains("chmod 600"));
     }
 
     #[test]
     fn only_known_tokens_are_accepted() {
         let auth = Auth::new(vec!["secret-token".into()], false);
-        assert_eq!(
-            auth.authenticate(Some("Bearer secret-token")),
-            Some(Principal::admin("admin"))
-        );
+        assert_eq!(auth.authenticate(Some("Bearer secret-token")), Some(Principal::admin("admin")));
         assert!(auth.authenticate(Some("Bearer secret-tokem")).is_none());
         assert!(auth.authenticate(Some("secret-token")).is_none());
         assert!(auth.authenticate(None).is_none());
@@ -306,54 +237,21 @@ mod tests {
     fn roles_and_namespaces_limit_what_a_token_reaches() {
         let admin = Principal::admin("a");
         assert!(admin.check(true, Some(Kind::ApiToken), None).is_ok());
-        let viewer = Principal {
-            name: "v".into(),
-            role: TokenRole::Viewer,
-            namespaces: None,
-        };
-        assert!(
-            viewer
-                .check(false, Some(Kind::VirtualService), None)
-                .is_ok()
-        );
-        assert!(
-            viewer
-                .check(true, Some(Kind::VirtualService), Some("x"))
-                .unwrap_err()
-                .contains("read-only")
-        );
-        assert!(
-            viewer
-                .check(false, Some(Kind::ApiToken), None)
-                .unwrap_err()
-                .contains("Admin")
-        );
-        let editor = Principal {
-            name: "e".into(),
-            role: TokenRole::Editor,
-            namespaces: Some(["bookinfo".to_string()].into()),
-        };
-        assert!(
-            editor
-                .check(true, Some(Kind::VirtualService), Some("bookinfo"))
-                .is_ok()
-        );
+        let viewer = Principal { name: "v".into(), role: TokenRole::Viewer, namespaces: None };
+        assert!(viewer.check(false, Some(Kind::VirtualService), None).is_ok());
+        assert!(viewer.check(true, Some(Kind::VirtualService), Some("x")).unwrap_err().contains("read-only"));
+        assert!(viewer.check(false, Some(Kind::ApiToken), None).unwrap_err().contains("Admin"));
+        let editor =
+            Principal { name: "e".into(), role: TokenRole::Editor, namespaces: Some(["bookinfo".to_string()].into()) };
+        assert!(editor.check(true, Some(Kind::VirtualService), Some("bookinfo")).is_ok());
         assert!(
             editor
                 .check(true, Some(Kind::VirtualService), Some("other"))
                 .unwrap_err()
                 .contains("limited to namespaces bookinfo")
         );
-        assert!(
-            editor
-                .check(false, Some(Kind::VirtualService), None)
-                .is_err(),
-            "no cluster-wide lists"
-        );
-        assert!(
-            editor.check(false, Some(Kind::MeshCluster), None).is_ok(),
-            "cluster-scoped reads are fine"
-        );
+        assert!(editor.check(false, Some(Kind::VirtualService), None).is_err(), "no cluster-wide lists");
+        assert!(editor.check(false, Some(Kind::MeshCluster), None).is_ok(), "cluster-scoped reads are fine");
         assert!(editor.check(true, Some(Kind::MeshCluster), None).is_err());
     }
 }

@@ -7,6 +7,13 @@ use clap::{Parser, ValueEnum};
 use trellis_store::StoreConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ApiTls {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
     /// A durable file in the data directory (default; one control plane).
     Embedded,
@@ -27,12 +34,7 @@ pub struct Config {
     pub store: Backend,
 
     /// etcd endpoints, comma-separated (with --store etcd).
-    #[arg(
-        long,
-        env = "TRELLIS_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
+    #[arg(long, env = "TRELLIS_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     pub etcd_endpoints: Vec<String>,
 
     /// Key prefix in etcd; control planes of one mesh share it, different meshes must not.
@@ -47,6 +49,23 @@ pub struct Config {
     /// loopback address.
     #[arg(long)]
     pub allow_anonymous_loopback: bool,
+
+    /// TLS for the API: `auto` (TLS unless --api-addr is a loopback address), `on`, or `off`
+    /// (plaintext; refused on a non-loopback address).
+    #[arg(long, value_enum, default_value_t = ApiTls::Auto, env = "TRELLIS_API_TLS")]
+    pub api_tls: ApiTls,
+
+    /// PEM certificate chain for the API (default: issued from <data-dir>/api-ca.pem).
+    #[arg(long, requires = "api_tls_key", env = "TRELLIS_API_TLS_CERT")]
+    pub api_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --api-tls-cert.
+    #[arg(long, requires = "api_tls_cert", env = "TRELLIS_API_TLS_KEY")]
+    pub api_tls_key: Option<PathBuf>,
+
+    /// Extra names (DNS or IP) for the issued API certificate, e.g. the host name clients use.
+    #[arg(long = "api-tls-san", value_name = "NAME")]
+    pub api_tls_sans: Vec<String>,
 
     /// Files or directories of configuration to apply at start (like `trellis apply -f`).
     #[arg(long = "apply", value_name = "PATH")]
@@ -71,13 +90,61 @@ pub fn default_data_dir() -> PathBuf {
 impl Config {
     pub fn store_config(&self) -> StoreConfig {
         match self.store {
-            Backend::Embedded => StoreConfig::Embedded {
-                path: self.data_dir.join("store.redb"),
-            },
-            Backend::Etcd => StoreConfig::Etcd {
-                endpoints: self.etcd_endpoints.clone(),
-                prefix: self.etcd_prefix.clone(),
-            },
+            Backend::Embedded => StoreConfig::Embedded { path: self.data_dir.join("store.redb") },
+            Backend::Etcd => {
+                StoreConfig::Etcd { endpoints: self.etcd_endpoints.clone(), prefix: self.etcd_prefix.clone() }
+            }
         }
+    }
+}
+
+impl Config {
+    /// Whether the API serves TLS, or why the combination of flags is refused.
+    pub fn api_uses_tls(&self) -> Result<bool, String> {
+        let loopback = self.api_addr.ip().is_loopback();
+        match self.api_tls {
+            ApiTls::On => Ok(true),
+            ApiTls::Auto => Ok(!loopback || self.api_tls_cert.is_some()),
+            ApiTls::Off if loopback => Ok(false),
+            ApiTls::Off => Err(format!(
+                "--api-tls off on {} would send tokens in clear over the network; use TLS (the default) or a loopback address",
+                self.api_addr
+            )),
+        }
+    }
+
+    /// Names the issued API certificate covers: the listen address (or, for an unspecified
+    /// address, localhost and 127.0.0.1) plus --api-tls-san.
+    pub fn api_tls_names(&self) -> Vec<String> {
+        let ip = self.api_addr.ip();
+        let mut names = if ip.is_unspecified() || ip.is_loopback() {
+            vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()]
+        } else {
+            vec![ip.to_string()]
+        };
+        names.extend(self.api_tls_sans.iter().cloned());
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("trellis-control").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn tls_is_on_off_loopback_and_plaintext_is_refused_on_the_network() {
+        assert_eq!(parse(&[]).api_uses_tls(), Ok(false), "loopback default: plaintext for development");
+        assert_eq!(parse(&["--api-addr", "0.0.0.0:15080"]).api_uses_tls(), Ok(true));
+        assert_eq!(parse(&["--api-tls", "on"]).api_uses_tls(), Ok(true));
+        let refused = parse(&["--api-addr", "10.1.2.3:15080", "--api-tls", "off"]).api_uses_tls().unwrap_err();
+        assert!(refused.contains("in clear"), "{refused}");
+        let names = parse(&["--api-addr", "0.0.0.0:15080", "--api-tls-san", "cp.example.com"]).api_tls_names();
+        assert_eq!(names, vec!["127.0.0.1", "::1", "cp.example.com", "localhost"]);
     }
 }

@@ -22,46 +22,26 @@ pub async fn apply_path(store: &ResourceStore, path: &Path) -> anyhow::Result<Su
     let files = trellis_client::files::collect(path)?;
     let mut summary = Summary::default();
     for file in files {
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("reading {}", file.display()))?;
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
         let name = file.display().to_string();
         let (docs, errors) = parse_documents(&text, &name);
         if let Some(e) = errors.first() {
             bail!("{e}");
         }
-        let items = docs
-            .iter()
-            .map(|d| serde_json::to_value(&d.resource))
-            .collect::<Result<Vec<_>, _>>()?;
+        let items = docs.iter().map(|d| serde_json::to_value(&d.resource)).collect::<Result<Vec<_>, _>>()?;
         let origins: Vec<String> = docs.iter().map(ParsedDocument::short_origin).collect();
-        let outcome = apply_batch(
-            store,
-            &crate::auth::Principal::admin("--apply"),
-            items,
-            None,
-            false,
-        )
-        .await
-        .map_err(|e| {
-            let causes: Vec<String> = e
-                .causes
-                .iter()
-                .map(|(f, m)| {
-                    format!(
-                        "{name}: {}: {m}",
-                        trellis_client::describe_item_field(&origins, f)
-                    )
-                })
-                .collect();
-            anyhow::anyhow!(
-                "{}",
-                if causes.is_empty() {
-                    format!("{name}: {}", e.message)
-                } else {
-                    causes.join("\n")
-                }
-            )
-        })?;
+        let outcome =
+            apply_batch(store, &crate::auth::Principal::admin("--apply"), items, None, false).await.map_err(|e| {
+                let causes: Vec<String> = e
+                    .causes
+                    .iter()
+                    .map(|(f, m)| format!("{name}: {}: {m}", trellis_client::describe_item_field(&origins, f)))
+                    .collect();
+                anyhow::anyhow!(
+                    "{}",
+                    if causes.is_empty() { format!("{name}: {}", e.message) } else { causes.join("\n") }
+                )
+            })?;
         for r in outcome["results"].as_array().into_iter().flatten() {
             match r["action"].as_str() {
                 Some("created") => summary.created += 1,

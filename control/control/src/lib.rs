@@ -12,5 +12,6 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod config_apply;
+pub mod tls;
 
 pub use api::{ApiState, router};

@@ -20,18 +20,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     if config.allow_anonymous_loopback && !config.api_addr.ip().is_loopback() {
-        bail!(
-            "--allow-anonymous-loopback needs a loopback --api-addr (got {})",
-            config.api_addr
-        );
+        bail!("--allow-anonymous-loopback needs a loopback --api-addr (got {})", config.api_addr);
     }
+    let tls = config.api_uses_tls().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let token = load_or_create_token(&config.data_dir)?;
     let store_config = config.store_config();
-    let kv = trellis_store::open(&store_config)
-        .await
-        .with_context(|| format!("opening the {store_config}"))?;
+    let kv = trellis_store::open(&store_config).await.with_context(|| format!("opening the {store_config}"))?;
     let store = ResourceStore::new(kv);
 
     for path in &config.apply {
@@ -39,24 +35,39 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(path = %path.display(), created = summary.created, configured = summary.configured, unchanged = summary.unchanged, "applied configuration");
     }
 
-    let listener = TcpListener::bind(config.api_addr)
-        .await
-        .with_context(|| format!("binding the API to {}", config.api_addr))?;
+    let listener =
+        TcpListener::bind(config.api_addr).await.with_context(|| format!("binding the API to {}", config.api_addr))?;
     let addr = listener.local_addr()?;
     let auth = Arc::new(Auth::new(vec![token], config.allow_anonymous_loopback));
     auth.watch_tokens(store.clone());
     let state = ApiState { store, auth };
-    tracing::info!(api = %addr, store = %store_config, "trellis-control ready");
+    let tls_config = if tls {
+        let given = config.api_tls_cert.as_deref().zip(config.api_tls_key.as_deref());
+        Some(trellis_control::tls::server_config(&config.data_dir, given, &config.api_tls_names())?)
+    } else {
+        None
+    };
+    let scheme = if tls { "https" } else { "http" };
+    tracing::info!(api = %format!("{scheme}://{addr}"), store = %store_config, "trellis-control ready");
     // The one place the control plane talks to a person: where things are and what to run.
+    let token_file = token_path(&config.data_dir);
+    let ca_env = match (tls, &config.api_tls_cert) {
+        (true, None) => format!(" TRELLIS_CA_FILE={}", trellis_control::tls::ca_path(&config.data_dir).display()),
+        (true, Some(_)) => " TRELLIS_CA_FILE=<the CA of your certificate>".to_string(),
+        (false, _) => String::new(),
+    };
     eprintln!(
-        "\nTrellis control plane is up.\n  config API:  http://{addr}\n  store:       {store_config}\n  admin token: {}\n\nTry:\n  export TRELLIS_SERVER=http://{addr} TRELLIS_TOKEN_FILE={}\n  trellis get virtualservices -A\n  trellis apply -f examples/\n  trellis analyze\n",
-        token_path(&config.data_dir).display(),
-        token_path(&config.data_dir).display(),
+        "\nTrellis control plane is up.\n  config API:  {scheme}://{addr}\n  store:       {store_config}\n  admin token: {}\n\nTry:\n  export TRELLIS_SERVER={scheme}://{addr} TRELLIS_TOKEN_FILE={}{ca_env}\n  trellis get virtualservices -A\n  trellis apply -f examples/\n  trellis analyze\n",
+        token_file.display(),
+        token_file.display(),
     );
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown())
-        .await
-        .context("serving the API")?;
+    let app = router(state);
+    match tls_config {
+        Some(cfg) => {
+            trellis_control::tls::serve_tls(listener, cfg, app, shutdown()).await.context("serving the API")?
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown()).await.context("serving the API")?,
+    }
     tracing::info!("trellis-control stopped");
     Ok(())
 }

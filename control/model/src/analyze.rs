@@ -70,11 +70,7 @@ pub struct Analyzed {
 /// Resolves a host as Istio does: a name without dots is short for
 /// `NAME.NAMESPACE.svc.cluster.local`; anything else is used as written.
 pub fn fqdn(host: &str, namespace: &str) -> String {
-    if host.contains('.') || host == "*" {
-        host.to_string()
-    } else {
-        format!("{host}.{namespace}.svc.cluster.local")
-    }
+    if host.contains('.') || host == "*" { host.to_string() } else { format!("{host}.{namespace}.svc.cluster.local") }
 }
 
 fn host_matches(pattern: &str, host: &str) -> bool {
@@ -152,29 +148,17 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
                 for h in &se.hosts {
                     service_hosts.insert(fqdn(h, ns));
                     if let Some(ws) = &se.workload_selector {
-                        host_selectors
-                            .entry(fqdn(h, ns))
-                            .or_default()
-                            .push((ns, &ws.labels));
+                        host_selectors.entry(fqdn(h, ns)).or_default().push((ns, &ws.labels));
                     }
                     for e in &se.endpoints {
-                        host_inline_endpoints
-                            .entry(fqdn(h, ns))
-                            .or_default()
-                            .push(&e.labels);
+                        host_inline_endpoints.entry(fqdn(h, ns)).or_default().push(&e.labels);
                     }
                 }
                 for e in &se.endpoints {
-                    workloads.push(Workload {
-                        namespace: ns,
-                        labels: &e.labels,
-                    });
+                    workloads.push(Workload { namespace: ns, labels: &e.labels });
                 }
             }
-            Spec::WorkloadEntry(we) => workloads.push(Workload {
-                namespace: ns,
-                labels: &we.labels,
-            }),
+            Spec::WorkloadEntry(we) => workloads.push(Workload { namespace: ns, labels: &we.labels }),
             Spec::DestinationRule(dr) => {
                 let set = subsets.entry(fqdn(&dr.host, ns)).or_default();
                 for s in &dr.subsets {
@@ -188,22 +172,13 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
         }
     }
 
-    let known_host = |h: &str| {
-        service_hosts
-            .iter()
-            .any(|s| host_matches(s, h) || host_matches(h, s))
-    };
+    let known_host = |h: &str| service_hosts.iter().any(|s| host_matches(s, h) || host_matches(h, s));
     // Labels of every endpoint of a host: inline endpoints, or WorkloadEntries its selector picks.
     let endpoint_labels = |host: &str| -> Option<Vec<&Labels>> {
         let mut out: Vec<&Labels> = host_inline_endpoints.get(host).cloned().unwrap_or_default();
         if let Some(sels) = host_selectors.get(host) {
             for (ns, sel) in sels {
-                out.extend(
-                    workloads
-                        .iter()
-                        .filter(|w| w.namespace == *ns && selects(sel, w.labels))
-                        .map(|w| w.labels),
-                );
+                out.extend(workloads.iter().filter(|w| w.namespace == *ns && selects(sel, w.labels)).map(|w| w.labels));
             }
         }
         (!out.is_empty()).then_some(out)
@@ -237,10 +212,7 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
                 }
                 if vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh") {
                     for h in &vs.hosts {
-                        mesh_hosts
-                            .entry((ns.clone(), fqdn(h, &ns)))
-                            .or_default()
-                            .push(item);
+                        mesh_hosts.entry((ns.clone(), fqdn(h, &ns))).or_default().push(item);
                     }
                 }
                 let mut dests: Vec<(String, &Destination)> = Vec::new();
@@ -282,22 +254,21 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
                             format!("no ServiceEntry or registered service defines host {host:?}"),
                         );
                     }
-                    if !d.subset.is_empty()
-                        && !subsets
-                            .get(&host)
-                            .is_some_and(|s| s.contains(d.subset.as_str()))
-                    {
-                        cx.report(item, Severity::Error, "TRL0102", format!("{path}.subset"), format!("subset {:?} of host {host:?} is not defined by any DestinationRule", d.subset));
+                    if !d.subset.is_empty() && !subsets.get(&host).is_some_and(|s| s.contains(d.subset.as_str())) {
+                        cx.report(
+                            item,
+                            Severity::Error,
+                            "TRL0102",
+                            format!("{path}.subset"),
+                            format!("subset {:?} of host {host:?} is not defined by any DestinationRule", d.subset),
+                        );
                     }
                 }
             }
             Spec::DestinationRule(dr) => {
                 let host = fqdn(&dr.host, &ns);
                 if dr.workload_selector.is_none() {
-                    dr_hosts
-                        .entry((ns.clone(), host.clone()))
-                        .or_default()
-                        .push(item);
+                    dr_hosts.entry((ns.clone(), host.clone())).or_default().push(item);
                 }
                 if !known_host(&host) {
                     cx.report(
@@ -316,21 +287,14 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
                                 Severity::Warning,
                                 "TRL0105",
                                 format!("spec.subsets[{i}].labels"),
-                                format!(
-                                    "no known endpoint of {host:?} has labels {}",
-                                    labels_to_string(&s.labels)
-                                ),
+                                format!("no known endpoint of {host:?} has labels {}", labels_to_string(&s.labels)),
                             );
                         }
                     }
                 }
             }
             Spec::PeerAuthentication(pa) => {
-                let sel = pa
-                    .selector
-                    .as_ref()
-                    .map(|s| labels_to_string(&s.match_labels))
-                    .unwrap_or_default();
+                let sel = pa.selector.as_ref().map(|s| labels_to_string(&s.match_labels)).unwrap_or_default();
                 pa_scopes.entry((ns.clone(), sel)).or_default().push(item);
             }
             Spec::AuthorizationPolicy(ap) => authorization_policy(&mut cx, item, ap, &workloads),
@@ -350,18 +314,23 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
         if drs.len() > 1 {
             let names: Vec<String> = drs.iter().map(|v| v.key.name.clone()).collect();
             for dr in drs {
-                cx.report(dr, Severity::Warning, "TRL0106", "spec.host", format!("host {host:?} has several DestinationRules in namespace {ns} ({}); they conflict", names.join(", ")));
+                cx.report(
+                    dr,
+                    Severity::Warning,
+                    "TRL0106",
+                    "spec.host",
+                    format!(
+                        "host {host:?} has several DestinationRules in namespace {ns} ({}); they conflict",
+                        names.join(", ")
+                    ),
+                );
             }
         }
     }
     for ((ns, sel), pas) in &pa_scopes {
         if pas.len() > 1 {
             let scope = if sel.is_empty() {
-                if ns == ROOT_NAMESPACE {
-                    "mesh-wide".to_string()
-                } else {
-                    format!("namespace-wide in {ns}")
-                }
+                if ns == ROOT_NAMESPACE { "mesh-wide".to_string() } else { format!("namespace-wide in {ns}") }
             } else {
                 format!("for workloads {sel} in {ns}")
             };
@@ -372,10 +341,7 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
                     Severity::Warning,
                     "TRL0201",
                     "spec.selector",
-                    format!(
-                        "conflicting PeerAuthentications {scope} ({}); only the oldest applies",
-                        names.join(", ")
-                    ),
+                    format!("conflicting PeerAuthentications {scope} ({}); only the oldest applies", names.join(", ")),
                 );
             }
         }
@@ -386,19 +352,12 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
     out
 }
 
-fn authorization_policy(
-    cx: &mut Ctx,
-    item: &Analyzed,
-    ap: &AuthorizationPolicy,
-    workloads: &[Workload<'_>],
-) {
+fn authorization_policy(cx: &mut Ctx, item: &Analyzed, ap: &AuthorizationPolicy, workloads: &[Workload<'_>]) {
     let ns = item.key.namespace.as_str();
     if let Some(sel) = &ap.selector
         && !sel.match_labels.is_empty()
         && ns != ROOT_NAMESPACE
-        && !workloads
-            .iter()
-            .any(|w| w.namespace == ns && selects(&sel.match_labels, w.labels))
+        && !workloads.iter().any(|w| w.namespace == ns && selects(&sel.match_labels, w.labels))
     {
         cx.report(
             item,
@@ -418,23 +377,11 @@ fn authorization_policy(
             if let Some(s) = &f.source {
                 let pairs = [
                     ("principals", &s.principals, &s.not_principals),
-                    (
-                        "requestPrincipals",
-                        &s.request_principals,
-                        &s.not_request_principals,
-                    ),
+                    ("requestPrincipals", &s.request_principals, &s.not_request_principals),
                     ("namespaces", &s.namespaces, &s.not_namespaces),
-                    (
-                        "serviceAccounts",
-                        &s.service_accounts,
-                        &s.not_service_accounts,
-                    ),
+                    ("serviceAccounts", &s.service_accounts, &s.not_service_accounts),
                     ("ipBlocks", &s.ip_blocks, &s.not_ip_blocks),
-                    (
-                        "remoteIpBlocks",
-                        &s.remote_ip_blocks,
-                        &s.not_remote_ip_blocks,
-                    ),
+                    ("remoteIpBlocks", &s.remote_ip_blocks, &s.not_remote_ip_blocks),
                     ("trustDomains", &s.trust_domains, &s.not_trust_domains),
                 ];
                 contradictions.extend(contradicting(&format!("{rp}.from[{j}].source"), &pairs));
@@ -453,38 +400,24 @@ fn authorization_policy(
         }
         for (j, c) in rule.when.iter().enumerate() {
             if !c.values.is_empty() && c.values.iter().all(|v| c.not_values.contains(v)) {
-                contradictions.push((
-                    format!("{rp}.when[{j}]"),
-                    format!("every value of {} is also in notValues", c.key),
-                ));
+                contradictions
+                    .push((format!("{rp}.when[{j}]"), format!("every value of {} is also in notValues", c.key)));
             }
         }
         for (path, why) in contradictions {
-            cx.report(
-                item,
-                Severity::Warning,
-                "TRL0302",
-                path,
-                format!("this rule can never match: {why}"),
-            );
+            cx.report(item, Severity::Warning, "TRL0302", path, format!("this rule can never match: {why}"));
         }
     }
 }
 
 /// Finds fields whose every allowed value is also excluded.
-fn contradicting(
-    path: &str,
-    pairs: &[(&str, &Vec<String>, &Vec<String>)],
-) -> Vec<(String, String)> {
+fn contradicting(path: &str, pairs: &[(&str, &Vec<String>, &Vec<String>)]) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (name, yes, no) in pairs {
         let excluded_all = no.iter().any(|n| n == "*");
         if !yes.is_empty() && (excluded_all || yes.iter().all(|y| no.contains(y))) {
             let not = format!("not{}{}", name[..1].to_ascii_uppercase(), &name[1..]);
-            out.push((
-                format!("{path}.{name}"),
-                format!("every value of {name} is excluded by {not}"),
-            ));
+            out.push((format!("{path}.{name}"), format!("every value of {name} is excluded by {not}")));
         }
     }
     out

@@ -25,12 +25,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                 "invalid duration {s:?}: expected a number followed by a unit (h, m, s, ms, us, ns), e.g. \"10s\""
             ));
         }
-        let number: f64 = text[start..i].parse().map_err(|_| {
-            format!(
-                "invalid duration {s:?}: {:?} is not a number",
-                &text[start..i]
-            )
-        })?;
+        let number: f64 = text[start..i]
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: {:?} is not a number", &text[start..i]))?;
         let unit_start = i;
         while i < bytes.len() && !(bytes[i].is_ascii_digit() || bytes[i] == b'.') {
             i += 1;
@@ -44,14 +41,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "us" | "µs" => 1e-6,
             "ns" => 1e-9,
             "" => {
-                return Err(format!(
-                    "invalid duration {s:?}: missing unit (h, m, s, ms, us, ns), e.g. \"{number}s\""
-                ));
+                return Err(format!("invalid duration {s:?}: missing unit (h, m, s, ms, us, ns), e.g. \"{number}s\""));
             }
             other => {
-                return Err(format!(
-                    "invalid duration {s:?}: unknown unit {other:?} (use h, m, s, ms, us or ns)"
-                ));
+                return Err(format!("invalid duration {s:?}: unknown unit {other:?} (use h, m, s, ms, us or ns)"));
             }
         };
         total += number * seconds_per_unit;
@@ -78,11 +71,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_durations_with_a_reason() {
-        assert!(
-            parse_duration("ten seconds")
-                .unwrap_err()
-                .contains("expected a number")
-        );
+        assert!(parse_duration("ten seconds").unwrap_err().contains("expected a number"));
         assert!(parse_duration("10").unwrap_err().contains("missing unit"));
         assert!(parse_duration("10d").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("-1s").unwrap_err().contains("negative"));

@@ -69,9 +69,7 @@ impl Kind {
             | Kind::ServiceEntry
             | Kind::WorkloadEntry
             | Kind::Sidecar => NETWORKING_GROUP,
-            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => {
-                SECURITY_GROUP
-            }
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => SECURITY_GROUP,
             Kind::Telemetry => TELEMETRY_GROUP,
             Kind::WasmPlugin => EXTENSIONS_GROUP,
             Kind::MeshCluster | Kind::ApiToken => TRELLIS_GROUP,
@@ -143,20 +141,11 @@ impl Kind {
 
     /// Finds the kind for an `apiVersion` + `kind` pair, or explains why there is none.
     pub fn from_type(api_version: &str, kind: &str) -> Result<Kind, String> {
-        let found = Kind::ALL
-            .into_iter()
-            .find(|k| k.name() == kind)
-            .ok_or_else(|| {
-                format!(
-                    "unknown kind {kind:?}; Trellis accepts {}",
-                    Kind::ALL.map(|k| k.name()).join(", ")
-                )
-            })?;
+        let found = Kind::ALL.into_iter().find(|k| k.name() == kind).ok_or_else(|| {
+            format!("unknown kind {kind:?}; Trellis accepts {}", Kind::ALL.map(|k| k.name()).join(", "))
+        })?;
         let (group, version) = api_version.split_once('/').ok_or_else(|| {
-            format!(
-                "apiVersion {api_version:?} must be GROUP/VERSION, e.g. {:?}",
-                found.api_version()
-            )
+            format!("apiVersion {api_version:?} must be GROUP/VERSION, e.g. {:?}", found.api_version())
         })?;
         if group != found.group() || !found.versions().contains(&version) {
             return Err(format!(
@@ -173,17 +162,13 @@ impl Kind {
     pub fn from_resource_name(name: &str) -> Option<Kind> {
         let lower = name.to_ascii_lowercase();
         Kind::ALL.into_iter().find(|k| {
-            k.plural() == lower
-                || k.name().to_ascii_lowercase() == lower
-                || k.short_names().contains(&lower.as_str())
+            k.plural() == lower || k.name().to_ascii_lowercase() == lower || k.short_names().contains(&lower.as_str())
         })
     }
 
     /// Finds a kind from the group and plural of an API path.
     pub fn from_group_plural(group: &str, plural: &str) -> Option<Kind> {
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.group() == group && k.plural() == plural)
+        Kind::ALL.into_iter().find(|k| k.group() == group && k.plural() == plural)
     }
 }
 
@@ -201,35 +186,19 @@ mod tests {
     fn every_istio_networking_version_is_served() {
         for v in ["v1", "v1beta1", "v1alpha3"] {
             let api = format!("networking.istio.io/{v}");
-            assert_eq!(
-                Kind::from_type(&api, "VirtualService").unwrap(),
-                Kind::VirtualService
-            );
+            assert_eq!(Kind::from_type(&api, "VirtualService").unwrap(), Kind::VirtualService);
         }
         assert!(Kind::from_type("security.istio.io/v1", "VirtualService").is_err());
         assert!(Kind::from_type("networking.istio.io/v2", "VirtualService").is_err());
-        assert!(
-            Kind::from_type("networking.istio.io/v1", "Service")
-                .unwrap_err()
-                .contains("unknown kind")
-        );
+        assert!(Kind::from_type("networking.istio.io/v1", "Service").unwrap_err().contains("unknown kind"));
     }
 
     #[test]
     fn resource_names_resolve_like_kubectl() {
         assert_eq!(Kind::from_resource_name("vs"), Some(Kind::VirtualService));
-        assert_eq!(
-            Kind::from_resource_name("VirtualServices"),
-            Some(Kind::VirtualService)
-        );
-        assert_eq!(
-            Kind::from_resource_name("destinationrule"),
-            Some(Kind::DestinationRule)
-        );
+        assert_eq!(Kind::from_resource_name("VirtualServices"), Some(Kind::VirtualService));
+        assert_eq!(Kind::from_resource_name("destinationrule"), Some(Kind::DestinationRule));
         assert_eq!(Kind::from_resource_name("nothing"), None);
-        assert_eq!(
-            Kind::from_group_plural("trellis.dev", "meshclusters"),
-            Some(Kind::MeshCluster)
-        );
+        assert_eq!(Kind::from_group_plural("trellis.dev", "meshclusters"), Some(Kind::MeshCluster));
     }
 }

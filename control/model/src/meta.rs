@@ -59,26 +59,14 @@ pub struct ResourceKey {
 
 impl ResourceKey {
     pub fn new(kind: Kind, namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        let namespace = if kind.namespaced() {
-            namespace.into()
-        } else {
-            String::new()
-        };
-        Self {
-            kind,
-            namespace,
-            name: name.into(),
-        }
+        let namespace = if kind.namespaced() { namespace.into() } else { String::new() };
+        Self { kind, namespace, name: name.into() }
     }
 
     /// The storage key, `{group}/{plural}/{namespace}/{name}`; cluster-scoped kinds have an
     /// empty namespace segment. Prefixes of it select a kind or a kind in one namespace.
     pub fn storage_key(&self) -> String {
-        format!(
-            "{}{}",
-            Self::namespace_prefix(self.kind, Some(&self.namespace)),
-            self.name
-        )
+        format!("{}{}", Self::namespace_prefix(self.kind, Some(&self.namespace)), self.name)
     }
 
     /// `{group}/{plural}/` — every object of a kind.
@@ -130,12 +118,7 @@ impl Resource {
     /// The key, with `default_namespace` used when a namespaced object names none.
     pub fn key(&self, default_namespace: &str) -> Result<ResourceKey, String> {
         let kind = self.kind()?;
-        let ns = self
-            .metadata
-            .namespace
-            .as_deref()
-            .filter(|n| !n.is_empty())
-            .unwrap_or(default_namespace);
+        let ns = self.metadata.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or(default_namespace);
         Ok(ResourceKey::new(kind, ns, self.metadata.name.clone()))
     }
 
@@ -169,10 +152,7 @@ mod tests {
     #[test]
     fn storage_keys_round_trip() {
         let k = ResourceKey::new(Kind::VirtualService, "bookinfo", "reviews");
-        assert_eq!(
-            k.storage_key(),
-            "networking.istio.io/virtualservices/bookinfo/reviews"
-        );
+        assert_eq!(k.storage_key(), "networking.istio.io/virtualservices/bookinfo/reviews");
         assert_eq!(ResourceKey::from_storage_key(&k.storage_key()), Some(k));
         let c = ResourceKey::new(Kind::MeshCluster, "ignored", "east");
         assert_eq!(c.storage_key(), "trellis.dev/meshclusters//east");

@@ -21,25 +21,14 @@ pub struct ParsedDocument {
 impl ParsedDocument {
     /// `document N (Kind name)`, for messages about one document of a known file.
     pub fn short_origin(&self) -> String {
-        format!(
-            "document {} ({} {})",
-            self.index, self.resource.kind, self.resource.metadata.name
-        )
+        format!("document {} ({} {})", self.index, self.resource.kind, self.resource.metadata.name)
     }
 
     /// `file: document N (Kind namespace/name)`, for messages.
     pub fn origin(&self) -> String {
         let r = &self.resource;
-        let ns = r
-            .metadata
-            .namespace
-            .as_deref()
-            .map(|n| format!("{n}/"))
-            .unwrap_or_default();
-        format!(
-            "{}: document {} ({} {ns}{})",
-            self.source, self.index, r.kind, r.metadata.name
-        )
+        let ns = r.metadata.namespace.as_deref().map(|n| format!("{n}/")).unwrap_or_default();
+        format!("{}: document {} ({} {ns}{})", self.source, self.index, r.kind, r.metadata.name)
     }
 }
 
@@ -56,11 +45,7 @@ pub struct ParseError {
 impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.index {
-            Some(i) => write!(
-                f,
-                "{}: document {i}: {}: {}",
-                self.source, self.path, self.message
-            ),
+            Some(i) => write!(f, "{}: document {i}: {}: {}", self.source, self.path, self.message),
             None => write!(f, "{}: {}", self.source, self.message),
         }
     }
@@ -111,27 +96,18 @@ pub fn parse_documents(text: &str, source: &str) -> (Vec<ParsedDocument>, Vec<Pa
     for value in values {
         // kubectl's `kind: List` (what `get -o yaml` prints for several objects) is unpacked.
         let items = match &value {
-            Value::Object(m) if m.get("kind").and_then(Value::as_str) == Some("List") => m
-                .get("items")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default(),
+            Value::Object(m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
+                m.get("items").and_then(Value::as_array).cloned().unwrap_or_default()
+            }
             Value::Null => continue,
             _ => vec![value],
         };
         for item in items {
             match parse_resource(item) {
-                Ok(resource) => docs.push(ParsedDocument {
-                    source: source.into(),
-                    index,
-                    resource,
-                }),
-                Err((path, message)) => errors.push(ParseError {
-                    source: source.into(),
-                    index: Some(index),
-                    path,
-                    message,
-                }),
+                Ok(resource) => docs.push(ParsedDocument { source: source.into(), index, resource }),
+                Err((path, message)) => {
+                    errors.push(ParseError { source: source.into(), index: Some(index), path, message })
+                }
             }
             index += 1;
         }
@@ -142,10 +118,7 @@ pub fn parse_documents(text: &str, source: &str) -> (Vec<ParsedDocument>, Vec<Pa
 /// Parses one JSON value as a resource envelope; the error is (field path, message).
 pub fn parse_resource(value: Value) -> Result<Resource, (String, String)> {
     if !value.is_object() {
-        return Err((
-            String::new(),
-            "a document must be a mapping with apiVersion, kind, metadata and spec".into(),
-        ));
+        return Err((String::new(), "a document must be a mapping with apiVersion, kind, metadata and spec".into()));
     }
     for field in ["apiVersion", "kind"] {
         if !value.get(field).is_some_and(Value::is_string) {
@@ -154,10 +127,7 @@ pub fn parse_resource(value: Value) -> Result<Resource, (String, String)> {
     }
     serde_path_to_error::deserialize::<_, Resource>(value).map_err(|e| {
         let path = e.path().to_string();
-        (
-            if path == "." { String::new() } else { path },
-            crate::validate::yaml_hint(e.into_inner().to_string()),
-        )
+        (if path == "." { String::new() } else { path }, crate::validate::yaml_hint(e.into_inner().to_string()))
     })
 }
 
@@ -177,8 +147,7 @@ mod tests {
 
     #[test]
     fn json_arrays_and_lists_are_unpacked() {
-        let one =
-            r#"{"apiVersion":"networking.istio.io/v1","kind":"Gateway","metadata":{"name":"a"}}"#;
+        let one = r#"{"apiVersion":"networking.istio.io/v1","kind":"Gateway","metadata":{"name":"a"}}"#;
         let (docs, errors) = parse_documents(&format!("[{one},{one}]"), "f.json");
         assert!(errors.is_empty());
         assert_eq!(docs.len(), 2);
@@ -193,17 +162,12 @@ mod tests {
         let (docs, errors) = parse_documents("a: [1, 2\n", "bad.yaml");
         assert!(docs.is_empty());
         assert_eq!(errors.len(), 1);
-        assert!(
-            errors[0].to_string().starts_with("bad.yaml: invalid YAML"),
-            "{}",
-            errors[0]
-        );
+        assert!(errors[0].to_string().starts_with("bad.yaml: invalid YAML"), "{}", errors[0]);
     }
 
     #[test]
     fn unknown_top_level_fields_are_named() {
-        let text =
-            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: a}\nspecc: {}\n";
+        let text = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: a}\nspecc: {}\n";
         let (_, errors) = parse_documents(text, "f.yaml");
         assert_eq!(errors.len(), 1);
         assert!(errors[0].message.contains("specc"), "{}", errors[0]);
@@ -219,7 +183,10 @@ mod hostile_input {
     fn alias_bombs_are_refused_not_expanded() {
         let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..12 {
-            text.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n", p = i - 1));
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n",
+                p = i - 1
+            ));
         }
         let start = std::time::Instant::now();
         let (docs, errors) = parse_documents(&text, "bomb.yaml");
@@ -240,18 +207,9 @@ mod hostile_input {
 
     #[test]
     fn documents_of_the_wrong_shape_are_errors() {
-        for text in [
-            "42",
-            "- a\n- b\n",
-            "\"just a string\"",
-            "apiVersion: 5\nkind: Gateway\n",
-            "kind: Gateway\n",
-        ] {
+        for text in ["42", "- a\n- b\n", "\"just a string\"", "apiVersion: 5\nkind: Gateway\n", "kind: Gateway\n"] {
             let (docs, errors) = parse_documents(text, "odd.yaml");
-            assert!(
-                docs.is_empty() && errors.len() == 1,
-                "{text:?}: {docs:?} {errors:?}"
-            );
+            assert!(docs.is_empty() && errors.len() == 1, "{text:?}: {docs:?} {errors:?}");
         }
     }
 }

@@ -58,28 +58,18 @@ struct V {
 
 impl V {
     fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(FieldError {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.errors.push(FieldError { path: path.into(), message: message.into() });
     }
 }
 
 /// Validates one resource. `default_namespace` is used for namespaced kinds that name no
 /// namespace (the API fills it in from the request path, the CLI from `-n`).
-pub fn validate_resource(
-    res: &Resource,
-    default_namespace: &str,
-) -> Result<(ResourceKey, Spec), ValidationErrors> {
+pub fn validate_resource(res: &Resource, default_namespace: &str) -> Result<(ResourceKey, Spec), ValidationErrors> {
     let mut v = V::default();
     let kind = match Kind::from_type(&res.api_version, &res.kind) {
         Ok(k) => k,
         Err(msg) => {
-            let path = if Kind::ALL.iter().any(|k| k.name() == res.kind) {
-                "apiVersion"
-            } else {
-                "kind"
-            };
+            let path = if Kind::ALL.iter().any(|k| k.name() == res.kind) { "apiVersion" } else { "kind" };
             v.err(path, msg);
             return Err(ValidationErrors { errors: v.errors });
         }
@@ -93,20 +83,18 @@ pub fn validate_resource(
             format!("{:?} is not a valid name: lower-case letters, digits, '-' and '.', at most 253 characters, starting and ending with a letter or digit", meta.name),
         );
     }
-    let namespace = meta
-        .namespace
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .unwrap_or(default_namespace);
+    let namespace = meta.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or(default_namespace);
     if kind.namespaced() {
         if !is_dns1123_label(namespace) {
-            v.err("metadata.namespace", format!("{namespace:?} is not a valid namespace: lower-case letters, digits and '-', at most 63 characters"));
+            v.err(
+                "metadata.namespace",
+                format!(
+                    "{namespace:?} is not a valid namespace: lower-case letters, digits and '-', at most 63 characters"
+                ),
+            );
         }
     } else if meta.namespace.as_deref().is_some_and(|n| !n.is_empty()) {
-        v.err(
-            "metadata.namespace",
-            format!("{kind} is cluster-scoped and takes no namespace"),
-        );
+        v.err("metadata.namespace", format!("{kind} is cluster-scoped and takes no namespace"));
     }
     for (k, _) in meta.labels.iter() {
         if !is_qualified_name(k) {
@@ -117,57 +105,26 @@ pub fn validate_resource(
         }
     }
 
-    let spec_value = if res.spec.is_null() {
-        Value::Object(Default::default())
-    } else {
-        res.spec.clone()
-    };
+    let spec_value = if res.spec.is_null() { Value::Object(Default::default()) } else { res.spec.clone() };
     let spec = match kind {
         Kind::VirtualService => check(&spec_value, &mut v, virtual_service, Spec::VirtualService),
-        Kind::DestinationRule => {
-            check(&spec_value, &mut v, destination_rule, Spec::DestinationRule)
-        }
+        Kind::DestinationRule => check(&spec_value, &mut v, destination_rule, Spec::DestinationRule),
         Kind::Gateway => check(&spec_value, &mut v, gateway, Spec::Gateway),
         Kind::ServiceEntry => check(&spec_value, &mut v, service_entry, Spec::ServiceEntry),
-        Kind::WorkloadEntry => check(
-            &spec_value,
-            &mut v,
-            |s, v| workload_entry(s, "spec", None, v),
-            Spec::WorkloadEntry,
-        ),
+        Kind::WorkloadEntry => {
+            check(&spec_value, &mut v, |s, v| workload_entry(s, "spec", None, v), Spec::WorkloadEntry)
+        }
         Kind::Sidecar => check(&spec_value, &mut v, sidecar, Spec::Sidecar),
-        Kind::PeerAuthentication => check(
-            &spec_value,
-            &mut v,
-            peer_authentication,
-            Spec::PeerAuthentication,
-        ),
-        Kind::AuthorizationPolicy => check(
-            &spec_value,
-            &mut v,
-            authorization_policy,
-            Spec::AuthorizationPolicy,
-        ),
-        Kind::RequestAuthentication => check(
-            &spec_value,
-            &mut v,
-            request_authentication,
-            Spec::RequestAuthentication,
-        ),
+        Kind::PeerAuthentication => check(&spec_value, &mut v, peer_authentication, Spec::PeerAuthentication),
+        Kind::AuthorizationPolicy => check(&spec_value, &mut v, authorization_policy, Spec::AuthorizationPolicy),
+        Kind::RequestAuthentication => check(&spec_value, &mut v, request_authentication, Spec::RequestAuthentication),
         Kind::Telemetry => check(&spec_value, &mut v, telemetry, Spec::Telemetry),
         Kind::WasmPlugin => check(&spec_value, &mut v, wasm_plugin, Spec::WasmPlugin),
-        Kind::MeshCluster => check(
-            &spec_value,
-            &mut v,
-            |s, v| mesh_cluster(&meta.name, s, v),
-            Spec::MeshCluster,
-        ),
+        Kind::MeshCluster => check(&spec_value, &mut v, |s, v| mesh_cluster(&meta.name, s, v), Spec::MeshCluster),
         Kind::ApiToken => check(&spec_value, &mut v, api_token, Spec::ApiToken),
     };
     match spec {
-        Some(spec) if v.errors.is_empty() => {
-            Ok((ResourceKey::new(kind, namespace, meta.name.clone()), spec))
-        }
+        Some(spec) if v.errors.is_empty() => Ok((ResourceKey::new(kind, namespace, meta.name.clone()), spec)),
         _ => Err(ValidationErrors { errors: v.errors }),
     }
 }
@@ -182,11 +139,7 @@ pub fn parse_spec<T: DeserializeOwned>(value: &Value) -> Result<T, FieldError> {
 fn parse_spec_at<T: DeserializeOwned>(value: &Value) -> Result<T, (FieldError, Option<Vec<Step>>)> {
     serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." {
-            "spec".to_string()
-        } else {
-            format!("spec.{path}")
-        };
+        let path = if path == "." { "spec".to_string() } else { format!("spec.{path}") };
         let steps: Option<Vec<Step>> = e
             .path()
             .iter()
@@ -197,13 +150,7 @@ fn parse_spec_at<T: DeserializeOwned>(value: &Value) -> Result<T, (FieldError, O
             })
             .collect();
         let removable = steps.filter(|s| matches!(s.last(), Some(Step::Key(_))));
-        (
-            FieldError {
-                path,
-                message: yaml_hint(e.into_inner().to_string()),
-            },
-            removable,
-        )
+        (FieldError { path, message: yaml_hint(e.into_inner().to_string()) }, removable)
     })
 }
 
@@ -241,9 +188,7 @@ fn remove_at(value: &mut Value, steps: &[Step]) -> bool {
 /// Adds the usual explanation when YAML turned an unquoted word into a boolean.
 pub(crate) fn yaml_hint(message: String) -> String {
     if message.starts_with("invalid type: boolean") {
-        format!(
-            "{message} (YAML reads unquoted y, n, yes, no, on, off, true, false as booleans: quote the value)"
-        )
+        format!("{message} (YAML reads unquoted y, n, yes, no, on, off, true, false as booleans: quote the value)")
     } else {
         message
     }
@@ -289,8 +234,7 @@ pub(crate) fn is_dns1123_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -311,9 +255,7 @@ fn is_qualified_name(s: &str) -> bool {
     };
     !name.is_empty()
         && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
@@ -343,7 +285,9 @@ fn check_host(host: &str, path: &str, allow_star: bool, v: &mut V) {
     if host.len() > 255 || !rest.split('.').all(is_host_label) {
         v.err(
             path,
-            format!("{host:?} is not a valid host: DNS labels of letters, digits and '-', optionally prefixed by \"*.\""),
+            format!(
+                "{host:?} is not a valid host: DNS labels of letters, digits and '-', optionally prefixed by \"*.\""
+            ),
         );
     }
 }
@@ -361,13 +305,7 @@ fn check_duration(d: &DurationStr, path: &str, v: &mut V) -> Option<Duration> {
             None
         }
         Ok(dur) if dur.subsec_nanos() % 1_000_000 != 0 => {
-            v.err(
-                path,
-                format!(
-                    "duration {:?}: only millisecond precision is supported",
-                    d.0
-                ),
-            );
+            v.err(path, format!("duration {:?}: only millisecond precision is supported", d.0));
             None
         }
         Ok(dur) => Some(dur),
@@ -380,10 +318,7 @@ fn check_duration(d: &DurationStr, path: &str, v: &mut V) -> Option<Duration> {
 
 fn check_percent(p: &Percent, path: &str, v: &mut V) {
     if !(0.0..=100.0).contains(&p.value) || p.value.is_nan() {
-        v.err(
-            format!("{path}.value"),
-            format!("percentage {} is out of range 0-100", p.value),
-        );
+        v.err(format!("{path}.value"), format!("percentage {} is out of range 0-100", p.value));
     }
 }
 
@@ -412,10 +347,7 @@ fn check_regex(re: &str, path: &str, v: &mut V) {
 /// Istio's StringMatch is a oneof: at most one of exact, prefix, regex. An empty match is
 /// allowed (for headers and query parameters it means "present").
 fn check_string_match(m: &StringMatch, path: &str, v: &mut V) {
-    let set = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()]
-        .iter()
-        .filter(|b| **b)
-        .count();
+    let set = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()].iter().filter(|b| **b).count();
     if set > 1 {
         v.err(path, "only one of exact, prefix or regex may be set");
     }
@@ -455,40 +387,24 @@ fn check_ip_or_cidr(s: &str, path: &str, v: &mut V) {
 fn check_selector_labels(labels: &Labels, path: &str, v: &mut V) {
     for (k, val) in labels {
         if !is_qualified_name(k) {
-            v.err(
-                format!("{path}[{k}]"),
-                "label keys are [prefix/]name with letters, digits, '-', '_' and '.'",
-            );
+            v.err(format!("{path}[{k}]"), "label keys are [prefix/]name with letters, digits, '-', '_' and '.'");
         }
         if val.contains('*') {
-            v.err(
-                format!("{path}[{k}]"),
-                "wildcards are not allowed in label selectors",
-            );
+            v.err(format!("{path}[{k}]"), "wildcards are not allowed in label selectors");
         }
     }
 }
 
 fn check_protocol(p: &str, path: &str, v: &mut V) {
-    const PROTOCOLS: [&str; 10] = [
-        "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "MYSQL", "REDIS", "TCP", "TLS",
-    ];
+    const PROTOCOLS: [&str; 10] =
+        ["HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "MYSQL", "REDIS", "TCP", "TLS"];
     if p.is_empty() {
         return;
     }
     if p.eq_ignore_ascii_case("UDP") {
-        v.err(
-            path,
-            "UDP is not supported by Trellis (nor proxied by Istio)",
-        );
+        v.err(path, "UDP is not supported by Trellis (nor proxied by Istio)");
     } else if !PROTOCOLS.iter().any(|q| q.eq_ignore_ascii_case(p)) {
-        v.err(
-            path,
-            format!(
-                "unknown protocol {p:?}; expected one of {}",
-                PROTOCOLS.join(", ")
-            ),
-        );
+        v.err(path, format!("unknown protocol {p:?}; expected one of {}", PROTOCOLS.join(", ")));
     }
 }
 
@@ -501,10 +417,7 @@ fn check_auth_value(s: &str, path: &str, v: &mut V) {
     }
     let stars = s.matches('*').count();
     if s != "*" && (stars > 1 || (stars == 1 && !s.starts_with('*') && !s.ends_with('*'))) {
-        v.err(
-            path,
-            format!("{s:?}: a wildcard '*' is only allowed as a prefix or suffix"),
-        );
+        v.err(path, format!("{s:?}: a wildcard '*' is only allowed as a prefix or suffix"));
     }
 }
 
@@ -527,10 +440,7 @@ fn virtual_service(s: &VirtualService, v: &mut V) {
         check_gateway_ref(g, &format!("spec.gateways[{i}]"), v);
     }
     if s.http.is_empty() && s.tls.is_empty() && s.tcp.is_empty() {
-        v.err(
-            "spec",
-            "at least one of http, tls or tcp routes is required",
-        );
+        v.err("spec", "at least one of http, tls or tcp routes is required");
     }
     for (i, r) in s.http.iter().enumerate() {
         http_route(r, &format!("spec.http[{i}]"), v);
@@ -538,57 +448,27 @@ fn virtual_service(s: &VirtualService, v: &mut V) {
     for (i, r) in s.tls.iter().enumerate() {
         let path = format!("spec.tls[{i}]");
         if r.matches.is_empty() {
-            v.err(
-                format!("{path}.match"),
-                "TLS routes need at least one match with sniHosts",
-            );
+            v.err(format!("{path}.match"), "TLS routes need at least one match with sniHosts");
         }
         for (j, m) in r.matches.iter().enumerate() {
             let mp = format!("{path}.match[{j}]");
             if m.sni_hosts.is_empty() {
-                v.err(
-                    format!("{mp}.sniHosts"),
-                    "at least one SNI host is required",
-                );
+                v.err(format!("{mp}.sniHosts"), "at least one SNI host is required");
             }
             for (k, h) in m.sni_hosts.iter().enumerate() {
                 check_host(h, &format!("{mp}.sniHosts[{k}]"), true, v);
             }
-            l4_match(
-                &m.destination_subnets,
-                m.port,
-                &m.source_labels,
-                &m.gateways,
-                &m.source_namespace,
-                &mp,
-                v,
-            );
+            l4_match(&m.destination_subnets, m.port, &m.source_labels, &m.gateways, &m.source_namespace, &mp, v);
         }
-        route_destinations(
-            r.route.iter().map(|d| (d.destination.as_ref(), d.weight)),
-            &format!("{path}.route"),
-            v,
-        );
+        route_destinations(r.route.iter().map(|d| (d.destination.as_ref(), d.weight)), &format!("{path}.route"), v);
     }
     for (i, r) in s.tcp.iter().enumerate() {
         let path = format!("spec.tcp[{i}]");
         for (j, m) in r.matches.iter().enumerate() {
             let mp = format!("{path}.match[{j}]");
-            l4_match(
-                &m.destination_subnets,
-                m.port,
-                &m.source_labels,
-                &m.gateways,
-                &m.source_namespace,
-                &mp,
-                v,
-            );
+            l4_match(&m.destination_subnets, m.port, &m.source_labels, &m.gateways, &m.source_namespace, &mp, v);
         }
-        route_destinations(
-            r.route.iter().map(|d| (d.destination.as_ref(), d.weight)),
-            &format!("{path}.route"),
-            v,
-        );
+        route_destinations(r.route.iter().map(|d| (d.destination.as_ref(), d.weight)), &format!("{path}.route"), v);
     }
     check_export_to(&s.export_to, v);
 }
@@ -626,10 +506,7 @@ fn match_scope(
         check_gateway_ref(g, &format!("{path}.gateways[{i}]"), v);
     }
     if !source_namespace.is_empty() && !is_dns1123_label(source_namespace) {
-        v.err(
-            format!("{path}.sourceNamespace"),
-            format!("{source_namespace:?} is not a namespace"),
-        );
+        v.err(format!("{path}.sourceNamespace"), format!("{source_namespace:?} is not a namespace"));
     }
 }
 
@@ -639,20 +516,14 @@ fn check_gateway_ref(g: &str, path: &str, v: &mut V) {
     }
     let (ns, name) = g.split_once('/').unwrap_or(("", g));
     if (!ns.is_empty() && !is_dns1123_label(ns)) || !is_dns1123_subdomain(name) {
-        v.err(
-            path,
-            format!("{g:?} is not a gateway reference: \"mesh\", \"name\" or \"namespace/name\""),
-        );
+        v.err(path, format!("{g:?} is not a gateway reference: \"mesh\", \"name\" or \"namespace/name\""));
     }
 }
 
 fn check_export_to(export_to: &[String], v: &mut V) {
     for (i, e) in export_to.iter().enumerate() {
         if e != "*" && e != "." && e != "~" && !is_dns1123_label(e) {
-            v.err(
-                format!("spec.exportTo[{i}]"),
-                format!("{e:?} must be \"*\", \".\", \"~\" or a namespace"),
-            );
+            v.err(format!("spec.exportTo[{i}]"), format!("{e:?} must be \"*\", \".\", \"~\" or a namespace"));
         }
     }
 }
@@ -660,21 +531,14 @@ fn check_export_to(export_to: &[String], v: &mut V) {
 fn check_destination(d: &Destination, path: &str, v: &mut V) {
     check_host(&d.host, &format!("{path}.host"), false, v);
     if !d.subset.is_empty() && !is_dns1123_label(&d.subset) {
-        v.err(
-            format!("{path}.subset"),
-            format!("{:?} is not a valid subset name", d.subset),
-        );
+        v.err(format!("{path}.subset"), format!("{:?} is not a valid subset name", d.subset));
     }
     if let Some(p) = &d.port {
         check_port(p.number, &format!("{path}.port.number"), v);
     }
 }
 
-fn route_destinations<'a>(
-    dests: impl Iterator<Item = (Option<&'a Destination>, i64)>,
-    path: &str,
-    v: &mut V,
-) {
+fn route_destinations<'a>(dests: impl Iterator<Item = (Option<&'a Destination>, i64)>, path: &str, v: &mut V) {
     let mut total = 0i64;
     let mut count = 0usize;
     for (i, (dest, weight)) in dests.enumerate() {
@@ -685,48 +549,28 @@ fn route_destinations<'a>(
             None => v.err(format!("{dp}.destination"), "required"),
         }
         if !(0..=100).contains(&weight) {
-            v.err(
-                format!("{dp}.weight"),
-                format!("weight {weight} is out of range 0-100"),
-            );
+            v.err(format!("{dp}.weight"), format!("weight {weight} is out of range 0-100"));
         }
         total += weight;
     }
     if count > 1 && total != 100 {
-        v.err(
-            path,
-            format!("weights of the {count} destinations sum to {total}; they must sum to 100"),
-        );
+        v.err(path, format!("weights of the {count} destinations sum to {total}; they must sum to 100"));
     } else if count == 1 && total != 0 && total != 100 {
-        v.err(
-            format!("{path}[0].weight"),
-            format!("a single destination takes weight 100 (or none), not {total}"),
-        );
+        v.err(format!("{path}[0].weight"), format!("a single destination takes weight 100 (or none), not {total}"));
     }
 }
 
 fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
-    let actions = [
-        !r.route.is_empty(),
-        r.redirect.is_some(),
-        r.direct_response.is_some(),
-    ];
+    let actions = [!r.route.is_empty(), r.redirect.is_some(), r.direct_response.is_some()];
     match actions.iter().filter(|b| **b).count() {
         0 => v.err(path, "one of route, redirect or directResponse is required"),
         1 => {}
-        _ => v.err(
-            path,
-            "only one of route, redirect or directResponse may be set",
-        ),
+        _ => v.err(path, "only one of route, redirect or directResponse may be set"),
     }
     for (i, m) in r.matches.iter().enumerate() {
         http_match(m, &format!("{path}.match[{i}]"), v);
     }
-    route_destinations(
-        r.route.iter().map(|d| (d.destination.as_ref(), d.weight)),
-        &format!("{path}.route"),
-        v,
-    );
+    route_destinations(r.route.iter().map(|d| (d.destination.as_ref(), d.weight)), &format!("{path}.route"), v);
     for (i, d) in r.route.iter().enumerate() {
         if let Some(h) = &d.headers {
             check_headers(h, &format!("{path}.route[{i}].headers"), v);
@@ -737,31 +581,19 @@ fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
         if let Some(code) = red.redirect_code
             && ![301, 302, 303, 307, 308].contains(&code)
         {
-            v.err(
-                format!("{rp}.redirectCode"),
-                format!("{code} is not a redirect status (301, 302, 303, 307, 308)"),
-            );
+            v.err(format!("{rp}.redirectCode"), format!("{code} is not a redirect status (301, 302, 303, 307, 308)"));
         }
         if let Some(p) = red.port {
             check_port(p, &format!("{rp}.port"), v);
             if red.derive_port.is_some() {
-                v.err(
-                    format!("{rp}.derivePort"),
-                    "port and derivePort are mutually exclusive",
-                );
+                v.err(format!("{rp}.derivePort"), "port and derivePort are mutually exclusive");
             }
         }
         if !red.scheme.is_empty() && red.scheme != "http" && red.scheme != "https" {
-            v.err(
-                format!("{rp}.scheme"),
-                format!("{:?} must be http or https", red.scheme),
-            );
+            v.err(format!("{rp}.scheme"), format!("{:?} must be http or https", red.scheme));
         }
         if !red.prefix_rewrite.is_empty() && !red.uri.is_empty() {
-            v.err(
-                format!("{rp}.prefixRewrite"),
-                "uri and prefixRewrite are mutually exclusive",
-            );
+            v.err(format!("{rp}.prefixRewrite"), "uri and prefixRewrite are mutually exclusive");
         }
         if red.uri.is_empty()
             && red.prefix_rewrite.is_empty()
@@ -770,32 +602,20 @@ fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
             && red.scheme.is_empty()
             && red.derive_port.is_none()
         {
-            v.err(
-                &rp,
-                "a redirect must set at least one of uri, prefixRewrite, authority, port, derivePort or scheme",
-            );
+            v.err(&rp, "a redirect must set at least one of uri, prefixRewrite, authority, port, derivePort or scheme");
         }
         if r.rewrite.is_some() {
-            v.err(
-                format!("{path}.rewrite"),
-                "rewrite cannot be combined with redirect",
-            );
+            v.err(format!("{path}.rewrite"), "rewrite cannot be combined with redirect");
         }
     }
     if let Some(dr) = &r.direct_response {
         let dp = format!("{path}.directResponse");
         if !(200..=599).contains(&dr.status) {
-            v.err(
-                format!("{dp}.status"),
-                format!("status {} is out of range 200-599", dr.status),
-            );
+            v.err(format!("{dp}.status"), format!("status {} is out of range 200-599", dr.status));
         }
         if let Some(b) = &dr.body {
             if b.string.is_some() == b.bytes.is_some() {
-                v.err(
-                    format!("{dp}.body"),
-                    "exactly one of string or bytes must be set",
-                );
+                v.err(format!("{dp}.body"), "exactly one of string or bytes must be set");
             }
             if let Some(bytes) = &b.bytes
                 && !is_base64(bytes)
@@ -809,20 +629,14 @@ fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
             || !r.mirrors.is_empty()
             || r.retries.is_some()
         {
-            v.err(
-                &dp,
-                "directResponse cannot be combined with rewrite, fault, mirror or retries",
-            );
+            v.err(&dp, "directResponse cannot be combined with rewrite, fault, mirror or retries");
         }
     }
     if let Some(rw) = &r.rewrite {
         let rp = format!("{path}.rewrite");
         if let Some(re) = &rw.uri_regex_rewrite {
             if !rw.uri.is_empty() {
-                v.err(
-                    format!("{rp}.uriRegexRewrite"),
-                    "uri and uriRegexRewrite are mutually exclusive",
-                );
+                v.err(format!("{rp}.uriRegexRewrite"), "uri and uriRegexRewrite are mutually exclusive");
             }
             check_regex(&re.pattern, &format!("{rp}.uriRegexRewrite.match"), v);
         }
@@ -863,20 +677,14 @@ fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
         if let Some(a) = &f.abort {
             let ap = format!("{fp}.abort");
             match (a.http_status, &a.grpc_status) {
-                (Some(_), Some(_)) => {
-                    v.err(&ap, "httpStatus and grpcStatus are mutually exclusive")
-                }
+                (Some(_), Some(_)) => v.err(&ap, "httpStatus and grpcStatus are mutually exclusive"),
                 (None, None) => v.err(&ap, "one of httpStatus or grpcStatus is required"),
-                (Some(s), None) if !(200..=599).contains(&s) => v.err(
-                    format!("{ap}.httpStatus"),
-                    format!("status {s} is out of range 200-599"),
-                ),
+                (Some(s), None) if !(200..=599).contains(&s) => {
+                    v.err(format!("{ap}.httpStatus"), format!("status {s} is out of range 200-599"))
+                }
                 (None, Some(g)) if !GRPC_CODES.contains(&g.as_str()) => v.err(
                     format!("{ap}.grpcStatus"),
-                    format!(
-                        "{g:?} is not a gRPC status name; expected one of {}",
-                        GRPC_CODES.join(", ")
-                    ),
+                    format!("{g:?} is not a gRPC status name; expected one of {}", GRPC_CODES.join(", ")),
                 ),
                 _ => {}
             }
@@ -888,19 +696,13 @@ fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
     if let Some(m) = &r.mirror {
         check_destination(m, &format!("{path}.mirror"), v);
         if !r.mirrors.is_empty() {
-            v.err(
-                format!("{path}.mirrors"),
-                "mirror and mirrors are mutually exclusive",
-            );
+            v.err(format!("{path}.mirrors"), "mirror and mirrors are mutually exclusive");
         }
     }
     if let Some(p) = &r.mirror_percentage {
         check_percent(p, &format!("{path}.mirrorPercentage"), v);
         if r.mirror.is_none() {
-            v.err(
-                format!("{path}.mirrorPercentage"),
-                "mirrorPercentage needs mirror",
-            );
+            v.err(format!("{path}.mirrorPercentage"), "mirrorPercentage needs mirror");
         }
     }
     for (i, m) in r.mirrors.iter().enumerate() {
@@ -963,32 +765,18 @@ fn check_retry_on(retry_on: &str, path: &str, v: &mut V) {
     for p in retry_on.split(',').map(str::trim) {
         let is_code = p.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
         if !is_code && !POLICIES.contains(&p) {
-            v.err(
-                path,
-                format!(
-                    "{p:?} is not a retry policy; expected HTTP status codes or {}",
-                    POLICIES.join(", ")
-                ),
-            );
+            v.err(path, format!("{p:?} is not a retry policy; expected HTTP status codes or {}", POLICIES.join(", ")));
         }
     }
 }
 
 fn http_match(m: &HttpMatchRequest, path: &str, v: &mut V) {
-    for (name, sm) in [
-        ("uri", &m.uri),
-        ("scheme", &m.scheme),
-        ("method", &m.method),
-        ("authority", &m.authority),
-    ] {
+    for (name, sm) in [("uri", &m.uri), ("scheme", &m.scheme), ("method", &m.method), ("authority", &m.authority)] {
         if let Some(sm) = sm {
             check_string_match(sm, &format!("{path}.{name}"), v);
         }
     }
-    for (field, map) in [
-        ("headers", &m.headers),
-        ("withoutHeaders", &m.without_headers),
-    ] {
+    for (field, map) in [("headers", &m.headers), ("withoutHeaders", &m.without_headers)] {
         for (h, sm) in map {
             let hp = format!("{path}.{field}[{h}]");
             check_header_name(h, &hp, v);
@@ -998,14 +786,7 @@ fn http_match(m: &HttpMatchRequest, path: &str, v: &mut V) {
     for (q, sm) in &m.query_params {
         check_string_match(sm, &format!("{path}.queryParams[{q}]"), v);
     }
-    match_scope(
-        m.port,
-        &m.source_labels,
-        &m.gateways,
-        &m.source_namespace,
-        path,
-        v,
-    );
+    match_scope(m.port, &m.source_labels, &m.gateways, &m.source_namespace, path, v);
 }
 
 fn check_headers(h: &Headers, path: &str, v: &mut V) {
@@ -1023,10 +804,7 @@ fn check_headers(h: &Headers, path: &str, v: &mut V) {
 fn check_header_op_name(name: &str, path: &str, v: &mut V) {
     check_header_name(name, &format!("{path}[{name}]"), v);
     if name.starts_with(':') || name.eq_ignore_ascii_case("host") {
-        v.err(
-            format!("{path}[{name}]"),
-            "pseudo-headers and host cannot be modified; use rewrite.authority",
-        );
+        v.err(format!("{path}[{name}]"), "pseudo-headers and host cannot be modified; use rewrite.authority");
     }
 }
 
@@ -1041,15 +819,9 @@ fn destination_rule(s: &DestinationRule, v: &mut V) {
         if sub.name.is_empty() {
             v.err(format!("{sp}.name"), "required");
         } else if !is_dns1123_label(&sub.name) {
-            v.err(
-                format!("{sp}.name"),
-                format!("{:?} is not a valid subset name (DNS label)", sub.name),
-            );
+            v.err(format!("{sp}.name"), format!("{:?} is not a valid subset name (DNS label)", sub.name));
         } else if !names.insert(sub.name.as_str()) {
-            v.err(
-                format!("{sp}.name"),
-                format!("duplicate subset {:?}", sub.name),
-            );
+            v.err(format!("{sp}.name"), format!("duplicate subset {:?}", sub.name));
         }
         check_selector_labels(&sub.labels, &format!("{sp}.labels"), v);
         if let Some(tp) = &sub.traffic_policy {
@@ -1078,10 +850,7 @@ fn traffic_policy(tp: &TrafficPolicy, path: &str, v: &mut V) {
             Some(p) => {
                 check_port(p.number, &format!("{pp}.port.number"), v);
                 if !ports.insert(p.number) {
-                    v.err(
-                        format!("{pp}.port.number"),
-                        format!("duplicate port {}", p.number),
-                    );
+                    v.err(format!("{pp}.port.number"), format!("duplicate port {}", p.number));
                 }
             }
             None => v.err(format!("{pp}.port"), "required"),
@@ -1121,21 +890,9 @@ fn policy_parts(
         }
         if let Some(http) = &cp.http {
             let hp = format!("{cpp}.http");
-            check_non_negative(
-                http.http1_max_pending_requests,
-                &format!("{hp}.http1MaxPendingRequests"),
-                v,
-            );
-            check_non_negative(
-                http.http2_max_requests,
-                &format!("{hp}.http2MaxRequests"),
-                v,
-            );
-            check_non_negative(
-                http.max_requests_per_connection,
-                &format!("{hp}.maxRequestsPerConnection"),
-                v,
-            );
+            check_non_negative(http.http1_max_pending_requests, &format!("{hp}.http1MaxPendingRequests"), v);
+            check_non_negative(http.http2_max_requests, &format!("{hp}.http2MaxRequests"), v);
+            check_non_negative(http.max_requests_per_connection, &format!("{hp}.maxRequestsPerConnection"), v);
             check_non_negative(http.max_retries, &format!("{hp}.maxRetries"), v);
             if let Some(d) = &http.idle_timeout {
                 check_duration(d, &format!("{hp}.idleTimeout"), v);
@@ -1144,21 +901,9 @@ fn policy_parts(
     }
     if let Some(od) = od {
         let op = format!("{path}.outlierDetection");
-        check_non_negative(
-            od.consecutive_5xx_errors,
-            &format!("{op}.consecutive5xxErrors"),
-            v,
-        );
-        check_non_negative(
-            od.consecutive_gateway_errors,
-            &format!("{op}.consecutiveGatewayErrors"),
-            v,
-        );
-        check_percentage_int(
-            od.max_ejection_percent,
-            &format!("{op}.maxEjectionPercent"),
-            v,
-        );
+        check_non_negative(od.consecutive_5xx_errors, &format!("{op}.consecutive5xxErrors"), v);
+        check_non_negative(od.consecutive_gateway_errors, &format!("{op}.consecutiveGatewayErrors"), v);
+        check_percentage_int(od.max_ejection_percent, &format!("{op}.maxEjectionPercent"), v);
         check_percentage_int(od.min_health_percent, &format!("{op}.minHealthPercent"), v);
         if let Some(d) = &od.interval {
             check_duration(d, &format!("{op}.interval"), v);
@@ -1169,16 +914,12 @@ fn policy_parts(
     }
     if let Some(tls) = tls {
         let tp = format!("{path}.tls");
-        let has_files = !tls.client_certificate.is_empty()
-            || !tls.private_key.is_empty()
-            || !tls.ca_certificates.is_empty();
+        let has_files =
+            !tls.client_certificate.is_empty() || !tls.private_key.is_empty() || !tls.ca_certificates.is_empty();
         match tls.mode {
             ClientTlsMode::DISABLE | ClientTlsMode::ISTIO_MUTUAL => {
                 if has_files || !tls.credential_name.is_empty() {
-                    v.err(
-                        &tp,
-                        format!("{:?} takes no certificates or credentialName", tls.mode),
-                    );
+                    v.err(&tp, format!("{:?} takes no certificates or credentialName", tls.mode));
                 }
             }
             ClientTlsMode::SIMPLE => {
@@ -1187,21 +928,13 @@ fn policy_parts(
                 }
             }
             ClientTlsMode::MUTUAL => {
-                if tls.credential_name.is_empty()
-                    && (tls.client_certificate.is_empty() || tls.private_key.is_empty())
-                {
-                    v.err(
-                        &tp,
-                        "MUTUAL TLS needs clientCertificate and privateKey, or credentialName",
-                    );
+                if tls.credential_name.is_empty() && (tls.client_certificate.is_empty() || tls.private_key.is_empty()) {
+                    v.err(&tp, "MUTUAL TLS needs clientCertificate and privateKey, or credentialName");
                 }
             }
         }
         if !tls.credential_name.is_empty() && has_files {
-            v.err(
-                format!("{tp}.credentialName"),
-                "credentialName and certificate files are mutually exclusive",
-            );
+            v.err(format!("{tp}.credentialName"), "credentialName and certificate files are mutually exclusive");
         }
         if !tls.sni.is_empty() {
             check_host(&tls.sni, &format!("{tp}.sni"), false, v);
@@ -1246,19 +979,13 @@ fn load_balancer(lb: &LoadBalancerSettings, path: &str, v: &mut V) {
             v.err(&cp, "ringHash and maglev are mutually exclusive");
         }
         if ch.minimum_ring_size.is_some() && (ch.ring_hash.is_some() || ch.maglev.is_some()) {
-            v.err(
-                format!("{cp}.minimumRingSize"),
-                "deprecated; use ringHash.minimumRingSize, not both",
-            );
+            v.err(format!("{cp}.minimumRingSize"), "deprecated; use ringHash.minimumRingSize, not both");
         }
         if let Some(m) = &ch.maglev
             && m.table_size != 0
             && !is_prime(m.table_size)
         {
-            v.err(
-                format!("{cp}.maglev.tableSize"),
-                format!("{} must be a prime number", m.table_size),
-            );
+            v.err(format!("{cp}.maglev.tableSize"), format!("{} must be a prime number", m.table_size));
         }
     }
     if let Some(l) = &lb.locality_lb_setting {
@@ -1271,10 +998,7 @@ fn load_balancer(lb: &LoadBalancerSettings, path: &str, v: &mut V) {
             check_locality_pattern(&d.from, &format!("{dp}.from"), v);
             let total: u64 = d.to.values().map(|w| u64::from(*w)).sum();
             if total != 100 {
-                v.err(
-                    format!("{dp}.to"),
-                    format!("weights sum to {total}; they must sum to 100"),
-                );
+                v.err(format!("{dp}.to"), format!("weights sum to {total}; they must sum to 100"));
             }
             for loc in d.to.keys() {
                 check_locality_pattern(loc, &format!("{dp}.to[{loc}]"), v);
@@ -1283,16 +1007,10 @@ fn load_balancer(lb: &LoadBalancerSettings, path: &str, v: &mut V) {
         for (i, f) in l.failover.iter().enumerate() {
             let fp = format!("{lp}.failover[{i}]");
             if f.from.is_empty() || f.from.contains('/') || f.from.contains('*') {
-                v.err(
-                    format!("{fp}.from"),
-                    "failover is between regions: give a region name",
-                );
+                v.err(format!("{fp}.from"), "failover is between regions: give a region name");
             }
             if f.to.is_empty() || f.to.contains('/') || f.to.contains('*') {
-                v.err(
-                    format!("{fp}.to"),
-                    "failover is between regions: give a region name",
-                );
+                v.err(format!("{fp}.to"), "failover is between regions: give a region name");
             }
             if f.from == f.to {
                 v.err(&fp, "from and to must be different regions");
@@ -1306,24 +1024,16 @@ fn is_base64(s: &str) -> bool {
     let body = s.trim_end_matches('=');
     s.len().is_multiple_of(4)
         && s.len() - body.len() <= 2
-        && body
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+        && body.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2
-        && (2..)
-            .take_while(|i| i * i <= n)
-            .all(|i| !n.is_multiple_of(i))
+    n >= 2 && (2..).take_while(|i| i * i <= n).all(|i| !n.is_multiple_of(i))
 }
 
 fn check_locality_pattern(loc: &str, path: &str, v: &mut V) {
     let parts: Vec<&str> = loc.split('/').collect();
-    let bad_star = parts
-        .iter()
-        .enumerate()
-        .any(|(i, p)| p.contains('*') && (*p != "*" || i != parts.len() - 1));
+    let bad_star = parts.iter().enumerate().any(|(i, p)| p.contains('*') && (*p != "*" || i != parts.len() - 1));
     if loc.is_empty() || parts.len() > 3 || parts.iter().any(|p| p.is_empty()) || bad_star {
         v.err(path, format!("{loc:?} is not a locality: region[/zone[/subzone]], '*' allowed only as the last part"));
     }
@@ -1350,14 +1060,9 @@ fn gateway(s: &Gateway, v: &mut V) {
                 if let Some(t) = p.target_port {
                     check_port(t, &format!("{sp}.port.targetPort"), v);
                 }
-                let secure = ["HTTPS", "TLS"]
-                    .iter()
-                    .any(|q| q.eq_ignore_ascii_case(&p.protocol));
+                let secure = ["HTTPS", "TLS"].iter().any(|q| q.eq_ignore_ascii_case(&p.protocol));
                 if secure && srv.tls.is_none() {
-                    v.err(
-                        format!("{sp}.tls"),
-                        format!("required for protocol {}", p.protocol),
-                    );
+                    v.err(format!("{sp}.tls"), format!("required for protocol {}", p.protocol));
                 }
             }
             None => v.err(format!("{sp}.port"), "required"),
@@ -1370,10 +1075,7 @@ fn gateway(s: &Gateway, v: &mut V) {
             let host = match h.split_once('/') {
                 Some((ns, host)) => {
                     if ns != "*" && ns != "." && ns != "~" && !is_dns1123_label(ns) {
-                        v.err(
-                            &hp,
-                            format!("{ns:?} is not a namespace, \"*\", \".\" or \"~\""),
-                        );
+                        v.err(&hp, format!("{ns:?} is not a namespace, \"*\", \".\" or \"~\""));
                     }
                     host
                 }
@@ -1381,39 +1083,20 @@ fn gateway(s: &Gateway, v: &mut V) {
             };
             check_host(host, &hp, true, v);
         }
-        if !srv.bind.is_empty()
-            && srv.bind.parse::<IpAddr>().is_err()
-            && !srv.bind.starts_with("unix://")
-        {
-            v.err(
-                format!("{sp}.bind"),
-                format!("{:?} is not an IP address or unix:// path", srv.bind),
-            );
+        if !srv.bind.is_empty() && srv.bind.parse::<IpAddr>().is_err() && !srv.bind.starts_with("unix://") {
+            v.err(format!("{sp}.bind"), format!("{:?} is not an IP address or unix:// path", srv.bind));
         }
         if !srv.name.is_empty() && !names.insert(srv.name.as_str()) {
-            v.err(
-                format!("{sp}.name"),
-                format!("duplicate server name {:?}", srv.name),
-            );
+            v.err(format!("{sp}.name"), format!("duplicate server name {:?}", srv.name));
         }
         if let Some(tls) = &srv.tls {
             let tp = format!("{sp}.tls");
-            let needs_cert = matches!(
-                tls.mode,
-                ServerTlsMode::SIMPLE | ServerTlsMode::MUTUAL | ServerTlsMode::OPTIONAL_MUTUAL
-            );
+            let needs_cert =
+                matches!(tls.mode, ServerTlsMode::SIMPLE | ServerTlsMode::MUTUAL | ServerTlsMode::OPTIONAL_MUTUAL);
             let has_files = !tls.server_certificate.is_empty() || !tls.private_key.is_empty();
             if needs_cert && !tls.https_redirect {
-                if tls.credential_name.is_empty()
-                    && (tls.server_certificate.is_empty() || tls.private_key.is_empty())
-                {
-                    v.err(
-                        &tp,
-                        format!(
-                            "{:?} needs credentialName, or serverCertificate and privateKey",
-                            tls.mode
-                        ),
-                    );
+                if tls.credential_name.is_empty() && (tls.server_certificate.is_empty() || tls.private_key.is_empty()) {
+                    v.err(&tp, format!("{:?} needs credentialName, or serverCertificate and privateKey", tls.mode));
                 }
                 if !tls.credential_name.is_empty() && has_files {
                     v.err(
@@ -1426,10 +1109,7 @@ fn gateway(s: &Gateway, v: &mut V) {
                 && (min as u8) > (max as u8)
                 && max != TlsProtocol::TLS_AUTO
             {
-                v.err(
-                    format!("{tp}.minProtocolVersion"),
-                    "minProtocolVersion is above maxProtocolVersion",
-                );
+                v.err(format!("{tp}.minProtocolVersion"), "minProtocolVersion is above maxProtocolVersion");
             }
         }
     }
@@ -1443,10 +1123,7 @@ fn service_entry(s: &ServiceEntry, v: &mut V) {
         let hp = format!("spec.hosts[{i}]");
         check_host(h, &hp, false, v);
         if h.starts_with("*.")
-            && matches!(
-                s.resolution,
-                ServiceEntryResolution::DNS | ServiceEntryResolution::DNS_ROUND_ROBIN
-            )
+            && matches!(s.resolution, ServiceEntryResolution::DNS | ServiceEntryResolution::DNS_ROUND_ROBIN)
         {
             v.err(&hp, "wildcard hosts cannot be resolved with DNS");
         }
@@ -1463,18 +1140,12 @@ fn service_entry(s: &ServiceEntry, v: &mut V) {
         let pp = format!("spec.ports[{i}]");
         check_port(p.number, &format!("{pp}.number"), v);
         if !numbers.insert(p.number) {
-            v.err(
-                format!("{pp}.number"),
-                format!("duplicate port {}", p.number),
-            );
+            v.err(format!("{pp}.number"), format!("duplicate port {}", p.number));
         }
         if p.name.is_empty() {
             v.err(format!("{pp}.name"), "required");
         } else if !names.insert(p.name.as_str()) {
-            v.err(
-                format!("{pp}.name"),
-                format!("duplicate port name {:?}", p.name),
-            );
+            v.err(format!("{pp}.name"), format!("duplicate port name {:?}", p.name));
         }
         check_protocol(&p.protocol, &format!("{pp}.protocol"), v);
         if let Some(t) = p.target_port {
@@ -1482,34 +1153,23 @@ fn service_entry(s: &ServiceEntry, v: &mut V) {
         }
     }
     if s.workload_selector.is_some() && !s.endpoints.is_empty() {
-        v.err(
-            "spec.workloadSelector",
-            "workloadSelector and endpoints are mutually exclusive",
-        );
+        v.err("spec.workloadSelector", "workloadSelector and endpoints are mutually exclusive");
     }
     if let Some(ws) = &s.workload_selector {
         check_selector_labels(&ws.labels, "spec.workloadSelector.labels", v);
     }
     if s.resolution == ServiceEntryResolution::DYNAMIC_DNS {
-        v.err("spec.resolution", "DYNAMIC_DNS (dynamic forward proxy) is not supported by Trellis; use DNS, DNS_ROUND_ROBIN, STATIC or NONE");
-    }
-    if s.resolution == ServiceEntryResolution::STATIC
-        && s.endpoints.is_empty()
-        && s.workload_selector.is_none()
-    {
         v.err(
-            "spec.endpoints",
-            "STATIC resolution needs endpoints or a workloadSelector",
+            "spec.resolution",
+            "DYNAMIC_DNS (dynamic forward proxy) is not supported by Trellis; use DNS, DNS_ROUND_ROBIN, STATIC or NONE",
         );
+    }
+    if s.resolution == ServiceEntryResolution::STATIC && s.endpoints.is_empty() && s.workload_selector.is_none() {
+        v.err("spec.endpoints", "STATIC resolution needs endpoints or a workloadSelector");
     }
     let port_names: BTreeSet<&str> = s.ports.iter().map(|p| p.name.as_str()).collect();
     for (i, e) in s.endpoints.iter().enumerate() {
-        workload_entry(
-            e,
-            &format!("spec.endpoints[{i}]"),
-            Some((&port_names, s.resolution)),
-            v,
-        );
+        workload_entry(e, &format!("spec.endpoints[{i}]"), Some((&port_names, s.resolution)), v);
     }
     check_export_to(&s.export_to, v);
 }
@@ -1523,7 +1183,10 @@ fn workload_entry(
     let ap = format!("{path}.address");
     if e.address.is_empty() {
         if e.network.is_empty() {
-            v.err(&ap, "required (an address may only be omitted when network is set, for a workload behind a gateway)");
+            v.err(
+                &ap,
+                "required (an address may only be omitted when network is set, for a workload behind a gateway)",
+            );
         }
     } else if let Some(sock) = e.address.strip_prefix("unix://") {
         if sock.is_empty() {
@@ -1532,10 +1195,7 @@ fn workload_entry(
     } else if e.address.parse::<IpAddr>().is_err() {
         let static_se = matches!(service, Some((_, ServiceEntryResolution::STATIC)));
         if static_se {
-            v.err(
-                &ap,
-                format!("{:?}: STATIC resolution needs IP addresses", e.address),
-            );
+            v.err(&ap, format!("{:?}: STATIC resolution needs IP addresses", e.address));
         } else {
             check_host(&e.address, &ap, false, v);
         }
@@ -1545,20 +1205,14 @@ fn workload_entry(
         if let Some((names, _)) = service
             && !names.contains(name.as_str())
         {
-            v.err(
-                format!("{path}.ports[{name}]"),
-                format!("{name:?} is not the name of a port of this ServiceEntry"),
-            );
+            v.err(format!("{path}.ports[{name}]"), format!("{name:?} is not the name of a port of this ServiceEntry"));
         }
     }
     check_selector_labels(&e.labels, &format!("{path}.labels"), v);
     if !e.locality.is_empty() {
         check_locality_pattern(&e.locality, &format!("{path}.locality"), v);
         if e.locality.contains('*') {
-            v.err(
-                format!("{path}.locality"),
-                "a workload's locality cannot contain '*'",
-            );
+            v.err(format!("{path}.locality"), "a workload's locality cannot contain '*'");
         }
     }
     if let Some(w) = e.weight
@@ -1567,13 +1221,7 @@ fn workload_entry(
         v.err(format!("{path}.weight"), "weight must be positive when set");
     }
     if !e.service_account.is_empty() && !is_dns1123_subdomain(&e.service_account) {
-        v.err(
-            format!("{path}.serviceAccount"),
-            format!(
-                "{:?} is not a valid service account name",
-                e.service_account
-            ),
-        );
+        v.err(format!("{path}.serviceAccount"), format!("{:?} is not a valid service account name", e.service_account));
     }
 }
 
@@ -1611,7 +1259,10 @@ fn sidecar(s: &Sidecar, v: &mut V) {
         }
     }
     if s.egress.is_empty() && s.ingress.is_empty() && s.outbound_traffic_policy.is_none() {
-        v.err("spec.egress", "a Sidecar needs egress listeners (e.g. hosts [\"./*\"]), ingress listeners or an outboundTrafficPolicy");
+        v.err(
+            "spec.egress",
+            "a Sidecar needs egress listeners (e.g. hosts [\"./*\"]), ingress listeners or an outboundTrafficPolicy",
+        );
     }
     let mut catch_all = 0;
     for (i, eg) in s.egress.iter().enumerate() {
@@ -1631,25 +1282,16 @@ fn sidecar(s: &Sidecar, v: &mut V) {
             match h.split_once('/') {
                 Some((ns, host)) => {
                     if ns != "*" && ns != "." && ns != "~" && !is_dns1123_label(ns) {
-                        v.err(
-                            &hp,
-                            format!("{ns:?} is not a namespace, \"*\", \".\" or \"~\""),
-                        );
+                        v.err(&hp, format!("{ns:?} is not a namespace, \"*\", \".\" or \"~\""));
                     }
                     check_host(host, &hp, true, v);
                 }
-                None => v.err(
-                    &hp,
-                    format!("{h:?} must be namespace/dnsName, e.g. \"./*\" or \"istio-system/*\""),
-                ),
+                None => v.err(&hp, format!("{h:?} must be namespace/dnsName, e.g. \"./*\" or \"istio-system/*\"")),
             }
         }
     }
     if catch_all > 1 {
-        v.err(
-            "spec.egress",
-            "only one egress listener may omit port (the catch-all)",
-        );
+        v.err("spec.egress", "only one egress listener may omit port (the catch-all)");
     }
 }
 
@@ -1659,23 +1301,13 @@ fn peer_authentication(s: &PeerAuthentication, v: &mut V) {
     if let Some(sel) = &s.selector {
         check_selector_labels(&sel.match_labels, "spec.selector.matchLabels", v);
     }
-    if !s.port_level_mtls.is_empty()
-        && s.selector
-            .as_ref()
-            .is_none_or(|s| s.match_labels.is_empty())
-    {
-        v.err(
-            "spec.portLevelMtls",
-            "portLevelMtls needs a workload selector",
-        );
+    if !s.port_level_mtls.is_empty() && s.selector.as_ref().is_none_or(|s| s.match_labels.is_empty()) {
+        v.err("spec.portLevelMtls", "portLevelMtls needs a workload selector");
     }
     for port in s.port_level_mtls.keys() {
         match port.parse::<u32>() {
             Ok(p) => check_port(p, &format!("spec.portLevelMtls[{port}]"), v),
-            Err(_) => v.err(
-                format!("spec.portLevelMtls[{port}]"),
-                "keys are port numbers",
-            ),
+            Err(_) => v.err(format!("spec.portLevelMtls[{port}]"), "keys are port numbers"),
         }
     }
 }
@@ -1702,10 +1334,7 @@ fn authorization_policy(s: &AuthorizationPolicy, v: &mut V) {
         check_selector_labels(&sel.match_labels, "spec.selector.matchLabels", v);
     }
     if s.action == AuthorizationAction::CUSTOM {
-        v.err(
-            "spec.action",
-            "CUSTOM (external authorization) is not supported by Trellis; use ALLOW, DENY or AUDIT",
-        );
+        v.err("spec.action", "CUSTOM (external authorization) is not supported by Trellis; use ALLOW, DENY or AUDIT");
     }
     for (i, rule) in s.rules.iter().enumerate() {
         let rp = format!("spec.rules[{i}]");
@@ -1757,10 +1386,7 @@ fn authorization_policy(s: &AuthorizationPolicy, v: &mut V) {
                     || !src.namespaces.is_empty()
                     || !src.not_namespaces.is_empty())
             {
-                v.err(
-                    &fp,
-                    "serviceAccounts cannot be combined with principals or namespaces",
-                );
+                v.err(&fp, "serviceAccounts cannot be combined with principals or namespaces");
             }
         }
         for (j, t) in rule.to.iter().enumerate() {
@@ -1792,12 +1418,7 @@ fn authorization_policy(s: &AuthorizationPolicy, v: &mut V) {
                         }
                     } else if name.ends_with("aths") {
                         if !(val.starts_with('/') || val.starts_with('*')) {
-                            v.err(
-                                &vp,
-                                format!(
-                                    "{val:?}: paths start with '/' (or '*' for a suffix match)"
-                                ),
-                            );
+                            v.err(&vp, format!("{val:?}: paths start with '/' (or '*' for a suffix match)"));
                         }
                         if !val.contains("{*}") && !val.contains("{**}") {
                             check_auth_value(val, &vp, v);
@@ -1820,10 +1441,7 @@ fn authorization_policy(s: &AuthorizationPolicy, v: &mut V) {
             if !known {
                 v.err(
                     format!("{cp}.key"),
-                    format!(
-                        "unknown condition key {:?}; see Istio's authorization conditions",
-                        c.key
-                    ),
+                    format!("unknown condition key {:?}; see Istio's authorization conditions", c.key),
                 );
             }
             if c.values.is_empty() && c.not_values.is_empty() {
@@ -1832,10 +1450,7 @@ fn authorization_policy(s: &AuthorizationPolicy, v: &mut V) {
             if c.key == "destination.port" {
                 for (k, val) in c.values.iter().chain(c.not_values.iter()).enumerate() {
                     if val.parse::<u16>().map_or(true, |p| p == 0) {
-                        v.err(
-                            format!("{cp}.values[{k}]"),
-                            format!("{val:?} is not a port number"),
-                        );
+                        v.err(format!("{cp}.values[{k}]"), format!("{val:?} is not a port number"));
                     }
                 }
             }
@@ -1858,44 +1473,26 @@ fn request_authentication(s: &RequestAuthentication, v: &mut V) {
         if r.issuer.is_empty() {
             v.err(format!("{rp}.issuer"), "required");
         } else if !issuers.insert(r.issuer.as_str()) {
-            v.err(
-                format!("{rp}.issuer"),
-                format!("duplicate issuer {:?}", r.issuer),
-            );
+            v.err(format!("{rp}.issuer"), format!("duplicate issuer {:?}", r.issuer));
         }
         if !r.jwks_uri.is_empty() && !r.jwks.is_empty() {
             v.err(&rp, "jwksUri and jwks are mutually exclusive");
         }
         let is_url = r.jwks_uri.starts_with("https://") || r.jwks_uri.starts_with("http://");
         if !r.jwks_uri.is_empty() && !is_url {
-            v.err(
-                format!("{rp}.jwksUri"),
-                format!("{:?} is not an http(s) URL", r.jwks_uri),
-            );
+            v.err(format!("{rp}.jwksUri"), format!("{:?} is not an http(s) URL", r.jwks_uri));
         }
         if !r.jwks.is_empty() && serde_json::from_str::<Value>(&r.jwks).is_err() {
             v.err(format!("{rp}.jwks"), "not a JSON Web Key Set");
         }
         for (j, h) in r.from_headers.iter().enumerate() {
-            check_header_name(
-                &h.name.to_ascii_lowercase(),
-                &format!("{rp}.fromHeaders[{j}].name"),
-                v,
-            );
+            check_header_name(&h.name.to_ascii_lowercase(), &format!("{rp}.fromHeaders[{j}].name"), v);
         }
         if !r.output_payload_to_header.is_empty() {
-            check_header_name(
-                &r.output_payload_to_header,
-                &format!("{rp}.outputPayloadToHeader"),
-                v,
-            );
+            check_header_name(&r.output_payload_to_header, &format!("{rp}.outputPayloadToHeader"), v);
         }
         for (j, c) in r.output_claim_to_headers.iter().enumerate() {
-            check_header_name(
-                &c.header,
-                &format!("{rp}.outputClaimToHeaders[{j}].header"),
-                v,
-            );
+            check_header_name(&c.header, &format!("{rp}.outputClaimToHeaders[{j}].header"), v);
             if c.claim.is_empty() {
                 v.err(format!("{rp}.outputClaimToHeaders[{j}].claim"), "required");
             }
@@ -1925,10 +1522,7 @@ fn telemetry(s: &Telemetry, v: &mut V) {
         if let Some(p) = t.random_sampling_percentage
             && !(0.0..=100.0).contains(&p)
         {
-            v.err(
-                format!("{tp}.randomSamplingPercentage"),
-                format!("{p} is out of range 0-100"),
-            );
+            v.err(format!("{tp}.randomSamplingPercentage"), format!("{p} is out of range 0-100"));
         }
     }
     for (i, m) in s.metrics.iter().enumerate() {
@@ -1940,10 +1534,7 @@ fn telemetry(s: &Telemetry, v: &mut V) {
         for (j, o) in m.overrides.iter().enumerate() {
             for (tag, t) in &o.tag_overrides {
                 if t.operation == TagOperation::UPSERT && t.value.is_empty() {
-                    v.err(
-                        format!("{mp}.overrides[{j}].tagOverrides[{tag}].value"),
-                        "required for UPSERT",
-                    );
+                    v.err(format!("{mp}.overrides[{j}].tagOverrides[{tag}].value"), "required for UPSERT");
                 }
             }
         }
@@ -1965,19 +1556,16 @@ fn wasm_plugin(s: &WasmPlugin, v: &mut V) {
                 v.err("spec.url", format!("{:?} names no module", s.url));
             }
             Some((scheme, _)) if ["oci", "file", "http", "https", "trellis"].contains(&scheme) => {}
-            Some((scheme, _)) => v.err("spec.url", format!("unsupported scheme {scheme:?}; use oci://, https://, http://, file:// or trellis://sha256")),
+            Some((scheme, _)) => v.err(
+                "spec.url",
+                format!("unsupported scheme {scheme:?}; use oci://, https://, http://, file:// or trellis://sha256"),
+            ),
             None => {}
         }
     }
-    let is_hex64 = s.sha256.len() == 64
-        && s.sha256
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let is_hex64 = s.sha256.len() == 64 && s.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !s.sha256.is_empty() && !is_hex64 {
-        v.err(
-            "spec.sha256",
-            "must be 64 lower-case hexadecimal characters",
-        );
+        v.err("spec.sha256", "must be 64 lower-case hexadecimal characters");
     }
     if let Some(vm) = &s.vm_config {
         let mut names = BTreeSet::new();
@@ -1985,10 +1573,7 @@ fn wasm_plugin(s: &WasmPlugin, v: &mut V) {
             if e.name.is_empty() {
                 v.err(format!("spec.vmConfig.env[{i}].name"), "required");
             } else if !names.insert(e.name.as_str()) {
-                v.err(
-                    format!("spec.vmConfig.env[{i}].name"),
-                    format!("duplicate variable {:?}", e.name),
-                );
+                v.err(format!("spec.vmConfig.env[{i}].name"), format!("duplicate variable {:?}", e.name));
             }
             if e.value_from == EnvValueSource::HOST && !e.value.is_empty() {
                 v.err(
@@ -2004,40 +1589,30 @@ fn wasm_plugin(s: &WasmPlugin, v: &mut V) {
         }
     }
     if s.plugin_type == PluginType::NETWORK {
-        v.err(
-            "spec.type",
-            "NETWORK (L4) plugins are not supported yet; use HTTP",
-        );
+        v.err("spec.type", "NETWORK (L4) plugins are not supported yet; use HTTP");
     }
 }
 
 fn mesh_cluster(name: &str, s: &MeshCluster, v: &mut V) {
     if !name.is_empty() && !is_dns1123_label(name) {
-        v.err("metadata.name", "a cluster name is a DNS label: lower-case letters, digits and '-', at most 63 characters");
+        v.err(
+            "metadata.name",
+            "a cluster name is a DNS label: lower-case letters, digits and '-', at most 63 characters",
+        );
     }
     if s.network.is_empty() {
         v.err("spec.network", "required");
     } else if !is_dns1123_label(&s.network) {
-        v.err(
-            "spec.network",
-            format!("{:?} is not a valid network name (DNS label)", s.network),
-        );
+        v.err("spec.network", format!("{:?} is not a valid network name (DNS label)", s.network));
     }
     if let Some(l) = &s.locality {
         if l.region.is_empty() && (!l.zone.is_empty() || !l.subzone.is_empty()) {
-            v.err(
-                "spec.locality.region",
-                "required when zone or subzone is set",
-            );
+            v.err("spec.locality.region", "required when zone or subzone is set");
         }
         if l.zone.is_empty() && !l.subzone.is_empty() {
             v.err("spec.locality.zone", "required when subzone is set");
         }
-        for (f, val) in [
-            ("region", &l.region),
-            ("zone", &l.zone),
-            ("subzone", &l.subzone),
-        ] {
+        for (f, val) in [("region", &l.region), ("zone", &l.zone), ("subzone", &l.subzone)] {
             if val.contains('/') || val.contains('*') {
                 v.err(format!("spec.locality.{f}"), "must not contain '/' or '*'");
             }
@@ -2057,10 +1632,7 @@ fn mesh_cluster(name: &str, s: &MeshCluster, v: &mut V) {
         && d.discovery_type == DiscoveryType::Kubernetes
         && d.kubeconfig.is_empty()
     {
-        v.err(
-            "spec.discovery.kubeconfig",
-            "required for Kubernetes discovery",
-        );
+        v.err("spec.discovery.kubeconfig", "required for Kubernetes discovery");
     }
 }
 
@@ -2068,38 +1640,22 @@ fn api_token(s: &ApiToken, v: &mut V) {
     if s.role.is_none() {
         v.err("spec.role", "required: Viewer, Editor or Admin");
     }
-    if !(s.sha256.len() == 64
-        && s.sha256
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    {
-        v.err(
-            "spec.sha256",
-            "the SHA-256 of the secret, as 64 lower-case hexadecimal characters",
-        );
+    if !(s.sha256.len() == 64 && s.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+        v.err("spec.sha256", "the SHA-256 of the secret, as 64 lower-case hexadecimal characters");
     }
     for (i, ns) in s.namespaces.iter().enumerate() {
         if !is_dns1123_label(ns) {
-            v.err(
-                format!("spec.namespaces[{i}]"),
-                format!("{ns:?} is not a namespace"),
-            );
+            v.err(format!("spec.namespaces[{i}]"), format!("{ns:?} is not a namespace"));
         }
     }
     if s.role == Some(TokenRole::Admin) && !s.namespaces.is_empty() {
-        v.err(
-            "spec.namespaces",
-            "an Admin token reaches everything; use Editor or Viewer to limit it to namespaces",
-        );
+        v.err("spec.namespaces", "an Admin token reaches everything; use Editor or Viewer to limit it to namespaces");
     }
 }
 
 /// Labels as a stable string, for messages.
 pub(crate) fn labels_to_string(l: &BTreeMap<String, String>) -> String {
-    l.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]

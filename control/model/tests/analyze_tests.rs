@@ -8,22 +8,14 @@ fn load(yaml: &str) -> Vec<Analyzed> {
     assert!(errors.is_empty(), "{errors:?}");
     docs.into_iter()
         .map(|d| {
-            let (key, spec) =
-                validate_resource(&d.resource, "default").unwrap_or_else(|e| panic!("{e}"));
-            Analyzed {
-                key,
-                spec,
-                origin: Some(d.origin()),
-            }
+            let (key, spec) = validate_resource(&d.resource, "default").unwrap_or_else(|e| panic!("{e}"));
+            Analyzed { key, spec, origin: Some(d.origin()) }
         })
         .collect()
 }
 
 fn codes(items: &[Analyzed]) -> Vec<(Severity, &'static str, String)> {
-    analyze(items)
-        .into_iter()
-        .map(|d| (d.severity, d.code, d.path))
-        .collect()
+    analyze(items).into_iter().map(|d| (d.severity, d.code, d.path)).collect()
 }
 
 const SERVICE: &str = r#"
@@ -48,14 +40,7 @@ fn a_route_to_an_undefined_subset_is_an_error() {
         "{SERVICE}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: bookinfo}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: v3}}\n"
     );
     let found = codes(&load(&yaml));
-    assert_eq!(
-        found,
-        vec![(
-            Severity::Error,
-            "TRL0102",
-            "spec.http[0].route[0].destination.subset".to_string()
-        )]
-    );
+    assert_eq!(found, vec![(Severity::Error, "TRL0102", "spec.http[0].route[0].destination.subset".to_string())]);
 }
 
 #[test]
@@ -64,28 +49,10 @@ fn unknown_hosts_and_subsets_without_endpoints_are_warnings() {
         "{SERVICE}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: bookinfo}}\nspec:\n  host: reviews\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v9, labels: {{version: v9}}}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: ghost, namespace: bookinfo}}\nspec:\n  hosts: [ghost]\n  http:\n  - route:\n    - destination: {{host: ghost}}\n"
     );
     let found = codes(&load(&yaml));
+    assert!(found.contains(&(Severity::Warning, "TRL0105", "spec.subsets[1].labels".into())), "{found:?}");
+    assert!(!found.contains(&(Severity::Warning, "TRL0105", "spec.subsets[0].labels".into())), "{found:?}");
     assert!(
-        found.contains(&(
-            Severity::Warning,
-            "TRL0105",
-            "spec.subsets[1].labels".into()
-        )),
-        "{found:?}"
-    );
-    assert!(
-        !found.contains(&(
-            Severity::Warning,
-            "TRL0105",
-            "spec.subsets[0].labels".into()
-        )),
-        "{found:?}"
-    );
-    assert!(
-        found.contains(&(
-            Severity::Warning,
-            "TRL0101",
-            "spec.http[0].route[0].destination.host".into()
-        )),
+        found.contains(&(Severity::Warning, "TRL0101", "spec.http[0].route[0].destination.host".into())),
         "{found:?}"
     );
 }
@@ -94,14 +61,8 @@ fn unknown_hosts_and_subsets_without_endpoints_are_warnings() {
 fn duplicate_names_and_missing_gateways_are_errors() {
     let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: ns}\nspec:\n  hosts: [a.example.com]\n  gateways: [missing-gw]\n  http:\n  - route:\n    - destination: {host: a.example.com}\n";
     let found = codes(&load(&format!("{vs}---\n{vs}")));
-    assert!(
-        found.contains(&(Severity::Error, "TRL0001", "metadata.name".into())),
-        "{found:?}"
-    );
-    assert!(
-        found.contains(&(Severity::Error, "TRL0103", "spec.gateways[0]".into())),
-        "{found:?}"
-    );
+    assert!(found.contains(&(Severity::Error, "TRL0001", "metadata.name".into())), "{found:?}");
+    assert!(found.contains(&(Severity::Error, "TRL0103", "spec.gateways[0]".into())), "{found:?}");
 }
 
 #[test]
@@ -111,16 +72,8 @@ fn conflicting_peer_authentications_are_reported() {
             "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: istio-system}}\nspec: {{mtls: {{mode: {mode}}}}}\n"
         )
     };
-    let found = codes(&load(&format!(
-        "{}---\n{}",
-        pa("a", "STRICT"),
-        pa("b", "PERMISSIVE")
-    )));
-    assert_eq!(
-        found.iter().filter(|f| f.1 == "TRL0201").count(),
-        2,
-        "{found:?}"
-    );
+    let found = codes(&load(&format!("{}---\n{}", pa("a", "STRICT"), pa("b", "PERMISSIVE"))));
+    assert_eq!(found.iter().filter(|f| f.1 == "TRL0201").count(), 2, "{found:?}");
     let single = codes(&load(&pa("a", "STRICT")));
     assert!(single.is_empty(), "{single:?}");
 }
@@ -131,11 +84,7 @@ fn authorization_policies_that_can_never_match_are_reported() {
         "{SERVICE}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: nobody, namespace: bookinfo}}\nspec:\n  selector: {{matchLabels: {{app: ratings}}}}\n  rules:\n  - to:\n    - operation: {{methods: [GET], notMethods: [GET]}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: fine, namespace: bookinfo}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  rules:\n  - to:\n    - operation: {{methods: [GET]}}\n"
     );
     let found = analyze(&load(&yaml));
-    let for_nobody: Vec<_> = found
-        .iter()
-        .filter(|d| d.resource.name == "nobody")
-        .map(|d| d.code)
-        .collect();
+    let for_nobody: Vec<_> = found.iter().filter(|d| d.resource.name == "nobody").map(|d| d.code).collect();
     assert_eq!(for_nobody, vec!["TRL0302", "TRL0301"], "{found:?}");
     assert!(found.iter().all(|d| d.resource.name != "fine"), "{found:?}");
 }

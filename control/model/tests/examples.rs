@@ -17,10 +17,7 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
             if path.file_name().unwrap() != "broken" {
                 yaml_files(&path, out);
             }
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
             out.push(path);
         }
     }
@@ -37,20 +34,13 @@ fn parse_file(path: &Path) -> Vec<ParsedDocument> {
 fn every_example_parses_validates_and_analyzes_without_errors() {
     let mut files = Vec::new();
     yaml_files(&examples_dir(), &mut files);
-    assert!(
-        files.len() >= 10,
-        "expected the example set, found {files:?}"
-    );
+    assert!(files.len() >= 10, "expected the example set, found {files:?}");
     let mut analyzed = Vec::new();
     for f in &files {
         for doc in parse_file(f) {
-            let (key, spec) = validate_resource(&doc.resource, "default")
-                .unwrap_or_else(|e| panic!("{}: {e}", doc.origin()));
-            analyzed.push(Analyzed {
-                key,
-                spec,
-                origin: Some(doc.origin()),
-            });
+            let (key, spec) =
+                validate_resource(&doc.resource, "default").unwrap_or_else(|e| panic!("{}: {e}", doc.origin()));
+            analyzed.push(Analyzed { key, spec, origin: Some(doc.origin()) });
         }
     }
     for kind in [
@@ -66,24 +56,15 @@ fn every_example_parses_validates_and_analyzes_without_errors() {
         "WasmPlugin",
         "MeshCluster",
     ] {
-        assert!(
-            analyzed.iter().any(|a| a.key.kind.name() == kind),
-            "no {kind} example"
-        );
+        assert!(analyzed.iter().any(|a| a.key.kind.name() == kind), "no {kind} example");
     }
     let diags = analyze(&analyzed);
-    let errors: Vec<String> = diags
-        .iter()
-        .filter(|d| d.severity == Severity::Error)
-        .map(|d| d.to_string())
-        .collect();
+    let errors: Vec<String> = diags.iter().filter(|d| d.severity == Severity::Error).map(|d| d.to_string()).collect();
     assert!(errors.is_empty(), "{errors:#?}");
 }
 
 fn broken_errors(name: &str) -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/broken")
-        .join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/broken").join(name);
     let text = std::fs::read_to_string(&path).unwrap();
     let (docs, parse_errors) = parse_documents(&text, name);
     let mut out: Vec<String> = parse_errors.iter().map(|e| e.to_string()).collect();
@@ -99,23 +80,12 @@ fn broken_errors(name: &str) -> Vec<String> {
 fn broken_examples_fail_with_their_field_paths() {
     let weights = broken_errors("bad-weights.yaml");
     assert!(
-        weights
-            .iter()
-            .any(|e| e.contains("spec.http[0].route: weights") && e.contains("sum to 95")),
+        weights.iter().any(|e| e.contains("spec.http[0].route: weights") && e.contains("sum to 95")),
         "{weights:?}"
     );
     let unknown = broken_errors("unknown-field.yaml");
-    assert!(
-        unknown
-            .iter()
-            .any(|e| e.contains("spec.trafficPolicy.conectionPool: unknown field")),
-        "{unknown:?}"
-    );
+    assert!(unknown.iter().any(|e| e.contains("spec.trafficPolicy.conectionPool: unknown field")), "{unknown:?}");
     let half = broken_errors("half-bad.yaml");
     assert_eq!(half.len(), 1, "{half:?}");
-    assert!(
-        half[0].starts_with("half-bad.yaml: document 1")
-            && half[0].contains("spec.http[0].timeout"),
-        "{half:?}"
-    );
+    assert!(half[0].starts_with("half-bad.yaml: document 1") && half[0].contains("spec.http[0].timeout"), "{half:?}");
 }

@@ -63,12 +63,7 @@ async fn bench(backend: &str, store: ResourceStore, n: usize) {
     // Sequential creates, with a watcher measuring write-to-event delivery.
     let start_rev = store.current_revision().await.expect("revision");
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-    let mut watch = Box::pin(
-        store
-            .watch(Some(Kind::VirtualService), None, start_rev)
-            .await
-            .expect("watch"),
-    );
+    let mut watch = Box::pin(store.watch(Some(Kind::VirtualService), None, start_rev).await.expect("watch"));
     let sent_w = sent.clone();
     let watcher = tokio::spawn(async move {
         let mut lat = Vec::with_capacity(n);
@@ -76,11 +71,7 @@ async fn bench(backend: &str, store: ResourceStore, n: usize) {
             match tokio::time::timeout(Duration::from_secs(60), watch.next()).await {
                 Ok(Some(Ok(ev))) => {
                     let now = Instant::now();
-                    if let Some(t) = sent_w
-                        .lock()
-                        .expect("lock")
-                        .remove(&ev.object.metadata.name)
-                    {
+                    if let Some(t) = sent_w.lock().expect("lock").remove(&ev.object.metadata.name) {
                         lat.push(now - t);
                     }
                 }
@@ -98,16 +89,10 @@ async fn bench(backend: &str, store: ResourceStore, n: usize) {
         store.create(&k, &r).await.expect("create");
         put.push(t.elapsed());
     }
-    let put = Stats {
-        samples: put,
-        wall: t0.elapsed(),
-    };
+    let put = Stats { samples: put, wall: t0.elapsed() };
     let watch_wall = t0.elapsed();
     let watch_lat = watcher.await.expect("watcher");
-    let watch = Stats {
-        samples: watch_lat,
-        wall: watch_wall,
-    };
+    let watch = Stats { samples: watch_lat, wall: watch_wall };
 
     // Concurrent updates: 16 writers.
     let writers = 16;
@@ -132,10 +117,7 @@ async fn bench(backend: &str, store: ResourceStore, n: usize) {
     for t in tasks {
         upd.extend(t.await.expect("writer"));
     }
-    let update = Stats {
-        samples: upd,
-        wall: t0.elapsed(),
-    };
+    let update = Stats { samples: upd, wall: t0.elapsed() };
 
     // Random gets.
     let mut get = Vec::with_capacity(n);
@@ -150,27 +132,18 @@ async fn bench(backend: &str, store: ResourceStore, n: usize) {
         store.get(&k).await.expect("get").expect("present");
         get.push(t.elapsed());
     }
-    let get = Stats {
-        samples: get,
-        wall: t0.elapsed(),
-    };
+    let get = Stats { samples: get, wall: t0.elapsed() };
 
     // Full list, 5 times.
     let mut list = Vec::new();
     let t0 = Instant::now();
     for _ in 0..5 {
         let t = Instant::now();
-        let (items, _) = store
-            .list(Some(Kind::VirtualService), None)
-            .await
-            .expect("list");
+        let (items, _) = store.list(Some(Kind::VirtualService), None).await.expect("list");
         assert_eq!(items.len(), n);
         list.push(t.elapsed());
     }
-    let list = Stats {
-        samples: list,
-        wall: t0.elapsed(),
-    };
+    let list = Stats { samples: list, wall: t0.elapsed() };
 
     put.row(backend, "create (sequential)");
     update.row(backend, "update (16 concurrent)");
@@ -181,30 +154,18 @@ async fn bench(backend: &str, store: ResourceStore, n: usize) {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(10_000);
-    println!(
-        "Trellis store benchmark: {n} VirtualServices (~700 B each), 2-core machine, release build"
-    );
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    println!("Trellis store benchmark: {n} VirtualServices (~700 B each), 2-core machine, release build");
     println!("latencies in ms; ops/s = operations / wall time of the phase\n");
-    println!(
-        "| backend  | operation                    |      n |      p50 |      p99 |      max |      ops/s |"
-    );
-    println!(
-        "|----------|------------------------------|--------|----------|----------|----------|------------|"
-    );
+    println!("| backend  | operation                    |      n |      p50 |      p99 |      max |      ops/s |");
+    println!("|----------|------------------------------|--------|----------|----------|----------|------------|");
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let kv =
-        trellis_store::embedded::EmbeddedStore::open(&dir.path().join("bench.redb")).expect("open");
+    let kv = trellis_store::embedded::EmbeddedStore::open(&dir.path().join("bench.redb")).expect("open");
     bench("embedded", ResourceStore::new(Arc::new(kv)), n).await;
 
     let etcd = trellis_store::testing::EtcdServer::start().expect("etcd (run scripts/setup.sh)");
     let kv =
-        trellis_store::etcd::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "/bench")
-            .await
-            .expect("connect");
+        trellis_store::etcd::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), "/bench").await.expect("connect");
     bench("etcd", ResourceStore::new(Arc::new(kv)), n).await;
 }

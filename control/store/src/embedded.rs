@@ -54,17 +54,14 @@ impl EmbeddedStore {
     /// Like [`EmbeddedStore::open`], keeping `history` revisions of watch history.
     pub fn open_with_history(path: &Path, history: u64) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                unavailable(
-                    path,
-                    format!("cannot create directory {}: {e}", dir.display()),
-                )
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| unavailable(path, format!("cannot create directory {}: {e}", dir.display())))?;
         }
         let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                unavailable(path, "already open by another process (is another trellis-control using this data directory?)")
-            }
+            redb::DatabaseError::DatabaseAlreadyOpen => unavailable(
+                path,
+                "already open by another process (is another trellis-control using this data directory?)",
+            ),
             other => unavailable(path, other),
         })?;
         Self::init(db, path.to_path_buf(), history)
@@ -74,9 +71,7 @@ impl EmbeddedStore {
     /// with [`crate::testing::PowerLossDisk`] to prove that acknowledged writes are durable.
     pub fn open_with_backend(backend: impl redb::StorageBackend, label: &str) -> Result<Self> {
         let path = PathBuf::from(label);
-        let db = Database::builder()
-            .create_with_backend(backend)
-            .map_err(|e| unavailable(&path, e))?;
+        let db = Database::builder().create_with_backend(backend).map_err(|e| unavailable(&path, e))?;
         Self::init(db, path, DEFAULT_HISTORY)
     }
 
@@ -86,21 +81,11 @@ impl EmbeddedStore {
             txn.open_table(OBJECTS).map_err(|e| unavailable(&path, e))?;
             txn.open_table(EVENTS).map_err(|e| unavailable(&path, e))?;
             let meta = txn.open_table(META).map_err(|e| unavailable(&path, e))?;
-            meta.get(REVISION)
-                .map_err(|e| unavailable(&path, e))?
-                .map(|g| g.value())
-                .unwrap_or(0)
+            meta.get(REVISION).map_err(|e| unavailable(&path, e))?.map(|g| g.value()).unwrap_or(0)
         };
         txn.commit().map_err(|e| unavailable(&path, e))?;
         let (notify, _) = watch::channel(revision as Revision);
-        Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                path,
-                history,
-                notify,
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { db, path, history, notify }) })
     }
 
     pub fn path(&self) -> &Path {
@@ -108,10 +93,7 @@ impl EmbeddedStore {
     }
 
     /// Runs a blocking closure on the store off the async runtime.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner))
             .await
@@ -154,19 +136,11 @@ fn encode_entry(create: Revision, modified: Revision, value: &[u8]) -> Vec<u8> {
 
 fn decode_entry(key: &str, raw: &[u8]) -> Result<KvEntry> {
     if raw.len() < 16 {
-        return Err(Error::Corrupt(format!(
-            "entry {key} is {} bytes, shorter than its header",
-            raw.len()
-        )));
+        return Err(Error::Corrupt(format!("entry {key} is {} bytes, shorter than its header", raw.len())));
     }
     let create = i64::from_be_bytes(raw[0..8].try_into().unwrap_or_default());
     let modified = i64::from_be_bytes(raw[8..16].try_into().unwrap_or_default());
-    Ok(KvEntry {
-        key: key.to_string(),
-        value: raw[16..].to_vec(),
-        create_revision: create,
-        mod_revision: modified,
-    })
+    Ok(KvEntry { key: key.to_string(), value: raw[16..].to_vec(), create_revision: create, mod_revision: modified })
 }
 
 fn encode_event(kind: EventKind, entry: &KvEntry) -> Vec<u8> {
@@ -194,13 +168,8 @@ fn decode_event(revision: u64, raw: &[u8]) -> Result<KvEvent> {
     };
     let create = i64::from_be_bytes(raw[1..9].try_into().map_err(|_| corrupt())?);
     let key_len = u32::from_be_bytes(raw[9..13].try_into().map_err(|_| corrupt())?) as usize;
-    let key_end = 13usize
-        .checked_add(key_len)
-        .filter(|e| *e <= raw.len())
-        .ok_or_else(corrupt)?;
-    let key = std::str::from_utf8(&raw[13..key_end])
-        .map_err(|_| corrupt())?
-        .to_string();
+    let key_end = 13usize.checked_add(key_len).filter(|e| *e <= raw.len()).ok_or_else(corrupt)?;
+    let key = std::str::from_utf8(&raw[13..key_end]).map_err(|_| corrupt())?.to_string();
     Ok(KvEvent {
         kind,
         entry: KvEntry {
@@ -223,17 +192,12 @@ impl Inner {
         op: impl FnOnce(Option<KvEntry>) -> Result<Write>,
     ) -> Result<(Revision, Option<KvEntry>)> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| self.err(e))?;
+        txn.set_durability(Durability::Immediate).map_err(|e| self.err(e))?;
         let result = {
             let mut objects = txn.open_table(OBJECTS).map_err(|e| self.err(e))?;
             let mut events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
-            let current = meta
-                .get(REVISION)
-                .map_err(|e| self.err(e))?
-                .map(|g| g.value())
-                .unwrap_or(0);
+            let current = meta.get(REVISION).map_err(|e| self.err(e))?.map(|g| g.value()).unwrap_or(0);
             let existing = match objects.get(key).map_err(|e| self.err(e))? {
                 Some(raw) => Some(decode_entry(key, raw.value())?),
                 None => None,
@@ -242,71 +206,40 @@ impl Inner {
             let action = op(existing.clone())?;
             match action {
                 Write::Put(value) => {
-                    let create = existing
-                        .as_ref()
-                        .map(|e| e.create_revision)
-                        .unwrap_or(rev as Revision);
+                    let create = existing.as_ref().map(|e| e.create_revision).unwrap_or(rev as Revision);
                     objects
-                        .insert(
-                            key,
-                            encode_entry(create, rev as Revision, &value).as_slice(),
-                        )
+                        .insert(key, encode_entry(create, rev as Revision, &value).as_slice())
                         .map_err(|e| self.err(e))?;
-                    let entry = KvEntry {
-                        key: key.to_string(),
-                        value,
-                        create_revision: create,
-                        mod_revision: rev as Revision,
-                    };
-                    events
-                        .insert(rev, encode_event(EventKind::Put, &entry).as_slice())
-                        .map_err(|e| self.err(e))?;
+                    let entry =
+                        KvEntry { key: key.to_string(), value, create_revision: create, mod_revision: rev as Revision };
+                    events.insert(rev, encode_event(EventKind::Put, &entry).as_slice()).map_err(|e| self.err(e))?;
                 }
                 Write::Delete => {
                     let Some(prev) = existing.as_ref() else {
-                        return Err(Error::NotFound {
-                            key: key.to_string(),
-                        });
+                        return Err(Error::NotFound { key: key.to_string() });
                     };
                     objects.remove(key).map_err(|e| self.err(e))?;
-                    events
-                        .insert(rev, encode_event(EventKind::Delete, prev).as_slice())
-                        .map_err(|e| self.err(e))?;
+                    events.insert(rev, encode_event(EventKind::Delete, prev).as_slice()).map_err(|e| self.err(e))?;
                 }
             }
             meta.insert(REVISION, rev).map_err(|e| self.err(e))?;
             // Trim history in steps so that most writes do not pay for it.
-            let compacted = meta
-                .get(COMPACTED)
-                .map_err(|e| self.err(e))?
-                .map(|g| g.value())
-                .unwrap_or(0);
+            let compacted = meta.get(COMPACTED).map_err(|e| self.err(e))?.map(|g| g.value()).unwrap_or(0);
             if rev > compacted + self.history + self.history / 8 + 1 {
                 let upto = rev - self.history;
-                events
-                    .retain_in(..=upto, |_, _| false)
-                    .map_err(|e| self.err(e))?;
+                events.retain_in(..=upto, |_, _| false).map_err(|e| self.err(e))?;
                 meta.insert(COMPACTED, upto).map_err(|e| self.err(e))?;
             }
             (rev as Revision, existing)
         };
-        txn.commit()
-            .map_err(|e| self.err(format!("commit failed: {e}")))?;
+        txn.commit().map_err(|e| self.err(format!("commit failed: {e}")))?;
         Ok(result)
     }
 
     fn meta(&self, txn: &redb::ReadTransaction) -> Result<(Revision, Revision)> {
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
-        let rev = meta
-            .get(REVISION)
-            .map_err(|e| self.err(e))?
-            .map(|g| g.value())
-            .unwrap_or(0);
-        let compacted = meta
-            .get(COMPACTED)
-            .map_err(|e| self.err(e))?
-            .map(|g| g.value())
-            .unwrap_or(0);
+        let rev = meta.get(REVISION).map_err(|e| self.err(e))?.map(|g| g.value()).unwrap_or(0);
+        let compacted = meta.get(COMPACTED).map_err(|e| self.err(e))?.map(|g| g.value()).unwrap_or(0);
         Ok((rev as Revision, compacted as Revision))
     }
 
@@ -316,19 +249,12 @@ impl Inner {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let (_, compacted) = self.meta(&txn)?;
         if after < compacted {
-            return Err(Error::Compacted {
-                requested: after + 1,
-                compacted,
-            });
+            return Err(Error::Compacted { requested: after + 1, compacted });
         }
         let events = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         let mut last = after;
-        for item in events
-            .range((after + 1) as u64..)
-            .map_err(|e| self.err(e))?
-            .take(WATCH_BATCH)
-        {
+        for item in events.range((after + 1) as u64..).map_err(|e| self.err(e))?.take(WATCH_BATCH) {
             let (rev, raw) = item.map_err(|e| self.err(e))?;
             let ev = decode_event(rev.value(), raw.value())?;
             last = ev.revision();
@@ -389,46 +315,25 @@ impl ConfigStore for EmbeddedStore {
         Ok(rev)
     }
 
-    async fn update(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        expected: Option<Revision>,
-    ) -> Result<Revision> {
+    async fn update(&self, key: &str, value: Vec<u8>, expected: Option<Revision>) -> Result<Revision> {
         let k = key.to_string();
-        let (rev, _) = self
-            .write(key, move |existing| {
-                check(&k, existing.as_ref(), expected).map(|_| Write::Put(value))
-            })
-            .await?;
+        let (rev, _) =
+            self.write(key, move |existing| check(&k, existing.as_ref(), expected).map(|_| Write::Put(value))).await?;
         Ok(rev)
     }
 
     async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<(KvEntry, Revision)> {
         let k = key.to_string();
-        let (rev, prev) = self
-            .write(key, move |existing| {
-                check(&k, existing.as_ref(), expected).map(|_| Write::Delete)
-            })
-            .await?;
-        let prev = prev.ok_or_else(|| Error::NotFound {
-            key: key.to_string(),
-        })?;
-        Ok((
-            KvEntry {
-                mod_revision: rev,
-                ..prev
-            },
-            rev,
-        ))
+        let (rev, prev) =
+            self.write(key, move |existing| check(&k, existing.as_ref(), expected).map(|_| Write::Delete)).await?;
+        let prev = prev.ok_or_else(|| Error::NotFound { key: key.to_string() })?;
+        Ok((KvEntry { mod_revision: rev, ..prev }, rev))
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<EventStream> {
         // Fail fast on a compacted revision, before handing out a stream.
         let p = prefix.to_string();
-        let (first, mut last) = self
-            .blocking(move |inner| inner.events_after(&p, after))
-            .await?;
+        let (first, mut last) = self.blocking(move |inner| inner.events_after(&p, after)).await?;
         let (tx, rx) = mpsc::channel(WATCH_BATCH);
         let store = self.clone();
         let prefix = prefix.to_string();
@@ -450,10 +355,7 @@ impl ConfigStore for EmbeddedStore {
                     }
                 }
                 let p = prefix.clone();
-                match store
-                    .blocking(move |inner| inner.events_after(&p, scanned_to))
-                    .await
-                {
+                match store.blocking(move |inner| inner.events_after(&p, scanned_to)).await {
                     Ok((events, to)) => {
                         batch = events;
                         last = to;
@@ -479,34 +381,23 @@ impl ConfigStore for EmbeddedStore {
     async fn compact(&self, revision: Revision) -> Result<()> {
         self.blocking(move |inner| {
             let mut txn = inner.db.begin_write().map_err(|e| inner.err(e))?;
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| inner.err(e))?;
+            txn.set_durability(Durability::Immediate).map_err(|e| inner.err(e))?;
             {
                 let mut meta = txn.open_table(META).map_err(|e| inner.err(e))?;
-                let current = meta
-                    .get(REVISION)
-                    .map_err(|e| inner.err(e))?
-                    .map(|g| g.value())
-                    .unwrap_or(0) as Revision;
+                let current = meta.get(REVISION).map_err(|e| inner.err(e))?.map(|g| g.value()).unwrap_or(0) as Revision;
                 if revision > current {
                     return Err(Error::Invalid(format!(
                         "cannot compact to {revision}: the store is at revision {current}"
                     )));
                 }
-                let compacted = meta
-                    .get(COMPACTED)
-                    .map_err(|e| inner.err(e))?
-                    .map(|g| g.value())
-                    .unwrap_or(0) as Revision;
+                let compacted =
+                    meta.get(COMPACTED).map_err(|e| inner.err(e))?.map(|g| g.value()).unwrap_or(0) as Revision;
                 if revision <= compacted {
                     return Ok(());
                 }
                 let mut events = txn.open_table(EVENTS).map_err(|e| inner.err(e))?;
-                events
-                    .retain_in(..=(revision as u64), |_, _| false)
-                    .map_err(|e| inner.err(e))?;
-                meta.insert(COMPACTED, revision as u64)
-                    .map_err(|e| inner.err(e))?;
+                events.retain_in(..=(revision as u64), |_, _| false).map_err(|e| inner.err(e))?;
+                meta.insert(COMPACTED, revision as u64).map_err(|e| inner.err(e))?;
             }
             txn.commit().map_err(|e| inner.err(e))?;
             Ok(())
@@ -518,14 +409,10 @@ impl ConfigStore for EmbeddedStore {
 /// The precondition shared by update and delete: the key exists and, if asked, is unchanged.
 fn check(key: &str, existing: Option<&KvEntry>, expected: Option<Revision>) -> Result<()> {
     match (existing, expected) {
-        (None, _) => Err(Error::NotFound {
-            key: key.to_string(),
-        }),
-        (Some(e), Some(want)) if e.mod_revision != want => Err(Error::Conflict {
-            key: key.to_string(),
-            expected: want,
-            current: e.mod_revision,
-        }),
+        (None, _) => Err(Error::NotFound { key: key.to_string() }),
+        (Some(e), Some(want)) if e.mod_revision != want => {
+            Err(Error::Conflict { key: key.to_string(), expected: want, current: e.mod_revision })
+        }
         _ => Ok(()),
     }
 }

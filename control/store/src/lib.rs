@@ -41,21 +41,12 @@ pub enum Error {
     NotFound { key: String },
     #[error("{key} already exists")]
     AlreadyExists { key: String },
-    #[error(
-        "{key} was modified: expected resourceVersion {expected}, current is {current}; get it again and retry"
-    )]
-    Conflict {
-        key: String,
-        expected: Revision,
-        current: Revision,
-    },
+    #[error("{key} was modified: expected resourceVersion {expected}, current is {current}; get it again and retry")]
+    Conflict { key: String, expected: Revision, current: Revision },
     #[error(
         "revision {requested} has been compacted (oldest available history starts after {compacted}); relist and watch from the new revision"
     )]
-    Compacted {
-        requested: Revision,
-        compacted: Revision,
-    },
+    Compacted { requested: Revision, compacted: Revision },
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("stored data is corrupt: {0}")]
@@ -112,12 +103,7 @@ pub trait ConfigStore: Send + Sync + fmt::Debug {
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<Revision>;
     /// Replaces `key`. With `expected`, only if its `mod_revision` is still that (else
     /// `Conflict`). Fails with `NotFound` if absent. Returns the new revision.
-    async fn update(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        expected: Option<Revision>,
-    ) -> Result<Revision>;
+    async fn update(&self, key: &str, value: Vec<u8>, expected: Option<Revision>) -> Result<Revision>;
     /// Deletes `key` (conditionally, like `update`). Returns the deleted entry and the revision
     /// of the deletion.
     async fn delete(&self, key: &str, expected: Option<Revision>) -> Result<(KvEntry, Revision)>;
@@ -135,10 +121,7 @@ pub enum StoreConfig {
     /// A redb file at this path.
     Embedded { path: std::path::PathBuf },
     /// etcd endpoints (`http://host:port`) and the key prefix to keep everything under.
-    Etcd {
-        endpoints: Vec<String>,
-        prefix: String,
-    },
+    Etcd { endpoints: Vec<String>, prefix: String },
 }
 
 impl fmt::Display for StoreConfig {

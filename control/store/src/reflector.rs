@@ -17,10 +17,7 @@ use crate::{Error, ResourceStore, Revision, WatchEvent};
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReflectorEvent {
     /// The complete current state (first, and again after a relist).
-    Synced {
-        items: Vec<Resource>,
-        revision: Revision,
-    },
+    Synced { items: Vec<Resource>, revision: Revision },
     /// One change after the last snapshot or change.
     Changed(Box<WatchEvent>),
     /// The store failed; the reflector retries with backoff. Informational.
@@ -55,11 +52,7 @@ pub fn reflector_from(
                 Some(rev) => rev,
                 None => match store.list(kind, namespace.as_deref()).await {
                     Ok((items, revision)) => {
-                        if tx
-                            .send(ReflectorEvent::Synced { items, revision })
-                            .await
-                            .is_err()
-                        {
+                        if tx.send(ReflectorEvent::Synced { items, revision }).await.is_err() {
                             return;
                         }
                         revision
@@ -119,18 +112,8 @@ pub fn reflector_from(
 
 /// Reports a store failure to the consumer and sleeps with exponential backoff (capped at 5 s).
 /// False when the consumer is gone.
-async fn report_and_back_off(
-    tx: &mpsc::Sender<ReflectorEvent>,
-    backoff: &mut Duration,
-    e: Error,
-) -> bool {
-    if tx
-        .send(ReflectorEvent::Retrying {
-            error: e.to_string(),
-        })
-        .await
-        .is_err()
-    {
+async fn report_and_back_off(tx: &mpsc::Sender<ReflectorEvent>, backoff: &mut Duration, e: Error) -> bool {
+    if tx.send(ReflectorEvent::Retrying { error: e.to_string() }).await.is_err() {
         return false;
     }
     tokio::time::sleep(*backoff).await;

@@ -52,8 +52,8 @@ pub fn prefix(kind: Option<Kind>, namespace: Option<&str>) -> String {
 }
 
 fn decode(entry: &KvEntry, revision: Revision) -> Result<Resource> {
-    let mut res: Resource = serde_json::from_slice(&entry.value)
-        .map_err(|e| Error::Corrupt(format!("{}: {e}", entry.key)))?;
+    let mut res: Resource =
+        serde_json::from_slice(&entry.value).map_err(|e| Error::Corrupt(format!("{}: {e}", entry.key)))?;
     res.metadata.resource_version = Some(revision.to_string());
     Ok(res)
 }
@@ -61,8 +61,7 @@ fn decode(entry: &KvEntry, revision: Revision) -> Result<Resource> {
 fn encode(res: &Resource) -> Result<Vec<u8>> {
     let mut stored = res.clone();
     stored.metadata.resource_version = None;
-    let bytes = serde_json::to_vec(&stored)
-        .map_err(|e| Error::Invalid(format!("cannot encode resource: {e}")))?;
+    let bytes = serde_json::to_vec(&stored).map_err(|e| Error::Invalid(format!("cannot encode resource: {e}")))?;
     if bytes.len() > MAX_VALUE_BYTES {
         return Err(Error::Invalid(format!(
             "{} bytes is over the {MAX_VALUE_BYTES}-byte limit for one resource",
@@ -74,27 +73,15 @@ fn encode(res: &Resource) -> Result<Vec<u8>> {
 
 /// Parses `metadata.resourceVersion` as a revision.
 pub fn parse_resource_version(rv: &str) -> Result<Revision> {
-    rv.parse::<Revision>()
-        .ok()
-        .filter(|r| *r > 0)
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "metadata.resourceVersion {rv:?} is not a resourceVersion issued by this store"
-            ))
-        })
+    rv.parse::<Revision>().ok().filter(|r| *r > 0).ok_or_else(|| {
+        Error::Invalid(format!("metadata.resourceVersion {rv:?} is not a resourceVersion issued by this store"))
+    })
 }
 
 fn new_uid() -> String {
     let b: [u8; 16] = rand::random();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 impl ResourceStore {
@@ -116,16 +103,9 @@ impl ResourceStore {
 
     /// Resources of a kind (every kind when `None`), in one namespace or all, sorted by key,
     /// with the revision to watch from.
-    pub async fn list(
-        &self,
-        kind: Option<Kind>,
-        namespace: Option<&str>,
-    ) -> Result<(Vec<Resource>, Revision)> {
+    pub async fn list(&self, kind: Option<Kind>, namespace: Option<&str>) -> Result<(Vec<Resource>, Revision)> {
         let (entries, rev) = self.kv.list(&prefix(kind, namespace)).await?;
-        let items = entries
-            .iter()
-            .map(|e| decode(e, e.mod_revision))
-            .collect::<Result<Vec<_>>>()?;
+        let items = entries.iter().map(|e| decode(e, e.mod_revision)).collect::<Result<Vec<_>>>()?;
         Ok((items, rev))
     }
 
@@ -145,25 +125,14 @@ impl ResourceStore {
     /// current (`Conflict` otherwise); without it, unconditionally. Server-set metadata (uid,
     /// creationTimestamp) is kept; `generation` grows when the spec changes.
     pub async fn update(&self, key: &ResourceKey, res: &Resource) -> Result<Resource> {
-        let expected = res
-            .metadata
-            .resource_version
-            .as_deref()
-            .map(parse_resource_version)
-            .transpose()?;
+        let expected = res.metadata.resource_version.as_deref().map(parse_resource_version).transpose()?;
         let skey = key.storage_key();
         loop {
-            let current = self.kv.get(&skey).await?.ok_or_else(|| Error::NotFound {
-                key: key.to_string(),
-            })?;
+            let current = self.kv.get(&skey).await?.ok_or_else(|| Error::NotFound { key: key.to_string() })?;
             if let Some(want) = expected
                 && want != current.mod_revision
             {
-                return Err(Error::Conflict {
-                    key: key.to_string(),
-                    expected: want,
-                    current: current.mod_revision,
-                });
+                return Err(Error::Conflict { key: key.to_string(), expected: want, current: current.mod_revision });
             }
             let old = decode(&current, current.mod_revision)?;
             let mut new = res.clone();
@@ -171,16 +140,8 @@ impl ResourceStore {
             new.metadata.uid = old.metadata.uid.clone();
             new.metadata.creation_timestamp = old.metadata.creation_timestamp.clone();
             let generation = old.metadata.generation.unwrap_or(1);
-            new.metadata.generation = Some(if old.spec == new.spec {
-                generation
-            } else {
-                generation + 1
-            });
-            match self
-                .kv
-                .update(&skey, encode(&new)?, Some(current.mod_revision))
-                .await
-            {
+            new.metadata.generation = Some(if old.spec == new.spec { generation } else { generation + 1 });
+            match self.kv.update(&skey, encode(&new)?, Some(current.mod_revision)).await {
                 Ok(rev) => {
                     new.metadata.resource_version = Some(rev.to_string());
                     return Ok(new);
@@ -188,11 +149,7 @@ impl ResourceStore {
                 // Someone wrote in between: with no precondition from the caller, try again.
                 Err(Error::Conflict { .. }) if expected.is_none() => continue,
                 Err(Error::Conflict { current: now, .. }) => {
-                    return Err(Error::Conflict {
-                        key: key.to_string(),
-                        expected: current.mod_revision,
-                        current: now,
-                    });
+                    return Err(Error::Conflict { key: key.to_string(), expected: current.mod_revision, current: now });
                 }
                 Err(e) => return Err(e),
             }
@@ -202,23 +159,11 @@ impl ResourceStore {
     /// Deletes a resource, conditionally on `expected` if given. Returns it as it was, with the
     /// revision of the deletion.
     pub async fn delete(&self, key: &ResourceKey, expected: Option<Revision>) -> Result<Resource> {
-        let (entry, rev) =
-            self.kv
-                .delete(&key.storage_key(), expected)
-                .await
-                .map_err(|e| match e {
-                    Error::NotFound { .. } => Error::NotFound {
-                        key: key.to_string(),
-                    },
-                    Error::Conflict {
-                        expected, current, ..
-                    } => Error::Conflict {
-                        key: key.to_string(),
-                        expected,
-                        current,
-                    },
-                    other => other,
-                })?;
+        let (entry, rev) = self.kv.delete(&key.storage_key(), expected).await.map_err(|e| match e {
+            Error::NotFound { .. } => Error::NotFound { key: key.to_string() },
+            Error::Conflict { expected, current, .. } => Error::Conflict { key: key.to_string(), expected, current },
+            other => other,
+        })?;
         decode(&entry, rev)
     }
 
@@ -238,11 +183,7 @@ impl ResourceStore {
                 EventKind::Put if ev.entry.create_revision == rev => EventType::Added,
                 EventKind::Put => EventType::Modified,
             };
-            Ok(WatchEvent {
-                event_type,
-                revision: rev,
-                object: decode(&ev.entry, rev)?,
-            })
+            Ok(WatchEvent { event_type, revision: rev, object: decode(&ev.entry, rev)? })
         }))
     }
 

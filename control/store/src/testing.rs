@@ -38,10 +38,7 @@ pub fn etcd_binary() -> Result<PathBuf, String> {
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
 impl EtcdServer {
@@ -67,11 +64,7 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let mut server = EtcdServer {
-            child,
-            endpoint,
-            _dir: dir,
-        };
+        let mut server = EtcdServer { child, endpoint, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr = format!("127.0.0.1:{client}");
         loop {
@@ -79,8 +72,7 @@ impl EtcdServer {
                 return Ok(server);
             }
             if let Ok(Some(status)) = server.child.try_wait() {
-                let log = std::fs::read_to_string(server._dir.path().join("etcd.log"))
-                    .unwrap_or_default();
+                let log = std::fs::read_to_string(server._dir.path().join("etcd.log")).unwrap_or_default();
                 return Err(format!("etcd exited with {status}: {log}"));
             }
             if Instant::now() > deadline {
@@ -128,11 +120,7 @@ impl PowerLossDisk {
     pub fn crash(&self) -> PowerLossDisk {
         let durable = self.images().durable.clone();
         PowerLossDisk {
-            images: std::sync::Arc::new(std::sync::Mutex::new(Images {
-                volatile: durable.clone(),
-                durable,
-                syncs: 0,
-            })),
+            images: std::sync::Arc::new(std::sync::Mutex::new(Images { volatile: durable.clone(), durable, syncs: 0 })),
         }
     }
 
@@ -143,10 +131,7 @@ impl PowerLossDisk {
 }
 
 fn out_of_range() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        "access past the end of the disk",
-    )
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "access past the end of the disk")
 }
 
 impl redb::StorageBackend for PowerLossDisk {
@@ -157,10 +142,7 @@ impl redb::StorageBackend for PowerLossDisk {
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
         let images = self.images();
         let start = usize::try_from(offset).map_err(|_| out_of_range())?;
-        let src = images
-            .volatile
-            .get(start..start + out.len())
-            .ok_or_else(out_of_range)?;
+        let src = images.volatile.get(start..start + out.len()).ok_or_else(out_of_range)?;
         out.copy_from_slice(src);
         Ok(())
     }
@@ -181,10 +163,7 @@ impl redb::StorageBackend for PowerLossDisk {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         let mut images = self.images();
         let start = usize::try_from(offset).map_err(|_| out_of_range())?;
-        let dst = images
-            .volatile
-            .get_mut(start..start + data.len())
-            .ok_or_else(out_of_range)?;
+        let dst = images.volatile.get_mut(start..start + data.len()).ok_or_else(out_of_range)?;
         dst.copy_from_slice(data);
         Ok(())
     }

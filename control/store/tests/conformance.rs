@@ -22,12 +22,8 @@ async fn embedded() -> (ResourceStore, Guard) {
 
 async fn etcd() -> (ResourceStore, Guard) {
     let server = EtcdServer::start().expect("a real etcd (run scripts/setup.sh)");
-    let kv = trellis_store::etcd::EtcdStore::connect(
-        std::slice::from_ref(&server.endpoint),
-        "/trellis-test",
-    )
-    .await
-    .unwrap();
+    let kv =
+        trellis_store::etcd::EtcdStore::connect(std::slice::from_ref(&server.endpoint), "/trellis-test").await.unwrap();
     (ResourceStore::new(Arc::new(kv)), Box::new(server))
 }
 
@@ -44,20 +40,12 @@ fn vs(ns: &str, name: &str, weight_v1: i64) -> (ResourceKey, Resource) {
 }
 
 fn rv(r: &Resource) -> i64 {
-    r.metadata
-        .resource_version
-        .as_deref()
-        .unwrap()
-        .parse()
-        .unwrap()
+    r.metadata.resource_version.as_deref().unwrap().parse().unwrap()
 }
 
 /// Waits for the next stream item, failing the test after 10 s.
 async fn next<S: futures::Stream + Unpin>(s: &mut S) -> S::Item {
-    tokio::time::timeout(Duration::from_secs(10), s.next())
-        .await
-        .expect("no event within 10 s")
-        .expect("stream ended")
+    tokio::time::timeout(Duration::from_secs(10), s.next()).await.expect("no event within 10 s").expect("stream ended")
 }
 
 async fn create_get_list_and_server_metadata(s: ResourceStore) {
@@ -73,32 +61,15 @@ async fn create_get_list_and_server_metadata(s: ResourceStore) {
     let got = s.get(&k1).await.unwrap().unwrap();
     assert_eq!(got, c1);
     assert_eq!(got.spec, r1.spec);
-    let (in_ns, rev) = s
-        .list(Some(Kind::VirtualService), Some("bookinfo"))
-        .await
-        .unwrap();
-    assert_eq!(
-        in_ns
-            .iter()
-            .map(|r| r.metadata.name.as_str())
-            .collect::<Vec<_>>(),
-        vec!["ratings", "reviews"]
-    );
+    let (in_ns, rev) = s.list(Some(Kind::VirtualService), Some("bookinfo")).await.unwrap();
+    assert_eq!(in_ns.iter().map(|r| r.metadata.name.as_str()).collect::<Vec<_>>(), vec!["ratings", "reviews"]);
     assert!(rev >= rv(&c1));
     let (all, _) = s.list(Some(Kind::VirtualService), None).await.unwrap();
     assert_eq!(all.len(), 3);
     let (none, _) = s.list(Some(Kind::DestinationRule), None).await.unwrap();
     assert!(none.is_empty());
-    assert!(
-        s.get(&ResourceKey::new(Kind::VirtualService, "bookinfo", "nope"))
-            .await
-            .unwrap()
-            .is_none()
-    );
-    assert!(matches!(
-        s.create(&k1, &r1).await,
-        Err(Error::AlreadyExists { .. })
-    ));
+    assert!(s.get(&ResourceKey::new(Kind::VirtualService, "bookinfo", "nope")).await.unwrap().is_none());
+    assert!(matches!(s.create(&k1, &r1).await, Err(Error::AlreadyExists { .. })));
 }
 
 async fn update_is_compare_and_swap_on_resource_version(s: ResourceStore) {
@@ -110,15 +81,10 @@ async fn update_is_compare_and_swap_on_resource_version(s: ResourceStore) {
     assert!(rv(&updated) > rv(&created));
     assert_eq!(updated.metadata.generation, Some(2));
     assert_eq!(updated.metadata.uid, created.metadata.uid);
-    assert_eq!(
-        updated.metadata.creation_timestamp,
-        created.metadata.creation_timestamp
-    );
+    assert_eq!(updated.metadata.creation_timestamp, created.metadata.creation_timestamp);
     // The same stale resourceVersion again: refused, nothing changes.
     match s.update(&k, &changed).await {
-        Err(Error::Conflict {
-            expected, current, ..
-        }) => {
+        Err(Error::Conflict { expected, current, .. }) => {
             assert_eq!(expected, rv(&created));
             assert_eq!(current, rv(&updated));
         }
@@ -133,15 +99,9 @@ async fn update_is_compare_and_swap_on_resource_version(s: ResourceStore) {
     // Without a resourceVersion the update is unconditional.
     let (_, mut blind) = vs("ns", "a", 10);
     blind.metadata.resource_version = None;
-    assert_eq!(
-        s.update(&k, &blind).await.unwrap().metadata.generation,
-        Some(3)
-    );
+    assert_eq!(s.update(&k, &blind).await.unwrap().metadata.generation, Some(3));
     let missing = ResourceKey::new(Kind::VirtualService, "ns", "missing");
-    assert!(matches!(
-        s.update(&missing, &blind).await,
-        Err(Error::NotFound { .. })
-    ));
+    assert!(matches!(s.update(&missing, &blind).await, Err(Error::NotFound { .. })));
 }
 
 async fn delete_is_conditional_and_returns_the_object(s: ResourceStore) {
@@ -150,17 +110,11 @@ async fn delete_is_conditional_and_returns_the_object(s: ResourceStore) {
     let (_, mut changed) = vs("ns", "gone", 50);
     changed.metadata.resource_version = created.metadata.resource_version.clone();
     s.update(&k, &changed).await.unwrap();
-    assert!(matches!(
-        s.delete(&k, Some(rv(&created))).await,
-        Err(Error::Conflict { .. })
-    ));
+    assert!(matches!(s.delete(&k, Some(rv(&created))).await, Err(Error::Conflict { .. })));
     let deleted = s.delete(&k, None).await.unwrap();
     assert_eq!(deleted.spec, changed.spec);
     assert!(s.get(&k).await.unwrap().is_none());
-    assert!(matches!(
-        s.delete(&k, None).await,
-        Err(Error::NotFound { .. })
-    ));
+    assert!(matches!(s.delete(&k, None).await, Err(Error::NotFound { .. })));
     // The name can be reused, with a new uid.
     let again = s.create(&k, &r).await.unwrap();
     assert_ne!(again.metadata.uid, created.metadata.uid);
@@ -171,43 +125,26 @@ async fn watch_replays_history_then_follows_live_changes(s: ResourceStore) {
     let (kb, rb) = vs("ns", "b", 90);
     let a = s.create(&ka, &ra).await.unwrap();
     let b = s.create(&kb, &rb).await.unwrap();
-    let mut w = Box::pin(
-        s.watch(Some(Kind::VirtualService), Some("ns"), rv(&a))
-            .await
-            .unwrap(),
-    );
+    let mut w = Box::pin(s.watch(Some(Kind::VirtualService), Some("ns"), rv(&a)).await.unwrap());
     let first = next(&mut w).await.unwrap();
     assert_eq!(
-        (
-            first.event_type,
-            first.revision,
-            first.object.metadata.name.as_str()
-        ),
+        (first.event_type, first.revision, first.object.metadata.name.as_str()),
         (EventType::Added, rv(&b), "b")
     );
     let (_, mut changed) = vs("ns", "a", 40);
     changed.metadata.resource_version = a.metadata.resource_version.clone();
     let modified = s.update(&ka, &changed).await.unwrap();
     let ev = next(&mut w).await.unwrap();
-    assert_eq!(
-        (ev.event_type, ev.revision),
-        (EventType::Modified, rv(&modified))
-    );
+    assert_eq!((ev.event_type, ev.revision), (EventType::Modified, rv(&modified)));
     assert_eq!(ev.object.spec, changed.spec);
     // Writes elsewhere are not seen by this watch.
     let (kother, rother) = vs("elsewhere", "c", 90);
     s.create(&kother, &rother).await.unwrap();
     let deleted = s.delete(&kb, None).await.unwrap();
     let ev = next(&mut w).await.unwrap();
-    assert_eq!(
-        (ev.event_type, ev.revision),
-        (EventType::Deleted, rv(&deleted))
-    );
+    assert_eq!((ev.event_type, ev.revision), (EventType::Deleted, rv(&deleted)));
     assert_eq!(ev.object.metadata.name, "b");
-    assert_eq!(
-        ev.object.spec, rb.spec,
-        "a delete event carries the last state"
-    );
+    assert_eq!(ev.object.spec, rb.spec, "a delete event carries the last state");
 }
 
 /// Concurrent writers; a watcher that disconnects twice and resumes from the last revision it
@@ -232,11 +169,7 @@ async fn watch_resumed_from_last_revision_loses_and_repeats_nothing(s: ResourceS
     let mut after = start;
     let mut reconnects = 0;
     while seen.len() < WRITERS * EACH {
-        let mut w = Box::pin(
-            s.watch(Some(Kind::VirtualService), Some("load"), after)
-                .await
-                .unwrap(),
-        );
+        let mut w = Box::pin(s.watch(Some(Kind::VirtualService), Some("load"), after).await.unwrap());
         // Take a few events, then drop the stream as a broken connection would.
         for _ in 0..30 {
             if seen.len() == WRITERS * EACH {
@@ -253,10 +186,7 @@ async fn watch_resumed_from_last_revision_loses_and_repeats_nothing(s: ResourceS
         written.extend(t.await.unwrap());
     }
     assert!(reconnects >= 3);
-    assert!(
-        seen.windows(2).all(|p| p[0] < p[1]),
-        "revisions out of order or repeated: {seen:?}"
-    );
+    assert!(seen.windows(2).all(|p| p[0] < p[1]), "revisions out of order or repeated: {seen:?}");
     assert_eq!(seen.into_iter().collect::<BTreeSet<_>>(), written);
 }
 
@@ -274,15 +204,8 @@ async fn concurrent_compare_and_swap_writers_lose_no_update(s: ResourceStore) {
             for _ in 0..EACH {
                 loop {
                     let mut cur = s.get(&k).await.unwrap().unwrap();
-                    let n: u64 = cur
-                        .metadata
-                        .annotations
-                        .get("count")
-                        .map(|c| c.parse().unwrap())
-                        .unwrap_or(0);
-                    cur.metadata
-                        .annotations
-                        .insert("count".into(), (n + 1).to_string());
+                    let n: u64 = cur.metadata.annotations.get("count").map(|c| c.parse().unwrap()).unwrap_or(0);
+                    cur.metadata.annotations.insert("count".into(), (n + 1).to_string());
                     match s.update(&k, &cur).await {
                         Ok(_) => break,
                         Err(Error::Conflict { .. }) => conflicts += 1,
@@ -297,20 +220,13 @@ async fn concurrent_compare_and_swap_writers_lose_no_update(s: ResourceStore) {
         t.await.unwrap();
     }
     let end = s.get(&k).await.unwrap().unwrap();
-    assert_eq!(
-        end.metadata.annotations["count"],
-        (WRITERS * EACH).to_string()
-    );
+    assert_eq!(end.metadata.annotations["count"], (WRITERS * EACH).to_string());
 }
 
 async fn compacted_revision_is_an_error_and_the_reflector_relists(s: ResourceStore) {
     let (ka, ra) = vs("cmp", "a", 90);
     let a = s.create(&ka, &ra).await.unwrap();
-    let mut refl = Box::pin(reflector(
-        s.clone(),
-        Some(Kind::VirtualService),
-        Some("cmp".into()),
-    ));
+    let mut refl = Box::pin(reflector(s.clone(), Some(Kind::VirtualService), Some("cmp".into())));
     match next(&mut refl).await {
         ReflectorEvent::Synced { items, .. } => assert_eq!(items.len(), 1),
         other => panic!("expected a snapshot first, got {other:?}"),
@@ -324,10 +240,7 @@ async fn compacted_revision_is_an_error_and_the_reflector_relists(s: ResourceSto
     let (kc, rc) = vs("cmp", "c", 90);
     let c = s.create(&kc, &rc).await.unwrap();
     s.kv().compact(rv(&c)).await.unwrap();
-    match s
-        .watch(Some(Kind::VirtualService), Some("cmp"), rv(&a))
-        .await
-    {
+    match s.watch(Some(Kind::VirtualService), Some("cmp"), rv(&a)).await {
         Err(Error::Compacted { .. }) => {}
         Ok(mut w) => {
             // etcd reports compaction on the stream rather than on creation.
@@ -340,21 +253,10 @@ async fn compacted_revision_is_an_error_and_the_reflector_relists(s: ResourceSto
         Err(e) => panic!("expected Compacted, got {e}"),
     }
     // A reflector resuming from the compacted revision relists: a snapshot with everything.
-    let mut resumed = Box::pin(reflector_from(
-        s.clone(),
-        Some(Kind::VirtualService),
-        Some("cmp".into()),
-        Some(rv(&a)),
-    ));
+    let mut resumed = Box::pin(reflector_from(s.clone(), Some(Kind::VirtualService), Some("cmp".into()), Some(rv(&a))));
     match next(&mut resumed).await {
         ReflectorEvent::Synced { items, revision } => {
-            assert_eq!(
-                items
-                    .iter()
-                    .map(|i| i.metadata.name.as_str())
-                    .collect::<Vec<_>>(),
-                vec!["a", "b", "c"]
-            );
+            assert_eq!(items.iter().map(|i| i.metadata.name.as_str()).collect::<Vec<_>>(), vec!["a", "b", "c"]);
             assert!(revision >= rv(&c));
         }
         other => panic!("expected a relist after compaction, got {other:?}"),
@@ -366,9 +268,7 @@ async fn compacted_revision_is_an_error_and_the_reflector_relists(s: ResourceSto
     while !saw_d {
         match next(&mut refl).await {
             ReflectorEvent::Changed(ev) => saw_d = ev.revision == rv(&d),
-            ReflectorEvent::Synced { items, .. } => {
-                saw_d = items.iter().any(|i| i.metadata.name == "d")
-            }
+            ReflectorEvent::Synced { items, .. } => saw_d = items.iter().any(|i| i.metadata.name == "d"),
             ReflectorEvent::Retrying { error } => panic!("reflector failed: {error}"),
         }
     }
@@ -376,10 +276,7 @@ async fn compacted_revision_is_an_error_and_the_reflector_relists(s: ResourceSto
 
 async fn values_over_the_size_limit_are_refused(s: ResourceStore) {
     let (k, mut r) = vs("big", "a", 90);
-    r.metadata.annotations.insert(
-        "blob".into(),
-        "x".repeat(trellis_store::MAX_VALUE_BYTES + 1),
-    );
+    r.metadata.annotations.insert("blob".into(), "x".repeat(trellis_store::MAX_VALUE_BYTES + 1));
     assert!(matches!(s.create(&k, &r).await, Err(Error::Invalid(_))));
     assert!(s.get(&k).await.unwrap().is_none());
 }
@@ -429,52 +326,30 @@ async fn embedded_store_keeps_everything_across_reopen_and_refuses_a_second_open
         let (k, r) = vs("ns", "kept", 90);
         rv(&s.create(&k, &r).await.unwrap())
     };
-    let s = ResourceStore::new(Arc::new(
-        trellis_store::embedded::EmbeddedStore::open(&path).unwrap(),
-    ));
-    let kept = s
-        .get(&ResourceKey::new(Kind::VirtualService, "ns", "kept"))
-        .await
-        .unwrap()
-        .unwrap();
+    let s = ResourceStore::new(Arc::new(trellis_store::embedded::EmbeddedStore::open(&path).unwrap()));
+    let kept = s.get(&ResourceKey::new(Kind::VirtualService, "ns", "kept")).await.unwrap().unwrap();
     assert_eq!(rv(&kept), rev);
     assert_eq!(s.current_revision().await.unwrap(), rev);
     let (k, r) = vs("ns", "next", 90);
-    assert_eq!(
-        rv(&s.create(&k, &r).await.unwrap()),
-        rev + 1,
-        "revisions continue after reopen"
-    );
+    assert_eq!(rv(&s.create(&k, &r).await.unwrap()), rev + 1, "revisions continue after reopen");
 }
 
 #[tokio::test]
 async fn etcd_prefixes_isolate_meshes_and_two_clients_see_each_others_writes() {
     let server = EtcdServer::start().expect("a real etcd (run scripts/setup.sh)");
     let endpoints = vec![server.endpoint.clone()];
-    let one = ResourceStore::new(Arc::new(
-        trellis_store::etcd::EtcdStore::connect(&endpoints, "/mesh-one")
-            .await
-            .unwrap(),
-    ));
-    let one_again = ResourceStore::new(Arc::new(
-        trellis_store::etcd::EtcdStore::connect(&endpoints, "/mesh-one")
-            .await
-            .unwrap(),
-    ));
-    let two = ResourceStore::new(Arc::new(
-        trellis_store::etcd::EtcdStore::connect(&endpoints, "/mesh-two")
-            .await
-            .unwrap(),
-    ));
+    let one =
+        ResourceStore::new(Arc::new(trellis_store::etcd::EtcdStore::connect(&endpoints, "/mesh-one").await.unwrap()));
+    let one_again =
+        ResourceStore::new(Arc::new(trellis_store::etcd::EtcdStore::connect(&endpoints, "/mesh-one").await.unwrap()));
+    let two =
+        ResourceStore::new(Arc::new(trellis_store::etcd::EtcdStore::connect(&endpoints, "/mesh-two").await.unwrap()));
     let start = one_again.current_revision().await.unwrap();
     let mut w = Box::pin(one_again.watch(None, None, start).await.unwrap());
     let (k, r) = vs("ns", "shared", 90);
     let created = one.create(&k, &r).await.unwrap();
     let ev = next(&mut w).await.unwrap();
-    assert_eq!(
-        (ev.event_type, ev.revision),
-        (EventType::Added, rv(&created))
-    );
+    assert_eq!((ev.event_type, ev.revision), (EventType::Added, rv(&created)));
     assert!(two.get(&k).await.unwrap().is_none());
     assert!(two.list(None, None).await.unwrap().0.is_empty());
 }
@@ -482,13 +357,8 @@ async fn etcd_prefixes_isolate_meshes_and_two_clients_see_each_others_writes() {
 #[tokio::test]
 async fn etcd_connection_failure_says_where_it_tried() {
     let port = trellis_store::testing::free_port();
-    let err = trellis_store::etcd::EtcdStore::connect(&[format!("http://127.0.0.1:{port}")], "/x")
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, Error::Unavailable(m) if m.contains(&format!("127.0.0.1:{port}"))),
-        "{err}"
-    );
+    let err = trellis_store::etcd::EtcdStore::connect(&[format!("http://127.0.0.1:{port}")], "/x").await.unwrap_err();
+    assert!(matches!(&err, Error::Unavailable(m) if m.contains(&format!("127.0.0.1:{port}"))), "{err}");
 }
 
 /// Power loss, not just kill -9: concurrent writers, then a crash that keeps only what was
@@ -497,9 +367,7 @@ async fn etcd_connection_failure_says_where_it_tried() {
 async fn embedded_store_loses_no_acknowledged_write_on_power_loss() {
     use trellis_store::testing::PowerLossDisk;
     let disk = PowerLossDisk::new();
-    let kv =
-        trellis_store::embedded::EmbeddedStore::open_with_backend(disk.clone(), "power-loss-disk")
-            .unwrap();
+    let kv = trellis_store::embedded::EmbeddedStore::open_with_backend(disk.clone(), "power-loss-disk").unwrap();
     let s = ResourceStore::new(Arc::new(kv));
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut writers = Vec::new();
@@ -527,15 +395,10 @@ async fn embedded_store_loses_no_acknowledged_write_on_power_loss() {
     for w in writers {
         w.await.unwrap();
     }
-    assert!(
-        disk.syncs() >= 160,
-        "every acknowledged write must be fsynced ({} syncs for 160 writes)",
-        disk.syncs()
-    );
+    assert!(disk.syncs() >= 160, "every acknowledged write must be fsynced ({} syncs for 160 writes)", disk.syncs());
     drop(s);
     let recovered = ResourceStore::new(Arc::new(
-        trellis_store::embedded::EmbeddedStore::open_with_backend(after_crash, "recovered")
-            .unwrap(),
+        trellis_store::embedded::EmbeddedStore::open_with_backend(after_crash, "recovered").unwrap(),
     ));
     for k in &acked_before_crash {
         assert!(
@@ -543,9 +406,6 @@ async fn embedded_store_loses_no_acknowledged_write_on_power_loss() {
             "{k} was acknowledged before the crash but is gone after it"
         );
     }
-    let (items, _) = recovered
-        .list(Some(Kind::VirtualService), Some("power"))
-        .await
-        .unwrap();
+    let (items, _) = recovered.list(Some(Kind::VirtualService), Some("power")).await.unwrap();
     assert!(items.len() >= acked_before_crash.len());
 }

@@ -25,8 +25,7 @@ fn errors(r: &Resource) -> Vec<String> {
 fn assert_error(r: &Resource, path: &str, needle: &str) {
     let errs = errors(r);
     assert!(
-        errs.iter()
-            .any(|e| e.starts_with(&format!("{path}: ")) && e.contains(needle)),
+        errs.iter().any(|e| e.starts_with(&format!("{path}: ")) && e.contains(needle)),
         "expected an error at {path} containing {needle:?}, got {errs:?}"
     );
 }
@@ -49,30 +48,18 @@ fn weights_must_sum_to_100() {
 
 #[test]
 fn unknown_spec_fields_are_rejected_with_their_path() {
-    let r = res(
-        "DestinationRule",
-        "networking.istio.io/v1",
-        json!({"host": "x", "trafficPolicy": {"conectionPool": {}}}),
-    );
+    let r =
+        res("DestinationRule", "networking.istio.io/v1", json!({"host": "x", "trafficPolicy": {"conectionPool": {}}}));
     let errs = errors(&r);
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(
-        errs[0].starts_with("spec.trafficPolicy.conectionPool: unknown field `conectionPool`"),
-        "{errs:?}"
-    );
+    assert!(errs[0].starts_with("spec.trafficPolicy.conectionPool: unknown field `conectionPool`"), "{errs:?}");
 }
 
 #[test]
 fn wrong_types_and_enum_values_are_rejected() {
-    let r = vs(
-        json!({"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}, "weight": "ninety"}]}]}),
-    );
+    let r = vs(json!({"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}, "weight": "ninety"}]}]}));
     assert_error(&r, "spec.http[0].route[0].weight", "invalid type");
-    let r = res(
-        "PeerAuthentication",
-        "security.istio.io/v1",
-        json!({"mtls": {"mode": "STRICTEST"}}),
-    );
+    let r = res("PeerAuthentication", "security.istio.io/v1", json!({"mtls": {"mode": "STRICTEST"}}));
     assert_error(&r, "spec.mtls.mode", "unknown variant `STRICTEST`");
 }
 
@@ -82,11 +69,8 @@ fn unsupported_istio_fields_are_refused_by_name() {
         json!({"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}}], "corsPolicy": {"allowOrigins": []}}]}),
     );
     assert_error(&r, "spec.http[0].corsPolicy", "not supported by Trellis");
-    let r = res(
-        "AuthorizationPolicy",
-        "security.istio.io/v1",
-        json!({"action": "CUSTOM", "provider": {"name": "ext"}}),
-    );
+    let r =
+        res("AuthorizationPolicy", "security.istio.io/v1", json!({"action": "CUSTOM", "provider": {"name": "ext"}}));
     assert_error(&r, "spec.provider", "not supported");
 }
 
@@ -99,11 +83,7 @@ fn durations_ranges_and_regexes_are_checked() {
         "retries": {"attempts": -1, "retryOn": "5xx,sometimes"},
         "fault": {"abort": {"httpStatus": 700}, "delay": {"percentage": {"value": 150}}},
         "mirrorPercentage": {"value": 10}}]}));
-    assert_error(
-        &r,
-        "spec.http[0].match[0].uri.regex",
-        "invalid regular expression",
-    );
+    assert_error(&r, "spec.http[0].match[0].uri.regex", "invalid regular expression");
     assert_error(&r, "spec.http[0].match[1].headers[End-User]", "lower-case");
     assert_error(&r, "spec.http[0].timeout", "expected a number");
     assert_error(&r, "spec.http[0].retries.attempts", "negative");
@@ -127,18 +107,9 @@ fn hosts_ports_and_names_are_checked() {
     assert_error(&r, "spec.ports[0].number", "out of range");
     assert_error(&r, "spec.ports[1].name", "duplicate port name");
     assert_error(&r, "spec.ports[1].protocol", "unknown protocol");
-    assert_error(
-        &r,
-        "spec.endpoints[0].address",
-        "STATIC resolution needs IP addresses",
-    );
-    assert_error(
-        &r,
-        "spec.endpoints[0].ports[grpc]",
-        "not the name of a port",
-    );
-    let mut bad_name =
-        vs(json!({"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}}]}]}));
+    assert_error(&r, "spec.endpoints[0].address", "STATIC resolution needs IP addresses");
+    assert_error(&r, "spec.endpoints[0].ports[grpc]", "not the name of a port");
+    let mut bad_name = vs(json!({"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}}]}]}));
     bad_name.metadata.name = "Bad_Name".into();
     assert_error(&bad_name, "metadata.name", "not a valid name");
 }
@@ -153,27 +124,11 @@ fn authorization_principals_and_conditions_are_checked() {
         "to": [{"operation": {"ports": ["http"], "paths": ["reviews"]}}],
         "when": [{"key": "request.colour", "values": ["red"]}]}]}),
     );
-    assert_error(
-        &r,
-        "spec.rules[0].from[0].source.principals[0]",
-        "only allowed as a prefix or suffix",
-    );
-    assert_error(
-        &r,
-        "spec.rules[0].from[0].source.principals[1]",
-        "without \"spiffe://\"",
-    );
+    assert_error(&r, "spec.rules[0].from[0].source.principals[0]", "only allowed as a prefix or suffix");
+    assert_error(&r, "spec.rules[0].from[0].source.principals[1]", "without \"spiffe://\"");
     assert_error(&r, "spec.rules[0].from[1].source", "required");
-    assert_error(
-        &r,
-        "spec.rules[0].to[0].operation.ports[0]",
-        "not a port number",
-    );
-    assert_error(
-        &r,
-        "spec.rules[0].to[0].operation.paths[0]",
-        "start with '/'",
-    );
+    assert_error(&r, "spec.rules[0].to[0].operation.ports[0]", "not a port number");
+    assert_error(&r, "spec.rules[0].to[0].operation.paths[0]", "start with '/'");
     assert_error(&r, "spec.rules[0].when[0].key", "unknown condition key");
 }
 
@@ -227,37 +182,21 @@ fn recent_istio_fields_are_accepted_or_refused_by_name() {
         "networking.istio.io/v1",
         json!({"host": "a", "trafficPolicy": {"retryBudget": {"percent": 20}}}),
     );
-    assert_error(
-        &r,
-        "spec.trafficPolicy.retryBudget",
-        "not supported by Trellis",
-    );
+    assert_error(&r, "spec.trafficPolicy.retryBudget", "not supported by Trellis");
     let r = res(
         "ServiceEntry",
         "networking.istio.io/v1",
         json!({"hosts": ["*.example.com"], "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}], "resolution": "DYNAMIC_DNS"}),
     );
     assert_error(&r, "spec.resolution", "DYNAMIC_DNS");
-    let r =
-        vs(json!({"hosts": ["a"], "http": [{"redirect": {"prefixRewrite": "/new", "uri": "/x"}}]}));
-    assert_error(
-        &r,
-        "spec.http[0].redirect.prefixRewrite",
-        "mutually exclusive",
-    );
+    let r = vs(json!({"hosts": ["a"], "http": [{"redirect": {"prefixRewrite": "/new", "uri": "/x"}}]}));
+    assert_error(&r, "spec.http[0].redirect.prefixRewrite", "mutually exclusive");
     let r = vs(
         json!({"hosts": ["a"], "http": [{"match": [{"uri": {"exact": "/a", "prefix": "/b"}}, {"headers": {"x-present": {}}}], "route": [{"destination": {"host": "a"}}]}]}),
     );
     let errs = errors(&r);
-    assert_eq!(
-        errs.len(),
-        1,
-        "an empty header match means presence: {errs:?}"
-    );
-    assert!(
-        errs[0].starts_with("spec.http[0].match[0].uri: only one of"),
-        "{errs:?}"
-    );
+    assert_eq!(errs.len(), 1, "an empty header match means presence: {errs:?}");
+    assert!(errs[0].starts_with("spec.http[0].match[0].uri: only one of"), "{errs:?}");
 }
 
 #[test]
@@ -266,16 +205,10 @@ fn tls_and_tcp_matches_and_direct_response_bodies_are_checked() {
         json!({"hosts": ["a"], "tcp": [{"match": [{"sourceNamespace": "Bad_NS", "sourceLabels": {"app": "x*"}}], "route": [{"destination": {"host": "a"}}]}],
         "http": [{"directResponse": {"status": 200, "body": {"bytes": "not base64!"}}}]}),
     );
-    assert_error(
-        &r,
-        "spec.tcp[0].match[0].sourceNamespace",
-        "not a namespace",
-    );
+    assert_error(&r, "spec.tcp[0].match[0].sourceNamespace", "not a namespace");
     assert_error(&r, "spec.tcp[0].match[0].sourceLabels[app]", "wildcards");
     assert_error(&r, "spec.http[0].directResponse.body.bytes", "base64");
-    let ok = vs(
-        json!({"hosts": ["a"], "http": [{"directResponse": {"status": 503, "body": {"bytes": "aGVsbG8="}}}]}),
-    );
+    let ok = vs(json!({"hosts": ["a"], "http": [{"directResponse": {"status": 503, "body": {"bytes": "aGVsbG8="}}}]}));
     assert_eq!(errors(&ok), Vec::<String>::new());
 }
 
@@ -294,10 +227,7 @@ fn every_bad_field_is_reported_not_just_the_first() {
     for (path, needle) in [
         ("spec.trafficPolicy.conectionPool", "unknown field"),
         ("spec.trafficPolicy.tunnel", "not supported by Trellis"),
-        (
-            "spec.trafficPolicy.loadBalancer.simple",
-            "unknown variant `FASTEST`",
-        ),
+        ("spec.trafficPolicy.loadBalancer.simple", "unknown variant `FASTEST`"),
         ("spec.subsets[0].lables", "unknown field"),
     ] {
         assert_error(&r, path, needle);
