@@ -383,3 +383,20 @@ async fn the_api_over_tls_is_trusted_only_with_its_ca() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(dir.path().join("api-ca.key")).unwrap().permissions().mode() & 0o777, 0o600);
 }
+
+#[tokio::test]
+async fn istio_metadata_and_status_are_kept_as_sent() {
+    let s = start(false).await;
+    let c = client(&s);
+    let mut r = vs("kept", (90, 10));
+    r.metadata.extra.insert("managedFields".into(), json!([{"manager": "kubectl", "operation": "Update"}]));
+    r.metadata.extra.insert("finalizers".into(), json!(["example.com/keep"]));
+    r.metadata.annotations.insert("kubectl.kubernetes.io/last-applied-configuration".into(), "{}".into());
+    r.status = Some(json!({"conditions": [{"type": "Reconciled", "status": "True"}], "observedGeneration": 1}));
+    c.create(&r).await.unwrap();
+    let got = c.get(Kind::VirtualService, Some("bookinfo"), "kept").await.unwrap().unwrap();
+    assert_eq!(got.metadata.extra["managedFields"], r.metadata.extra["managedFields"]);
+    assert_eq!(got.metadata.extra["finalizers"], r.metadata.extra["finalizers"]);
+    assert_eq!(got.metadata.annotations, r.metadata.annotations);
+    assert_eq!(got.status, r.status);
+}
