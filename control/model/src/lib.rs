@@ -14,6 +14,7 @@ pub mod duration;
 pub mod kind;
 pub mod meta;
 pub mod parse;
+pub mod registry;
 pub mod spec;
 pub mod validate;
 

@@ -1,0 +1,352 @@
+//! The service registry: services and their endpoints, from whatever source knows them.
+//!
+//! Sources today: ServiceEntry + WorkloadEntry (static, outside Kubernetes) and workloads that
+//! announce themselves in their proxy's xDS node metadata. Kubernetes and remote clusters plug
+//! in later as more [`WorkloadInstance`] producers. Every endpoint carries its cluster and
+//! network from day one, so the same service in two clusters is one service with endpoints
+//! from both.
+//!
+//! [`build`] is a pure function: config + announced workloads → [`RegistrySnapshot`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::analyze::fqdn;
+use crate::meta::ResourceKey;
+use crate::spec::{Labels, ServiceEntry, ServiceEntryLocation, ServiceEntryResolution, Spec, WorkloadEntry};
+
+/// Where a workload runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl Locality {
+    /// Parses Istio's `region/zone/subzone` form.
+    pub fn parse(s: &str) -> Locality {
+        let mut parts = s.splitn(3, '/');
+        Locality {
+            region: parts.next().unwrap_or_default().to_string(),
+            zone: parts.next().unwrap_or_default().to_string(),
+            subzone: parts.next().unwrap_or_default().to_string(),
+        }
+    }
+}
+
+/// The application protocol of a port, as Istio names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    GrpcWeb,
+    Https,
+    Tls,
+    Tcp,
+    Mongo,
+    Mysql,
+    Redis,
+}
+
+impl Protocol {
+    /// Istio's protocol names are case-insensitive; unknown or empty means TCP.
+    pub fn parse(s: &str) -> Protocol {
+        match s.to_ascii_uppercase().as_str() {
+            "HTTP" => Protocol::Http,
+            "HTTP2" => Protocol::Http2,
+            "GRPC" => Protocol::Grpc,
+            "GRPC-WEB" => Protocol::GrpcWeb,
+            "HTTPS" => Protocol::Https,
+            "TLS" => Protocol::Tls,
+            "MONGO" => Protocol::Mongo,
+            "MYSQL" => Protocol::Mysql,
+            "REDIS" => Protocol::Redis,
+            _ => Protocol::Tcp,
+        }
+    }
+
+    /// Routed at L7 by the proxy.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb)
+    }
+
+    /// Upstream speaks HTTP/2.
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServicePort {
+    pub number: u32,
+    pub name: String,
+    pub protocol: Protocol,
+    /// Port on the endpoints when it differs and the endpoint names none.
+    pub target_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Endpoints are known (EDS).
+    Static,
+    /// Endpoints are DNS names the proxy resolves.
+    Dns,
+    /// Passthrough to the original destination.
+    None,
+}
+
+/// A service: a host name and ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Fully qualified host, e.g. `reviews.bookinfo.svc.cluster.local`.
+    pub hostname: String,
+    pub namespace: String,
+    pub ports: Vec<ServicePort>,
+    pub resolution: Resolution,
+    pub mesh_internal: bool,
+    /// Namespaces it is visible to (`*` = all, `.` = its own); empty means all.
+    pub export_to: Vec<String>,
+    /// Where it came from, e.g. `ServiceEntry bookinfo/reviews`.
+    pub origin: String,
+}
+
+impl Service {
+    pub fn port(&self, number: u32) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.number == number)
+    }
+
+    /// Whether a proxy in `namespace` may see this service.
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        self.export_to.is_empty()
+            || self.export_to.iter().any(|e| e == "*" || e == namespace || (e == "." && self.namespace == namespace))
+    }
+}
+
+/// A workload, wherever it was learned: a WorkloadEntry, an inline ServiceEntry endpoint, or a
+/// proxy's node metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WorkloadInstance {
+    /// e.g. `reviews-v1` (WorkloadEntry name) or the proxy's WORKLOAD_NAME.
+    pub name: String,
+    pub namespace: String,
+    pub address: String,
+    /// Named ports (service port name → port on this workload).
+    pub ports: BTreeMap<String, u32>,
+    pub labels: Labels,
+    pub service_account: String,
+    pub locality: Locality,
+    pub network: String,
+    /// Cluster the workload runs in (`Kubernetes` cluster id, or the MeshCluster name).
+    pub cluster: String,
+    pub weight: u32,
+}
+
+/// An endpoint of one service port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub address: String,
+    pub port: u32,
+    pub labels: Labels,
+    pub service_account: String,
+    pub locality: Locality,
+    pub network: String,
+    pub cluster: String,
+    pub weight: u32,
+    pub workload: String,
+}
+
+/// Everything the registry knows at one point in time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistrySnapshot {
+    /// By hostname.
+    pub services: BTreeMap<String, Service>,
+    /// By (hostname, service port number).
+    pub endpoints: BTreeMap<(String, u32), Vec<Endpoint>>,
+}
+
+impl RegistrySnapshot {
+    pub fn endpoints(&self, host: &str, port: u32) -> &[Endpoint] {
+        self.endpoints.get(&(host.to_string(), port)).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+fn from_workload_entry(name: &str, namespace: &str, we: &WorkloadEntry, default_cluster: &str) -> WorkloadInstance {
+    WorkloadInstance {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        address: we.address.clone(),
+        ports: we.ports.clone(),
+        labels: we.labels.clone(),
+        service_account: if we.service_account.is_empty() { "default".into() } else { we.service_account.clone() },
+        locality: Locality::parse(&we.locality),
+        network: we.network.clone(),
+        cluster: default_cluster.to_string(),
+        weight: we.weight.unwrap_or(1),
+    }
+}
+
+fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Builds the registry from validated config (ServiceEntries, WorkloadEntries) and workloads
+/// announced by proxies. `default_cluster` names the cluster of config-defined workloads.
+pub fn build(
+    config: &[(ResourceKey, Spec)],
+    announced: &[WorkloadInstance],
+    default_cluster: &str,
+) -> RegistrySnapshot {
+    let mut workloads: Vec<WorkloadInstance> = announced.to_vec();
+    for (key, spec) in config {
+        if let Spec::WorkloadEntry(we) = spec {
+            workloads.push(from_workload_entry(&key.name, &key.namespace, we, default_cluster));
+        }
+    }
+    let mut snap = RegistrySnapshot::default();
+    for (key, spec) in config {
+        let Spec::ServiceEntry(se) = spec else { continue };
+        let instances: Vec<WorkloadInstance> = match &se.workload_selector {
+            Some(sel) => workloads
+                .iter()
+                .filter(|w| w.namespace == key.namespace && selects(&sel.labels, &w.labels))
+                .cloned()
+                .collect(),
+            None => se
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| from_workload_entry(&format!("{}-{i}", key.name), &key.namespace, e, default_cluster))
+                .collect(),
+        };
+        add_service_entry(&mut snap, key, se, &instances);
+    }
+    // Stable order of endpoints.
+    for eps in snap.endpoints.values_mut() {
+        eps.sort();
+        eps.dedup();
+    }
+    snap
+}
+
+fn add_service_entry(
+    snap: &mut RegistrySnapshot,
+    key: &ResourceKey,
+    se: &ServiceEntry,
+    instances: &[WorkloadInstance],
+) {
+    let ports: Vec<ServicePort> = se
+        .ports
+        .iter()
+        .map(|p| ServicePort {
+            number: p.number,
+            name: p.name.clone(),
+            protocol: Protocol::parse(&p.protocol),
+            target_port: p.target_port,
+        })
+        .collect();
+    let resolution = match se.resolution {
+        ServiceEntryResolution::STATIC => Resolution::Static,
+        ServiceEntryResolution::DNS | ServiceEntryResolution::DNS_ROUND_ROBIN => Resolution::Dns,
+        ServiceEntryResolution::NONE | ServiceEntryResolution::DYNAMIC_DNS => Resolution::None,
+    };
+    for host in &se.hosts {
+        let hostname = fqdn(host, &key.namespace);
+        let service = Service {
+            hostname: hostname.clone(),
+            namespace: key.namespace.clone(),
+            ports: ports.clone(),
+            resolution,
+            mesh_internal: se.location == ServiceEntryLocation::MESH_INTERNAL,
+            export_to: se.export_to.clone(),
+            origin: key.to_string(),
+        };
+        for port in &ports {
+            let mut eps = Vec::new();
+            for w in instances {
+                let target = w.ports.get(&port.name).copied().or(port.target_port).unwrap_or(port.number);
+                eps.push(Endpoint {
+                    address: w.address.clone(),
+                    port: target,
+                    labels: w.labels.clone(),
+                    service_account: w.service_account.clone(),
+                    locality: w.locality.clone(),
+                    network: w.network.clone(),
+                    cluster: w.cluster.clone(),
+                    weight: w.weight.max(1),
+                    workload: w.name.clone(),
+                });
+            }
+            // DNS services without endpoints resolve their own host name.
+            if eps.is_empty() && resolution == Resolution::Dns && !hostname.starts_with('*') {
+                eps.push(Endpoint {
+                    address: hostname.clone(),
+                    port: port.target_port.unwrap_or(port.number),
+                    labels: Labels::new(),
+                    service_account: String::new(),
+                    locality: Locality::default(),
+                    network: String::new(),
+                    cluster: String::new(),
+                    weight: 1,
+                    workload: String::new(),
+                });
+            }
+            snap.endpoints.entry((hostname.clone(), port.number)).or_default().extend(eps);
+        }
+        // First definition of a host wins (older config first), like Istio.
+        snap.services.entry(hostname).or_insert(service);
+    }
+}
+
+/// Service accounts behind a service, for SAN checks later.
+pub fn service_accounts(snap: &RegistrySnapshot, host: &str) -> BTreeSet<String> {
+    snap.endpoints
+        .iter()
+        .filter(|((h, _), _)| h == host)
+        .flat_map(|(_, eps)| eps.iter().map(|e| e.service_account.clone()))
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{parse_documents, validate_resource};
+
+    fn config(yaml: &str) -> Vec<(ResourceKey, Spec)> {
+        let (docs, errors) = parse_documents(yaml, "t.yaml");
+        assert!(errors.is_empty(), "{errors:?}");
+        docs.iter().map(|d| validate_resource(&d.resource, "default").unwrap()).collect()
+    }
+
+    #[test]
+    fn service_entries_select_workload_entries_and_map_ports() {
+        let cfg = config(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews.bookinfo.svc.cluster.local]\n  ports: [{number: 9080, name: http, protocol: HTTP, targetPort: 19080}]\n  resolution: STATIC\n  workloadSelector: {labels: {app: reviews}}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: reviews-v1, namespace: bookinfo}\nspec: {address: 127.0.0.2, labels: {app: reviews, version: v1}, locality: us-east1/a}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: reviews-v2, namespace: bookinfo}\nspec: {address: 127.0.0.3, ports: {http: 8080}, labels: {app: reviews, version: v2}, serviceAccount: reviews}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: elsewhere, namespace: other}\nspec: {address: 127.0.0.4, labels: {app: reviews}}\n",
+        );
+        let announced = vec![WorkloadInstance {
+            name: "reviews-v3".into(),
+            namespace: "bookinfo".into(),
+            address: "127.0.0.5".into(),
+            labels: [("app".to_string(), "reviews".to_string()), ("version".to_string(), "v3".to_string())].into(),
+            cluster: "east".into(),
+            weight: 1,
+            ..Default::default()
+        }];
+        let snap = build(&cfg, &announced, "local");
+        let svc = &snap.services["reviews.bookinfo.svc.cluster.local"];
+        assert_eq!(svc.ports[0].protocol, Protocol::Http);
+        let eps = snap.endpoints("reviews.bookinfo.svc.cluster.local", 9080);
+        let got: Vec<(&str, u32, &str)> =
+            eps.iter().map(|e| (e.address.as_str(), e.port, e.cluster.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![("127.0.0.2", 19080, "local"), ("127.0.0.3", 8080, "local"), ("127.0.0.5", 19080, "east")]
+        );
+        assert_eq!(eps[0].locality, Locality { region: "us-east1".into(), zone: "a".into(), subzone: String::new() });
+        assert_eq!(
+            service_accounts(&snap, "reviews.bookinfo.svc.cluster.local"),
+            ["default".to_string(), "reviews".to_string()].into()
+        );
+    }
+}
