@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod echo;
+pub mod envoy;
+pub mod http;
+
 pub use trellis_store::testing::{EtcdServer, free_port};
 
 /// The repository root.
@@ -50,6 +54,10 @@ pub struct ControlPlane {
     pub log: PathBuf,
     /// Whether the API serves TLS (started with `--api-tls on`).
     pub tls: bool,
+    /// `127.0.0.1:PORT` of the ADS server.
+    pub xds_addr: String,
+    /// `127.0.0.1:PORT` of the debug server.
+    pub debug_addr: String,
 }
 
 impl ControlPlane {
@@ -60,18 +68,21 @@ impl ControlPlane {
         let addr = format!("127.0.0.1:{port}");
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.join(format!("control-{port}.log"));
+        let xds_addr = format!("127.0.0.1:{}", free_port());
+        let debug_addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(binary("trellis-control")?)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--api-addr")
             .arg(&addr)
+            .args(["--xds-addr", &xds_addr, "--debug-addr", &debug_addr])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting trellis-control")?;
         let tls = extra.windows(2).any(|w| w == ["--api-tls", "on"]);
-        let mut cp = ControlPlane { child, addr, data_dir: data_dir.to_path_buf(), log, tls };
+        let mut cp = ControlPlane { child, addr, data_dir: data_dir.to_path_buf(), log, tls, xds_addr, debug_addr };
         let target = cp.addr.clone();
         let mut exited = None;
         let ready = await_condition("trellis-control to listen", Duration::from_secs(30), || {

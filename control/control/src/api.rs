@@ -43,6 +43,8 @@ use crate::auth::{Auth, Principal};
 pub struct ApiState {
     pub store: ResourceStore,
     pub auth: Arc<Auth>,
+    /// The xDS hub, for proxy status (absent in API-only tests).
+    pub hub: Option<Arc<trellis_xds::Hub>>,
 }
 
 /// The API router. `/healthz` and `/version` need no token; everything under `/apis` does.
@@ -51,6 +53,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/apis", get(discovery))
         .route("/apis/trellis.dev/v1alpha1/apply", post(apply))
         .route("/apis/trellis.dev/v1alpha1/analyze", get(analyze_stored))
+        .route("/apis/trellis.dev/v1alpha1/proxystatus", get(proxy_status))
         .route("/apis/{group}/{version}/namespaces/{ns}/{plural}", get(list_namespaced).post(create_namespaced))
         .route(
             "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
@@ -103,7 +106,7 @@ fn authorize(principal: &Principal, method: &Method, path: &str) -> Result<(), S
             // Namespace limits are checked per item; only the role matters here.
             if principal.role == TokenRole::Viewer { Err(e) } else { Ok(()) }
         }),
-        ["trellis.dev", "v1alpha1", "analyze"] => principal.check(false, None, None),
+        ["trellis.dev", "v1alpha1", "analyze" | "proxystatus"] => principal.check(false, None, None),
         [group, _, "namespaces", ns, plural, ..] => {
             principal.check(write, Kind::from_group_plural(group, plural), Some(ns))
         }
@@ -749,4 +752,11 @@ async fn analyze_stored(State(s): State<ApiState>) -> ApiResult<Response> {
     let items = stored_analyzed(&s.store).await?;
     let diags: Vec<Value> = analyze(&items).iter().map(diagnostic_json).collect();
     Ok(axum::Json(json!({"resources": items.len(), "diagnostics": diags})).into_response())
+}
+
+async fn proxy_status(State(s): State<ApiState>) -> ApiResult<Response> {
+    match &s.hub {
+        Some(hub) => Ok(axum::Json(crate::debug::proxy_status_json(hub)).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "NotFound", "this control plane serves no xDS")),
+    }
 }

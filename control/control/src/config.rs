@@ -67,6 +67,23 @@ pub struct Config {
     #[arg(long = "api-tls-san", value_name = "NAME")]
     pub api_tls_sans: Vec<String>,
 
+    /// Address of the xDS (ADS) gRPC server, plaintext. Keep it on loopback or a trusted
+    /// network until xDS over TLS lands.
+    #[arg(long, env = "TRELLIS_XDS_ADDR", default_value = "127.0.0.1:15010")]
+    pub xds_addr: SocketAddr,
+
+    /// Address of the debug HTTP server (`/debug/syncz`, `/healthz`).
+    #[arg(long, env = "TRELLIS_DEBUG_ADDR", default_value = "127.0.0.1:15014")]
+    pub debug_addr: SocketAddr,
+
+    /// How long a burst of config changes is collected before one push to proxies, in ms.
+    #[arg(long, default_value_t = 100)]
+    pub push_debounce_ms: u64,
+
+    /// Cluster id of workloads defined by config (WorkloadEntry, ServiceEntry endpoints).
+    #[arg(long, env = "TRELLIS_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
     /// Files or directories of configuration to apply at start (like `trellis apply -f`).
     #[arg(long = "apply", value_name = "PATH")]
     pub apply: Vec<PathBuf>,

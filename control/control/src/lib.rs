@@ -12,6 +12,8 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod config_apply;
+pub mod debug;
+pub mod index;
 pub mod tls;
 
 pub use api::{ApiState, router};

@@ -40,7 +40,29 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let auth = Arc::new(Auth::new(vec![token], config.allow_anonymous_loopback));
     auth.watch_tokens(store.clone());
-    let state = ApiState { store, auth };
+    // xDS: config index → hub (debounced state) → ADS server; status on the debug port.
+    let hub = trellis_xds::Hub::new(trellis_xds::HubOptions {
+        debounce: std::time::Duration::from_millis(config.push_debounce_ms),
+        default_cluster: config.cluster_id.clone(),
+    });
+    tokio::spawn(hub.clone().run(trellis_control::index::spawn(store.clone())));
+    let xds_listener =
+        TcpListener::bind(config.xds_addr).await.with_context(|| format!("binding xDS to {}", config.xds_addr))?;
+    let xds_addr = xds_listener.local_addr()?;
+    let ads = trellis_xds::AdsServer::new(hub.clone()).service();
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
+        if let Err(e) = tonic::transport::Server::builder().add_service(ads).serve_with_incoming(incoming).await {
+            tracing::error!(error = %e, "xDS server stopped");
+        }
+    });
+    let debug_listener = TcpListener::bind(config.debug_addr)
+        .await
+        .with_context(|| format!("binding the debug port to {}", config.debug_addr))?;
+    let debug_addr = debug_listener.local_addr()?;
+    let debug = trellis_control::debug::router(hub.clone());
+    tokio::spawn(async move { axum::serve(debug_listener, debug).await });
+    let state = ApiState { store, auth, hub: Some(hub) };
     let tls_config = if tls {
         let given = config.api_tls_cert.as_deref().zip(config.api_tls_key.as_deref());
         Some(trellis_control::tls::server_config(&config.data_dir, given, &config.api_tls_names())?)
@@ -57,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
         (false, _) => String::new(),
     };
     eprintln!(
-        "\nTrellis control plane is up.\n  config API:  {scheme}://{addr}\n  store:       {store_config}\n  admin token: {}\n\nTry:\n  export TRELLIS_SERVER={scheme}://{addr} TRELLIS_TOKEN_FILE={}{ca_env}\n  trellis get virtualservices -A\n  trellis apply -f examples/\n  trellis analyze\n",
+        "\nTrellis control plane is up.\n  config API:  {scheme}://{addr}\n  xDS (ADS):   {xds_addr} (plaintext gRPC)\n  debug:       http://{debug_addr}/debug/syncz\n  store:       {store_config}\n  admin token: {}\n\nTry:\n  export TRELLIS_SERVER={scheme}://{addr} TRELLIS_TOKEN_FILE={}{ca_env}\n  trellis get virtualservices -A\n  trellis apply -f examples/\n  trellis analyze\n",
         token_file.display(),
         token_file.display(),
     );

@@ -25,7 +25,7 @@ async fn start(anonymous: bool) -> Server {
     let store = ResourceStore::new(Arc::new(kv));
     let auth = Arc::new(Auth::new(vec![TOKEN.into()], anonymous));
     auth.watch_tokens(store.clone());
-    let state = ApiState { store: store.clone(), auth };
+    let state = ApiState { store: store.clone(), auth, hub: None };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router(state)).await });
@@ -359,7 +359,7 @@ async fn the_api_over_tls_is_trusted_only_with_its_ca() {
     let dir = tempfile::tempdir().unwrap();
     let kv = trellis_store::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
     let store = ResourceStore::new(Arc::new(kv));
-    let state = ApiState { store, auth: Arc::new(Auth::new(vec![TOKEN.into()], false)) };
+    let state = ApiState { store, auth: Arc::new(Auth::new(vec![TOKEN.into()], false)), hub: None };
     let tls = trellis_control::tls::server_config(dir.path(), None, &["127.0.0.1".into(), "localhost".into()]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

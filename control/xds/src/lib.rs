@@ -8,8 +8,12 @@
 //!
 //! Depends on the model and envoy-types; knows nothing of stores or HTTP.
 
+pub mod hub;
 pub mod proxy;
+pub mod server;
 pub mod translate;
 
+pub use hub::{Hub, HubOptions};
 pub use proxy::ProxyInfo;
+pub use server::AdsServer;
 pub use translate::{ConfigSnapshot, Translated, translate};

@@ -1,0 +1,104 @@
+//! Echo upstreams: real HTTP/1.1 servers on loopback that answer with their name, record what
+//! they received (path, Host, headers) and can be told to fail or stall.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// What an echo server has seen.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub requests: AtomicU64,
+    /// Requests being served right now, and the most ever at once.
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+    /// Host headers received, in order (bounded to the last 1,000).
+    pub hosts: Mutex<Vec<String>>,
+}
+
+/// A running echo server. Dropping it stops accepting.
+#[derive(Debug)]
+pub struct Echo {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub seen: Arc<Seen>,
+    /// Status to answer with (200 unless changed).
+    pub status: Arc<AtomicU16>,
+    /// Delay before answering, in ms.
+    pub delay_ms: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Echo {
+    /// Starts an echo server named `name` on 127.0.0.1 (a free port).
+    pub async fn start(name: &str) -> std::io::Result<Echo> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let seen = Arc::new(Seen::default());
+        let status = Arc::new(AtomicU16::new(200));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (n, s, st, d) = (name.to_string(), seen.clone(), status.clone(), delay_ms.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (n, s, st, d) = (n.clone(), s.clone(), st.clone(), d.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (n, s, st, d) = (n.clone(), s.clone(), st.clone(), d.clone());
+                        async move {
+                            s.requests.fetch_add(1, Ordering::SeqCst);
+                            let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                            s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                            let host =
+                                req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or_default().to_string();
+                            {
+                                let mut hosts = s.hosts.lock().unwrap_or_else(|p| p.into_inner());
+                                if hosts.len() >= 1000 {
+                                    hosts.remove(0);
+                                }
+                                hosts.push(host);
+                            }
+                            let delay = d.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            s.in_flight.fetch_sub(1, Ordering::SeqCst);
+                            let resp = Response::builder()
+                                .status(st.load(Ordering::SeqCst))
+                                .header("x-echo", n.as_str())
+                                .body(Full::new(Bytes::from(n.clone())))
+                                .unwrap_or_default();
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Echo { name: name.to_string(), addr, seen, status, delay_ms, task })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.seen.requests.load(Ordering::SeqCst)
+    }
+}

