@@ -50,20 +50,28 @@ struct Mesh {
     _dir: tempfile::TempDir,
 }
 
-async fn mesh(api_kind: AdsApi) -> Mesh {
+/// Starts the mesh: the reviews service with endpoints v1 and v2 and `extra` config (which
+/// may replace the canary VirtualService), then waits until `host` answers through the proxy.
+async fn mesh_with(api_kind: AdsApi, extra: impl FnOnce(&Echo, &Echo) -> Vec<Value>) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &["--push-debounce-ms", "50"]).unwrap();
     let api = cp.client().unwrap();
     let v1 = Echo::start("v1").await.unwrap();
     let v2 = Echo::start("v2").await.unwrap();
-    api.apply(reviews_config(v1.port(), v2.port(), (90, 10)), None, false).await.unwrap();
+    let mut config = reviews_config(v1.port(), v2.port(), (90, 10));
+    for item in extra(&v1, &v2) {
+        config.retain(|c| c["kind"] != item["kind"] || c["metadata"]["name"] != item["metadata"]["name"]);
+        config.push(item);
+    }
+    api.apply(config, None, false).await.unwrap();
     let proxy = Envoy::start(&cp.xds_addr, api_kind, "client", "default").unwrap();
     let client = ProxyClient::new(&proxy.outbound);
-    // Wait until the route works end to end.
+    // Wait until the proxy has routes for reviews (any answer from the route, not a 404 for
+    // an unknown host).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(a) = client.get(REVIEWS, "/", &[]).await
-            && a.status == 200
+        if let Ok(a) = client.get(REVIEWS, "/", &[("x-probe", "1")]).await
+            && a.status != 404
         {
             break;
         }
@@ -75,7 +83,21 @@ async fn mesh(api_kind: AdsApi) -> Mesh {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The proxy accepted everything it was sent.
+    let status = syncz(&cp).await;
+    let me = status["proxies"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == proxy.node_id))
+        .cloned()
+        .expect("proxy in syncz");
+    for (t, st) in me["types"].as_object().cloned().unwrap_or_default() {
+        assert_ne!(st["state"], "NACK", "Envoy rejected {t}: {}", st["error"]);
+    }
     Mesh { cp, api, proxy, client, v1, v2, _dir: dir }
+}
+
+async fn mesh(api_kind: AdsApi) -> Mesh {
+    mesh_with(api_kind, |_, _| Vec::new()).await
 }
 
 /// Sends `n` requests over `conc` connections; returns (v1 answers, v2 answers, failures).
@@ -170,12 +192,235 @@ async fn canary_split_follows_the_api(api_kind: AdsApi) {
     assert!(m.v1.requests() > 0 && m.v2.requests() > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn canary_split_follows_the_api_over_sotw() {
-    canary_split_follows_the_api(AdsApi::Sotw).await;
+fn vs(http: Value) -> Value {
+    json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "reviews", "namespace": "bookinfo"},
+        "spec": {"hosts": ["reviews"], "http": http}})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn canary_split_follows_the_api_over_delta() {
-    canary_split_follows_the_api(AdsApi::Delta).await;
+fn to(subset: &str) -> Value {
+    json!([{"destination": {"host": "reviews", "subset": subset}}])
 }
+
+async fn header_match_routes_to_v2(api_kind: AdsApi) {
+    let m = mesh_with(api_kind, |_, _| {
+        vec![vs(
+            json!([{"match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": to("v2")}, {"route": to("v1")}]),
+        )]
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(m.client.get(REVIEWS, "/", &[("end-user", "jason")]).await.unwrap().body, "v2");
+        assert_eq!(m.client.get(REVIEWS, "/", &[("end-user", "someone")]).await.unwrap().body, "v1");
+        assert_eq!(m.client.get(REVIEWS, "/", &[]).await.unwrap().body, "v1");
+    }
+}
+
+async fn fault_abort_and_delay(api_kind: AdsApi) {
+    let m = mesh_with(api_kind, |_, _| {
+        vec![vs(json!([
+            {"match": [{"uri": {"prefix": "/abort"}}], "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}}, "route": to("v1")},
+            {"match": [{"uri": {"prefix": "/delay"}}], "fault": {"delay": {"fixedDelay": "300ms", "percentage": {"value": 100}}}, "route": to("v1")},
+            {"route": to("v1")}]))]
+    })
+    .await;
+    let before = m.v1.requests();
+    for _ in 0..10 {
+        assert_eq!(m.client.get(REVIEWS, "/abort", &[]).await.unwrap().status, 418);
+    }
+    assert_eq!(m.v1.requests(), before, "aborted requests never reach the upstream");
+    let t = Instant::now();
+    let a = m.client.get(REVIEWS, "/delay", &[]).await.unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "v1"));
+    assert!(t.elapsed() >= Duration::from_millis(300), "delayed only {:?}", t.elapsed());
+    let t = Instant::now();
+    m.client.get(REVIEWS, "/", &[]).await.unwrap();
+    assert!(t.elapsed() < Duration::from_millis(300), "an undelayed route took {:?}", t.elapsed());
+}
+
+async fn route_timeout_returns_504(api_kind: AdsApi) {
+    let m = mesh_with(api_kind, |_, _| {
+        vec![vs(json!([{"route": to("v1"), "timeout": "200ms", "retries": {"attempts": 0}}]))]
+    })
+    .await;
+    m.v1.delay_ms.store(2000, Ordering::SeqCst);
+    let t = Instant::now();
+    let a = m.client.get(REVIEWS, "/", &[]).await.unwrap();
+    assert_eq!(a.status, 504, "{a:?}");
+    assert!(t.elapsed() < Duration::from_millis(1500), "the timeout did not cut the request: {:?}", t.elapsed());
+}
+
+async fn retries_on_503_reach_a_healthy_endpoint(api_kind: AdsApi) {
+    // One subset with both endpoints; v2 always answers 503.
+    let m = mesh_with(api_kind, |_, _| {
+        vec![
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "bookinfo"},
+                "spec": {"host": "reviews", "subsets": [{"name": "all", "labels": {"app": "reviews"}}, {"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}),
+            vs(json!([{"route": to("all"), "retries": {"attempts": 3, "retryOn": "503"}}])),
+        ]
+    })
+    .await;
+    m.v2.status.store(503, Ordering::SeqCst);
+    let mut ok = 0;
+    for _ in 0..50 {
+        let a = m.client.get(REVIEWS, "/", &[]).await.unwrap();
+        assert_eq!((a.status, a.body.as_str()), (200, "v1"), "a retry should have reached v1");
+        ok += 1;
+    }
+    assert_eq!(ok, 50);
+    assert!(m.v2.requests() > 0, "the unhealthy endpoint was tried");
+}
+
+async fn mirror_copies_requests_to_the_shadow(api_kind: AdsApi) {
+    let m = mesh_with(api_kind, |_, _| vec![vs(json!([{"route": to("v1"), "mirror": {"host": "reviews", "subset": "v2"}, "mirrorPercentage": {"value": 100.0}}]))]).await;
+    let before = m.v2.requests();
+    for _ in 0..10 {
+        assert_eq!(m.client.get(REVIEWS, "/", &[]).await.unwrap().body, "v1");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m.v2.requests() < before + 10 {
+        assert!(Instant::now() < deadline, "the shadow got {} of 10 mirrored requests", m.v2.requests() - before);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hosts = m.v2.seen.hosts.lock().unwrap().clone();
+    let last = hosts.last().cloned().unwrap_or_default();
+    assert_eq!(last, "reviews.bookinfo.svc.cluster.local-shadow:9080", "{hosts:?}");
+}
+
+async fn circuit_breaker_sheds_overflow_with_503(api_kind: AdsApi) {
+    let m = mesh_with(api_kind, |_, _| {
+        vec![
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "bookinfo"},
+                "spec": {"host": "reviews", "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1, "maxRequestsPerConnection": 1}}},
+                         "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}),
+            vs(json!([{"route": to("v1"), "retries": {"attempts": 0}}])),
+        ]
+    })
+    .await;
+    m.v1.delay_ms.store(200, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let c = m.client.clone();
+        tasks.push(tokio::spawn(async move { c.get(REVIEWS, "/", &[]).await }));
+    }
+    let (mut ok, mut overflow) = (0, 0);
+    for t in tasks {
+        let a = t.await.unwrap().unwrap();
+        match a.status {
+            200 => ok += 1,
+            503 => overflow += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(ok >= 1 && overflow >= 1, "ok={ok} overflow={overflow}");
+    // Envoy counts them as circuit-breaker overflows (response flag UO), not upstream errors.
+    let stats = ProxyClient::new(&m.proxy.admin)
+        .get(&m.proxy.admin, "/stats?filter=v1%7Creviews.*overflow", &[])
+        .await
+        .unwrap()
+        .body;
+    let overflows: u64 = stats
+        .lines()
+        .filter(|l| l.contains("upstream_rq_pending_overflow") || l.contains("upstream_cx_overflow"))
+        .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
+        .sum();
+    assert!(overflows >= overflow as u64, "Envoy counted {overflows} overflows for {overflow} 503s:\n{stats}");
+    let max = m.v1.seen.max_in_flight.load(Ordering::SeqCst);
+    assert!(max <= 1, "the upstream saw {max} requests at once, over the limit of 1");
+}
+
+async fn outlier_detection_ejects_a_failing_endpoint(api_kind: AdsApi) {
+    let m = mesh_with(api_kind, |_, _| {
+        vec![
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "bookinfo"},
+                "spec": {"host": "reviews", "trafficPolicy": {"outlierDetection": {"consecutive5xxErrors": 2, "interval": "100ms", "baseEjectionTime": "30s", "maxEjectionPercent": 100}},
+                         "subsets": [{"name": "all", "labels": {"app": "reviews"}}]}}),
+            vs(json!([{"route": to("all"), "retries": {"attempts": 0}}])),
+        ]
+    })
+    .await;
+    m.v2.status.store(500, Ordering::SeqCst);
+    // Bounded: at most 400 requests to see v2 ejected (no 500 in 50 requests in a row).
+    let mut clean_run = 0;
+    for _ in 0..400 {
+        let a = m.client.get(REVIEWS, "/", &[]).await.unwrap();
+        if a.status == 200 {
+            clean_run += 1;
+        } else {
+            clean_run = 0;
+        }
+        if clean_run == 50 {
+            break;
+        }
+    }
+    assert_eq!(clean_run, 50, "the failing endpoint was not ejected");
+    let v2_before = m.v2.requests();
+    for _ in 0..50 {
+        assert_eq!(m.client.get(REVIEWS, "/", &[]).await.unwrap().body, "v1");
+    }
+    assert_eq!(m.v2.requests(), v2_before, "an ejected endpoint got traffic");
+}
+
+async fn a_rejected_resource_is_nacked_and_routing_keeps_working(api_kind: AdsApi) {
+    let m = mesh(api_kind).await;
+    // Valid for Trellis (and Rust's regex engine), too large for Envoy's RE2 program limit.
+    let bad = vs(
+        json!([{"match": [{"uri": {"regex": "/(alpha|beta|gamma|delta|epsilon|zeta|eta|theta){12}"}}], "route": to("v2")}, {"route": to("v1")}]),
+    );
+    let mut r: Resource = serde_json::from_value(bad).unwrap();
+    r.metadata.resource_version =
+        m.api.get(Kind::VirtualService, Some("bookinfo"), "reviews").await.unwrap().unwrap().metadata.resource_version;
+    m.api.replace(&r).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let error = loop {
+        let s = syncz(&m.cp).await;
+        if let Some(r) = rds(&s, &m.proxy.node_id)
+            && r["state"] == "NACK"
+        {
+            break r["error"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(Instant::now() < deadline, "no NACK recorded: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(error.to_lowercase().contains("regex") || error.contains("program size"), "{error}");
+    // The previous routes (90/10 canary) still serve.
+    let (v1, v2, failed) = split(&m.client, 200, 4).await;
+    assert_eq!(failed, 0);
+    assert!(v1 > v2 && v1 + v2 == 200);
+    // The CLI shows it too.
+    let out = m.cp.cli(&["proxy-status"]).unwrap();
+    let (stdout, stderr) = trellis_e2e::text(&out);
+    assert!(stdout.contains(&m.proxy.node_id) && stdout.contains("NACK"), "{stdout}{stderr}");
+}
+
+macro_rules! for_each_proxy {
+    ($($scenario:ident),* $(,)?) => {
+        mod sotw {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::AdsApi::Sotw).await;
+                }
+            )*
+        }
+        mod delta {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::AdsApi::Delta).await;
+                }
+            )*
+        }
+    };
+}
+
+for_each_proxy!(
+    canary_split_follows_the_api,
+    header_match_routes_to_v2,
+    fault_abort_and_delay,
+    route_timeout_returns_504,
+    retries_on_503_reach_a_healthy_endpoint,
+    mirror_copies_requests_to_the_shadow,
+    circuit_breaker_sheds_overflow_with_503,
+    outlier_detection_ejects_a_failing_endpoint,
+    a_rejected_resource_is_nacked_and_routing_keeps_working,
+);

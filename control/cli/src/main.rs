@@ -93,6 +93,8 @@ enum Command {
     },
     /// Client and server versions.
     Version,
+    /// xDS sync status of every connected proxy (like `istioctl proxy-status`).
+    ProxyStatus,
     /// Manage API tokens (needs an Admin token).
     Token {
         #[command(subcommand)]
@@ -223,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Analyze { files } if !files.is_empty() => validate(files),
         Command::Analyze { .. } => analyze_server(&client(&cli)?).await,
         Command::Token { action } => token(&client(&cli)?, action).await,
+        Command::ProxyStatus => proxy_status(&client(&cli)?).await,
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
             match client(&cli)?.version().await {
@@ -418,4 +421,40 @@ async fn token(client: &Client, action: &TokenCommand) -> anyhow::Result<ExitCod
         TokenCommand::Revoke { names } => delete(client, Some("apitokens"), names, "default", &[], false).await,
         TokenCommand::List => output::get(client, Kind::ApiToken, &[], None, "table").await,
     }
+}
+
+async fn proxy_status(client: &Client) -> anyhow::Result<ExitCode> {
+    let v = client.call(trellis_client::Method::GET, "/apis/trellis.dev/v1alpha1/proxystatus", None).await?;
+    let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
+    if proxies.is_empty() {
+        eprintln!("No proxies are connected.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![["NAME", "NAMESPACE", "PROTOCOL", "CDS", "LDS", "EDS", "RDS"].map(String::from).to_vec()];
+    let mut errors = Vec::new();
+    for p in &proxies {
+        let id = p["id"].as_str().unwrap_or_default().to_string();
+        let mut row = vec![
+            id.clone(),
+            p["namespace"].as_str().unwrap_or_default().to_string(),
+            p["protocol"].as_str().unwrap_or_default().to_string(),
+        ];
+        for t in ["CDS", "LDS", "EDS", "RDS"] {
+            let st = &p["types"][t];
+            row.push(st["state"].as_str().unwrap_or("NOT SENT").to_string());
+            if let Some(e) = st["error"].as_str() {
+                errors.push(format!("{id} {t}: {e}"));
+            }
+        }
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        println!("{}", line.join("   ").trim_end());
+    }
+    for e in &errors {
+        println!("NACK {e}");
+    }
+    Ok(ExitCode::SUCCESS)
 }

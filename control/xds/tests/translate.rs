@@ -323,7 +323,21 @@ fn envoy() -> PathBuf {
 /// `--mode validate`.
 #[test]
 fn a_real_envoy_accepts_the_translated_resources() {
-    let t = translated();
+    let cfg = examples();
+    let reg = registry::build(&cfg.items, &[], "Kubernetes");
+    // productpage (bookinfo, scoped by its Sidecar) and a client in `default` (no Sidecar:
+    // sees every service, including the circuit breaker's and the mirror's).
+    let client = ProxyInfo {
+        namespace: "default".into(),
+        id: "sidecar~127.0.0.9~client.default~default.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    for proxy in [productpage(), client] {
+        envoy_validates(&translate(&cfg, &reg, &proxy), &proxy.id);
+    }
+}
+
+fn envoy_validates(t: &Translated, node_id: &str) {
     let mut clusters = Vec::new();
     for (name, c) in &t.clusters {
         let mut c = c.clone();
@@ -350,7 +364,7 @@ fn a_real_envoy_accepts_the_translated_resources() {
         listeners.push(l);
     }
     let bootstrap = Bootstrap {
-        node: Some(Node { id: productpage().id, cluster: "bookinfo".into(), ..Default::default() }),
+        node: Some(Node { id: node_id.to_string(), cluster: "test".into(), ..Default::default() }),
         static_resources: Some(StaticResources { listeners, clusters, ..Default::default() }),
         ..Default::default()
     };
@@ -363,6 +377,6 @@ fn a_real_envoy_accepts_the_translated_resources() {
         .output()
         .expect("Envoy (run scripts/setup.sh, or set TRELLIS_ENVOY)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "Envoy rejected the translated resources:\n{text}");
+    assert!(out.status.success(), "Envoy rejected the resources translated for {node_id}:\n{text}");
     assert!(text.contains("OK"), "{text}");
 }

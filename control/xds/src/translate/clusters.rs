@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection, circuit_breakers::Thresholds,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http1ProtocolOptions, Http2ProtocolOptions,
     HttpProtocolOptions as CommonHttpOptions, Locality as PbLocality, SocketAddress, address, config_source,
     socket_address,
 };
@@ -184,13 +184,14 @@ fn cluster(
     if have_common || port.protocol.is_http2() {
         let options = HttpProtocolOptions {
             common_http_protocol_options: have_common.then_some(common),
-            upstream_protocol_options: port.protocol.is_http2().then(|| {
-                UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
-                    protocol_config: Some(explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                        Http2ProtocolOptions::default(),
-                    )),
-                })
-            }),
+            // Envoy requires the upstream protocol to be explicit here.
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                protocol_config: Some(if port.protocol.is_http2() {
+                    explicit_http_config::ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
+                } else {
+                    explicit_http_config::ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
+                }),
+            })),
             ..Default::default()
         };
         c.typed_extension_protocol_options.insert(HTTP_PROTOCOL_OPTIONS.to_string(), pack_any(options));
