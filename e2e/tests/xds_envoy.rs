@@ -219,7 +219,7 @@ async fn fault_abort_and_delay(api_kind: AdsApi) {
     let m = mesh_with(api_kind, |_, _| {
         vec![vs(json!([
             {"match": [{"uri": {"prefix": "/abort"}}], "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}}, "route": to("v1")},
-            {"match": [{"uri": {"prefix": "/delay"}}], "fault": {"delay": {"fixedDelay": "300ms", "percentage": {"value": 100}}}, "route": to("v1")},
+            {"match": [{"uri": {"prefix": "/delay"}}], "fault": {"delay": {"fixedDelay": "500ms", "percentage": {"value": 100}}}, "route": to("v1")},
             {"route": to("v1")}]))]
     })
     .await;
@@ -231,10 +231,11 @@ async fn fault_abort_and_delay(api_kind: AdsApi) {
     let t = Instant::now();
     let a = m.client.get(REVIEWS, "/delay", &[]).await.unwrap();
     assert_eq!((a.status, a.body.as_str()), (200, "v1"));
-    assert!(t.elapsed() >= Duration::from_millis(300), "delayed only {:?}", t.elapsed());
+    // Envoy's timers are coarse (a few ms early is normal): 500 ms delay, ≥ 450 ms observed.
+    assert!(t.elapsed() >= Duration::from_millis(450), "delayed only {:?}", t.elapsed());
     let t = Instant::now();
     m.client.get(REVIEWS, "/", &[]).await.unwrap();
-    assert!(t.elapsed() < Duration::from_millis(300), "an undelayed route took {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_millis(450), "an undelayed route took {:?}", t.elapsed());
 }
 
 async fn route_timeout_returns_504(api_kind: AdsApi) {

@@ -8,6 +8,7 @@
 //!
 //! Depends on the model and envoy-types; knows nothing of stores or HTTP.
 
+pub mod client;
 pub mod hub;
 pub mod proxy;
 pub mod server;

@@ -72,10 +72,18 @@ fn set_version(resources: &BTreeMap<String, crate::hub::Encoded>, names: impl It
     digest(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())))
 }
 
-/// Reads the first request, identifies the proxy. The node is only required there.
-fn proxy_of(node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> Result<ProxyInfo, Status> {
-    let node = node.ok_or_else(|| Status::invalid_argument("the first request of a stream must carry the node"))?;
-    ProxyInfo::from_node(node).map_err(Status::invalid_argument)
+/// Reads the first request and identifies the proxy from its node (only the first request of a
+/// stream must carry it).
+async fn first_request<Req>(
+    inbound: &mut Streaming<Req>,
+    node: impl Fn(&Req) -> Option<envoy_types::pb::envoy::config::core::v3::Node>,
+) -> Result<(Req, ProxyInfo), Status> {
+    let first =
+        inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
+    let node =
+        node(&first).ok_or_else(|| Status::invalid_argument("the first request of a stream must carry the node"))?;
+    let proxy = ProxyInfo::from_node(&node).map_err(Status::invalid_argument)?;
+    Ok((first, proxy))
 }
 
 // === impl state of the world ===
@@ -203,7 +211,7 @@ struct Delta {
 impl Delta {
     /// Sends what changed for `type_url` compared to what the proxy has (plus what is in
     /// flight): new and changed resources, and removed names.
-    async fn push(&mut self, type_url: &'static str, resources: &Resources) -> bool {
+    async fn push(&mut self, type_url: &'static str, resources: &Resources, force: bool) -> bool {
         let Some(st) = self.types.get_mut(type_url) else { return true };
         if !st.subscribed {
             return true;
@@ -244,7 +252,9 @@ impl Delta {
         for n in &removed {
             changes.insert(n.clone(), None);
         }
-        if out.is_empty() && removed.is_empty() {
+        // Nothing changed: no response, except to a first subscription, which the proxy waits
+        // for (an empty answer says "there is nothing").
+        if out.is_empty() && removed.is_empty() && !force {
             return true;
         }
         self.nonce += 1;
@@ -323,7 +333,7 @@ impl Delta {
             st.known.remove(n);
         }
         st.subscribed = true;
-        if sub_changed { self.push(type_url, resources).await } else { true }
+        if sub_changed { self.push(type_url, resources, first).await } else { true }
     }
 }
 
@@ -337,14 +347,18 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
-        let proxy = proxy_of(first.node.as_ref())?;
         let (tx, rx) = mpsc::channel(16);
         let hub = self.hub.clone();
+        // Headers go out at once; the stream task waits for the first request (a client may
+        // open the stream before it sends anything).
         tokio::spawn(async move {
+            let (first, proxy) = match first_request(&mut inbound, |r: &DiscoveryRequest| r.node.clone()).await {
+                Ok(x) => x,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
             hub.connected(&proxy, "SotW");
             hub.announce(&proxy.id, proxy.workload());
             let id = proxy.id.clone();
@@ -391,14 +405,18 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
-        let proxy = proxy_of(first.node.as_ref())?;
         let (tx, rx) = mpsc::channel(16);
         let hub = self.hub.clone();
+        // Headers go out at once; the stream task waits for the first request (a client may
+        // open the stream before it sends anything).
         tokio::spawn(async move {
+            let (first, proxy) = match first_request(&mut inbound, |r: &DeltaDiscoveryRequest| r.node.clone()).await {
+                Ok(x) => x,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
             hub.connected(&proxy, "Delta");
             hub.announce(&proxy.id, proxy.workload());
             let id = proxy.id.clone();
@@ -425,7 +443,7 @@ impl AggregatedDiscoveryService for AdsServer {
                         state = states.borrow_and_update().clone();
                         resources = hub.resources(&state, &d.proxy);
                         for t in PUSH_ORDER {
-                            if !d.push(t, &resources).await {
+                            if !d.push(t, &resources, false).await {
                                 alive = false;
                                 break;
                             }
