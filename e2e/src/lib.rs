@@ -133,6 +133,17 @@ impl ControlPlane {
         cli_with(&self.url(), &self.token()?, ca.as_deref(), args, None)
     }
 
+    /// The process id, e.g. to read its memory use from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process in KiB (VmRSS), on Linux.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    }
+
     /// SIGKILL: no shutdown code runs, like a crash.
     pub fn kill_9(mut self) -> anyhow::Result<()> {
         self.child.kill()?;

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, watch};
 use trellis_model::registry::{self, RegistrySnapshot, WorkloadInstance};
 
 use crate::proxy::ProxyInfo;
-use crate::translate::{ConfigSnapshot, Translated, translate};
+use crate::translate::{ConfigSnapshot, Translated, inbound_key, outbound_key, translate_inbound, translate_outbound};
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -39,8 +39,71 @@ pub struct Encoded {
     pub any: Any,
 }
 
-/// All of one proxy's resources by type URL, then name.
-pub type Resources = BTreeMap<&'static str, BTreeMap<String, Encoded>>;
+/// Resources by type URL, then name, with a digest per type so that streams can skip types
+/// whose content did not change without looking at every resource.
+#[derive(Debug, Default)]
+pub struct TypeMaps {
+    pub maps: BTreeMap<&'static str, BTreeMap<String, Encoded>>,
+    pub digests: BTreeMap<&'static str, String>,
+}
+
+/// All of one proxy's resources: the outbound half (shared by every proxy with the same
+/// outbound identity) and the inbound half (its own workload). Names never collide: inbound
+/// resources are named `inbound...`.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    pub outbound: Arc<TypeMaps>,
+    pub inbound: Arc<TypeMaps>,
+}
+
+/// One type's resources across both halves.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    a: Option<&'a BTreeMap<String, Encoded>>,
+    b: Option<&'a BTreeMap<String, Encoded>>,
+}
+
+impl<'a> View<'a> {
+    pub fn get(&self, name: &str) -> Option<&'a Encoded> {
+        self.a.and_then(|m| m.get(name)).or_else(|| self.b.and_then(|m| m.get(name)))
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Every resource, outbound half first (unsorted across halves).
+    pub fn iter(&self) -> impl Iterator<Item = (&'a String, &'a Encoded)> + 'a {
+        self.a.into_iter().flat_map(|m| m.iter()).chain(self.b.into_iter().flat_map(|m| m.iter()))
+    }
+
+    /// All names, sorted.
+    pub fn keys(&self) -> Vec<&'a String> {
+        let mut keys: Vec<&String> =
+            self.a.into_iter().flat_map(|m| m.keys()).chain(self.b.into_iter().flat_map(|m| m.keys())).collect();
+        keys.sort();
+        keys
+    }
+}
+
+impl Resources {
+    pub fn view(&self, type_url: &str) -> View<'_> {
+        View { a: self.outbound.maps.get(type_url), b: self.inbound.maps.get(type_url) }
+    }
+
+    /// The version of everything of `type_url` (both halves), without looking at resources.
+    pub fn type_version(&self, type_url: &str) -> String {
+        let a = self.outbound.digests.get(type_url).map(String::as_str).unwrap_or("");
+        let b = self.inbound.digests.get(type_url).map(String::as_str).unwrap_or("");
+        format!("{a}{b}")
+    }
+
+    /// Whether `type_url` differs between `self` and `other`.
+    pub fn type_changed(&self, other: &Resources, type_url: &str) -> bool {
+        self.outbound.digests.get(type_url) != other.outbound.digests.get(type_url)
+            || self.inbound.digests.get(type_url) != other.inbound.digests.get(type_url)
+    }
+}
 
 fn encode<M: Message + Name>(msg: &M) -> Encoded {
     let bytes = msg.encode_to_vec();
@@ -50,13 +113,25 @@ fn encode<M: Message + Name>(msg: &M) -> Encoded {
 }
 
 /// Packs a translation into per-type resources with content-hash versions.
-pub fn encode_all(t: &Translated) -> Resources {
-    let mut out = Resources::new();
-    out.insert(CLUSTER_TYPE, t.clusters.iter().map(|(n, c)| (n.clone(), encode(c))).collect());
-    out.insert(ENDPOINT_TYPE, t.endpoints.iter().map(|(n, c)| (n.clone(), encode(c))).collect());
-    out.insert(LISTENER_TYPE, t.listeners.iter().map(|(n, l)| (n.clone(), encode(l))).collect());
-    out.insert(ROUTE_TYPE, t.routes.iter().map(|(n, r)| (n.clone(), encode(r))).collect());
-    out
+pub fn encode_all(t: &Translated) -> TypeMaps {
+    let mut maps = BTreeMap::new();
+    maps.insert(CLUSTER_TYPE, t.clusters.iter().map(|(n, c)| (n.clone(), encode(c))).collect());
+    maps.insert(ENDPOINT_TYPE, t.endpoints.iter().map(|(n, c)| (n.clone(), encode(c))).collect());
+    maps.insert(LISTENER_TYPE, t.listeners.iter().map(|(n, l)| (n.clone(), encode(l))).collect());
+    maps.insert(ROUTE_TYPE, t.routes.iter().map(|(n, r)| (n.clone(), encode(r))).collect());
+    let digests = maps
+        .iter()
+        .map(|(t, m): (&&'static str, &BTreeMap<String, Encoded>)| {
+            let mut h = Sha256::new();
+            for (n, e) in m {
+                h.update(n.as_bytes());
+                h.update([0]);
+                h.update(e.version.as_bytes());
+            }
+            (*t, h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect())
+        })
+        .collect();
+    TypeMaps { maps, digests }
 }
 
 /// What every stream translates from.
@@ -113,7 +188,7 @@ pub struct Hub {
     state_tx: watch::Sender<Arc<State>>,
     announced: Mutex<BTreeMap<String, WorkloadInstance>>,
     announced_changed: Notify,
-    cache: Mutex<HashMap<String, (u64, Arc<Resources>)>>,
+    cache: Mutex<HashMap<String, (u64, Arc<TypeMaps>)>>,
     status: Mutex<BTreeMap<String, ProxyStatus>>,
 }
 
@@ -171,18 +246,25 @@ impl Hub {
         }
     }
 
-    /// This proxy's resources for `state`, translated once per distinct proxy identity and
-    /// state version.
-    pub fn resources(&self, state: &State, proxy: &ProxyInfo) -> Arc<Resources> {
-        let mut key_proxy = proxy.clone();
-        key_proxy.id.clear();
-        let key = format!("{key_proxy:?}");
+    /// This proxy's resources for `state`. Each half is translated once per distinct identity
+    /// (see [`crate::translate::outbound_key`]) and state version, and shared.
+    pub fn resources(&self, state: &State, proxy: &ProxyInfo) -> Resources {
+        let outbound = self.cached(format!("out|{}", outbound_key(proxy)), state, || {
+            translate_outbound(&state.config, &state.registry, proxy)
+        });
+        let inbound = self.cached(format!("in|{}", inbound_key(proxy)), state, || {
+            translate_inbound(&state.config, &state.registry, proxy)
+        });
+        Resources { outbound, inbound }
+    }
+
+    fn cached(&self, key: String, state: &State, make: impl FnOnce() -> Translated) -> Arc<TypeMaps> {
         if let Some((v, r)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
             && *v == state.version
         {
             return r.clone();
         }
-        let encoded = Arc::new(encode_all(&translate(&state.config, &state.registry, proxy)));
+        let encoded = Arc::new(encode_all(&make()));
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.retain(|_, (v, _)| *v == state.version);
         cache.insert(key, (state.version, encoded.clone()));

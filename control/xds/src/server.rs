@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::hub::{Hub, PUSH_ORDER, Resources, is_wildcard_type};
+use crate::hub::{Hub, PUSH_ORDER, Resources, View, is_wildcard_type};
 use crate::proxy::ProxyInfo;
 
 /// gRPC message size limit for ADS, both ways.
@@ -66,7 +66,7 @@ fn digest<'a>(items: impl Iterator<Item = (&'a str, &'a str)>) -> String {
     h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn set_version(resources: &BTreeMap<String, crate::hub::Encoded>, names: impl Iterator<Item = String>) -> String {
+fn set_version(resources: &View<'_>, names: impl Iterator<Item = String>) -> String {
     let pairs: Vec<(String, String)> =
         names.filter_map(|n| resources.get(&n).map(|r| (n.clone(), r.version.clone()))).collect();
     digest(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())))
@@ -119,13 +119,13 @@ impl Sotw {
         if !st.requested {
             return true;
         }
-        let all = &resources[type_url];
+        let all = resources.view(type_url);
         let names: Vec<String> = if st.wildcard {
-            all.keys().cloned().collect()
+            all.keys().into_iter().cloned().collect()
         } else {
-            st.names.iter().filter(|n| all.contains_key(*n)).cloned().collect()
+            st.names.iter().filter(|n| all.contains_key(n)).cloned().collect()
         };
-        let version = set_version(all, names.iter().cloned());
+        let version = set_version(&all, names.iter().cloned());
         if !force && st.sent_version.as_deref() == Some(version.as_str()) {
             return true;
         }
@@ -134,7 +134,7 @@ impl Sotw {
         st.sent_version = Some(version.clone());
         let response = DiscoveryResponse {
             version_info: version.clone(),
-            resources: names.iter().map(|n| all[n].any.clone()).collect(),
+            resources: names.iter().filter_map(|n| all.get(n)).map(|r| r.any.clone()).collect(),
             type_url: type_url.to_string(),
             nonce: st.nonce.clone(),
             ..Default::default()
@@ -196,7 +196,7 @@ struct DeltaType {
     /// Versions the proxy has (as acknowledged or declared at connect).
     known: BTreeMap<String, String>,
     /// Sent but not yet acknowledged, by nonce: name → version (None = removed).
-    pending: BTreeMap<String, BTreeMap<String, Option<String>>>,
+    pending: BTreeMap<u64, (String, BTreeMap<String, Option<String>>)>,
     subscribed: bool,
 }
 
@@ -216,39 +216,51 @@ impl Delta {
         if !st.subscribed {
             return true;
         }
-        let all = &resources[type_url];
-        // What the proxy will have once everything in flight is applied.
-        let mut expected = st.known.clone();
-        for changes in st.pending.values() {
-            for (n, v) in changes {
-                match v {
-                    Some(v) => expected.insert(n.clone(), v.clone()),
-                    None => expected.remove(n),
-                };
+        let all = resources.view(type_url);
+        // What the proxy will have once everything in flight is applied: what it holds,
+        // overlaid with the responses not yet acknowledged (newest last).
+        let expected = |n: &str| -> Option<&String> {
+            for (_, changes) in st.pending.values().rev() {
+                if let Some(v) = changes.get(n) {
+                    return v.as_ref();
+                }
             }
-        }
-        let wanted: Vec<&String> =
-            if st.wildcard { all.keys().collect() } else { st.names.iter().filter(|n| all.contains_key(*n)).collect() };
+            st.known.get(n)
+        };
+        // Changed or new resources among those the proxy subscribes to. No per-push copies of
+        // the resource set: this runs for every connected proxy on every change.
         let mut changes: BTreeMap<String, Option<String>> = BTreeMap::new();
         let mut out = Vec::new();
-        for n in &wanted {
-            let r = &all[*n];
-            if expected.get(*n) != Some(&r.version) {
+        let mut consider = |n: &String, r: &crate::hub::Encoded| {
+            if expected(n) != Some(&r.version) {
                 out.push(Resource {
-                    name: (*n).clone(),
+                    name: n.clone(),
                     version: r.version.clone(),
                     resource: Some(r.any.clone()),
                     ..Default::default()
                 });
-                changes.insert((*n).clone(), Some(r.version.clone()));
+                changes.insert(n.clone(), Some(r.version.clone()));
+            }
+        };
+        if st.wildcard {
+            for (n, r) in all.iter() {
+                consider(n, r);
+            }
+        } else {
+            for n in &st.names {
+                if let Some(r) = all.get(n) {
+                    consider(n, r);
+                }
             }
         }
-        let wanted_set: BTreeSet<&String> = wanted.iter().copied().collect();
-        let removed: Vec<String> = expected
-            .keys()
-            .filter(|n| !wanted_set.contains(n) && (st.wildcard || st.names.contains(*n)))
-            .cloned()
-            .collect();
+        // Subscribed resources the proxy holds that no longer exist.
+        let mut removed: BTreeSet<String> = BTreeSet::new();
+        for n in st.known.keys().chain(st.pending.values().flat_map(|(_, c)| c.keys())) {
+            if expected(n).is_some() && (st.wildcard || st.names.contains(n)) && !all.contains_key(n) {
+                removed.insert(n.clone());
+            }
+        }
+        let removed: Vec<String> = removed.into_iter().collect();
         for n in &removed {
             changes.insert(n.clone(), None);
         }
@@ -259,8 +271,8 @@ impl Delta {
         }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        st.pending.insert(nonce.clone(), changes);
-        let version = set_version(all, wanted.iter().map(|n| (*n).clone()));
+        let version = resources.type_version(type_url);
+        st.pending.insert(self.nonce, (version.clone(), changes));
         let count = out.len();
         self.hub.update_status(&self.proxy.id, type_url, |s| {
             s.sent = version.clone();
@@ -286,7 +298,10 @@ impl Delta {
         let first = !self.types.contains_key(type_url);
         let st = self.types.entry(type_url).or_default();
         if !req.response_nonce.is_empty() {
-            let Some(changes) = st.pending.remove(&req.response_nonce) else { return true };
+            let Some((version, changes)) = req.response_nonce.parse::<u64>().ok().and_then(|n| st.pending.remove(&n))
+            else {
+                return true;
+            };
             match &req.error_detail {
                 None => {
                     for (n, v) in changes {
@@ -295,9 +310,8 @@ impl Delta {
                             None => st.known.remove(&n),
                         };
                     }
-                    let acked = digest(st.known.iter().map(|(n, v)| (n.as_str(), v.as_str())));
                     self.hub.update_status(&self.proxy.id, type_url, |s| {
-                        s.acked = acked;
+                        s.acked = version;
                         s.nack = None;
                     });
                 }
@@ -383,8 +397,11 @@ impl AggregatedDiscoveryService for AdsServer {
                             break;
                         }
                         state = states.borrow_and_update().clone();
-                        resources = hub.resources(&state, &s.proxy);
-                        for t in PUSH_ORDER {
+                        let next = hub.resources(&state, &s.proxy);
+                        // Only types whose content changed for this proxy are looked at.
+                        let changed: Vec<&'static str> = PUSH_ORDER.into_iter().filter(|t| next.type_changed(&resources, t)).collect();
+                        resources = next;
+                        for t in changed {
                             if !s.push(t, &resources, false).await {
                                 alive = false;
                                 break;
@@ -441,8 +458,11 @@ impl AggregatedDiscoveryService for AdsServer {
                             break;
                         }
                         state = states.borrow_and_update().clone();
-                        resources = hub.resources(&state, &d.proxy);
-                        for t in PUSH_ORDER {
+                        let next = hub.resources(&state, &d.proxy);
+                        // Only types whose content changed for this proxy are looked at.
+                        let changed: Vec<&'static str> = PUSH_ORDER.into_iter().filter(|t| next.type_changed(&resources, t)).collect();
+                        resources = next;
+                        for t in changed {
                             if !d.push(t, &resources, false).await {
                                 alive = false;
                                 break;

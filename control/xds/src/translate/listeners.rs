@@ -69,8 +69,12 @@ fn listener(name: &str, (ip, port): &(String, u32), route: &str) -> Listener {
     }
 }
 
-pub(crate) fn build(scope: &Scope<'_>, out: &mut Translated) {
-    let p = scope.proxy;
-    out.listeners.insert(OUTBOUND_LISTENER.into(), listener(OUTBOUND_LISTENER, &p.outbound_listener, OUTBOUND_ROUTE));
-    out.listeners.insert(INBOUND_LISTENER.into(), listener(INBOUND_LISTENER, &p.inbound_listener, INBOUND_ROUTE));
+pub(crate) fn outbound(scope: &Scope<'_>, out: &mut Translated) {
+    out.listeners
+        .insert(OUTBOUND_LISTENER.into(), listener(OUTBOUND_LISTENER, &scope.proxy.outbound_listener, OUTBOUND_ROUTE));
+}
+
+pub(crate) fn inbound(scope: &Scope<'_>, out: &mut Translated) {
+    out.listeners
+        .insert(INBOUND_LISTENER.into(), listener(INBOUND_LISTENER, &scope.proxy.inbound_listener, INBOUND_ROUTE));
 }

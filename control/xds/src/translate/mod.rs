@@ -181,12 +181,42 @@ impl<'a> Scope<'a> {
 
 /// Translates everything one proxy needs.
 pub fn translate(config: &ConfigSnapshot, registry: &RegistrySnapshot, proxy: &ProxyInfo) -> Translated {
+    let mut out = translate_outbound(config, registry, proxy);
+    let inbound = translate_inbound(config, registry, proxy);
+    out.clusters.extend(inbound.clusters);
+    out.endpoints.extend(inbound.endpoints);
+    out.listeners.extend(inbound.listeners);
+    out.routes.extend(inbound.routes);
+    out
+}
+
+/// The outbound half: what the proxy reaches. Depends only on [`outbound_key`], so proxies
+/// that share it share the result.
+pub fn translate_outbound(config: &ConfigSnapshot, registry: &RegistrySnapshot, proxy: &ProxyInfo) -> Translated {
     let scope = Scope::new(config, registry, proxy);
     let mut out = Translated::default();
     clusters::outbound(&scope, &mut out);
-    clusters::inbound(&scope, &mut out);
     routes::outbound(&scope, &mut out);
-    routes::inbound(&scope, &mut out);
-    listeners::build(&scope, &mut out);
+    listeners::outbound(&scope, &mut out);
     out
+}
+
+/// The inbound half: the workload the proxy fronts. Depends only on [`inbound_key`].
+pub fn translate_inbound(config: &ConfigSnapshot, registry: &RegistrySnapshot, proxy: &ProxyInfo) -> Translated {
+    let scope = Scope::new(config, registry, proxy);
+    let mut out = Translated::default();
+    clusters::inbound(&scope, &mut out);
+    routes::inbound(&scope, &mut out);
+    listeners::inbound(&scope, &mut out);
+    out
+}
+
+/// Everything about a proxy the outbound translation reads.
+pub fn outbound_key(p: &ProxyInfo) -> String {
+    format!("{:?}|{}|{:?}|{:?}", p.kind, p.namespace, p.labels, p.outbound_listener)
+}
+
+/// Everything about a proxy the inbound translation reads.
+pub fn inbound_key(p: &ProxyInfo) -> String {
+    format!("{}|{}|{:?}|{:?}", p.namespace, p.workload_name, p.ips, p.inbound_listener)
 }
