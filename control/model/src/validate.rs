@@ -720,7 +720,8 @@ fn http_route(r: &HttpRoute, path: &str, v: &mut V) {
     }
 }
 
-const GRPC_CODES: [&str; 17] = [
+/// gRPC status names in code order (the index is the code).
+pub const GRPC_CODES: [&str; 17] = [
     "OK",
     "CANCELLED",
     "UNKNOWN",

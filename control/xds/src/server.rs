@@ -351,6 +351,131 @@ impl Delta {
     }
 }
 
+/// What the stream loop needs from a protocol (SotW or Delta).
+trait Session: Send + Sized + 'static {
+    type Req: Send + 'static;
+    type Resp: Send + 'static;
+    const PROTOCOL: &'static str;
+    fn node(req: &Self::Req) -> Option<envoy_types::pb::envoy::config::core::v3::Node>;
+    fn start(hub: Arc<Hub>, proxy: ProxyInfo, tx: mpsc::Sender<Result<Self::Resp, Status>>) -> Self;
+    fn proxy(&self) -> &ProxyInfo;
+    fn closed(&self) -> impl std::future::Future<Output = ()> + Send;
+    fn request(&mut self, req: Self::Req, resources: &Resources) -> impl std::future::Future<Output = bool> + Send;
+    fn send_changes(
+        &mut self,
+        type_url: &'static str,
+        resources: &Resources,
+    ) -> impl std::future::Future<Output = bool> + Send;
+}
+
+impl Session for Sotw {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    const PROTOCOL: &'static str = "SotW";
+    fn node(req: &DiscoveryRequest) -> Option<envoy_types::pb::envoy::config::core::v3::Node> {
+        req.node.clone()
+    }
+    fn start(hub: Arc<Hub>, proxy: ProxyInfo, tx: mpsc::Sender<Result<DiscoveryResponse, Status>>) -> Self {
+        Sotw { hub, proxy, tx, types: BTreeMap::new(), nonce: 0 }
+    }
+    fn proxy(&self) -> &ProxyInfo {
+        &self.proxy
+    }
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+    async fn request(&mut self, req: DiscoveryRequest, resources: &Resources) -> bool {
+        self.on_request(req, resources).await
+    }
+    async fn send_changes(&mut self, type_url: &'static str, resources: &Resources) -> bool {
+        self.push(type_url, resources, false).await
+    }
+}
+
+impl Session for Delta {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    const PROTOCOL: &'static str = "Delta";
+    fn node(req: &DeltaDiscoveryRequest) -> Option<envoy_types::pb::envoy::config::core::v3::Node> {
+        req.node.clone()
+    }
+    fn start(hub: Arc<Hub>, proxy: ProxyInfo, tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>) -> Self {
+        Delta { hub, proxy, tx, types: BTreeMap::new(), nonce: 0 }
+    }
+    fn proxy(&self) -> &ProxyInfo {
+        &self.proxy
+    }
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+    async fn request(&mut self, req: DeltaDiscoveryRequest, resources: &Resources) -> bool {
+        self.on_request(req, resources).await
+    }
+    async fn send_changes(&mut self, type_url: &'static str, resources: &Resources) -> bool {
+        self.push(type_url, resources, false).await
+    }
+}
+
+/// One ADS stream, whatever the protocol: identify the proxy from the first request (read in
+/// the task, so response headers go out at once), register its workload, then answer requests
+/// and push what changes until either side goes away.
+fn serve<S: Session>(hub: Arc<Hub>, mut inbound: Streaming<S::Req>) -> mpsc::Receiver<Result<S::Resp, Status>>
+where
+    Streaming<S::Req>: Stream<Item = Result<S::Req, Status>> + Send + Unpin,
+{
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let (first, proxy) = match first_request(&mut inbound, S::node).await {
+            Ok(x) => x,
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
+        hub.connected(&proxy, S::PROTOCOL);
+        hub.announce(&proxy.id, proxy.workload());
+        let id = proxy.id.clone();
+        tracing::info!(proxy = %id, protocol = S::PROTOCOL, "ADS stream opened");
+        let mut states = hub.subscribe();
+        let state = states.borrow_and_update().clone();
+        let mut resources = hub.resources(&state, &proxy);
+        let mut session = S::start(hub.clone(), proxy, tx);
+        let mut alive = session.request(first, &resources).await;
+        while alive {
+            tokio::select! {
+                msg = inbound.next() => match msg {
+                    Some(Ok(req)) => alive = session.request(req, &resources).await,
+                    Some(Err(e)) => {
+                        tracing::debug!(proxy = %id, error = %e, "ADS stream error");
+                        alive = false;
+                    }
+                    None => alive = false,
+                },
+                changed = states.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let state = states.borrow_and_update().clone();
+                    let next = hub.resources(&state, session.proxy());
+                    // Only types whose content changed for this proxy are looked at.
+                    let changed: Vec<&'static str> = PUSH_ORDER.into_iter().filter(|t| next.type_changed(&resources, t)).collect();
+                    resources = next;
+                    for t in changed {
+                        if !session.send_changes(t, &resources).await {
+                            alive = false;
+                            break;
+                        }
+                    }
+                }
+                _ = session.closed() => alive = false,
+            }
+        }
+        hub.disconnected(&id);
+        tracing::info!(proxy = %id, protocol = S::PROTOCOL, "ADS stream closed");
+    });
+    rx
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsServer {
     type StreamAggregatedResourcesStream = Out<DiscoveryResponse>;
@@ -360,60 +485,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let hub = self.hub.clone();
-        // Headers go out at once; the stream task waits for the first request (a client may
-        // open the stream before it sends anything).
-        tokio::spawn(async move {
-            let (first, proxy) = match first_request(&mut inbound, |r: &DiscoveryRequest| r.node.clone()).await {
-                Ok(x) => x,
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-            };
-            hub.connected(&proxy, "SotW");
-            hub.announce(&proxy.id, proxy.workload());
-            let id = proxy.id.clone();
-            tracing::info!(proxy = %id, "SotW ADS stream opened");
-            let mut states = hub.subscribe();
-            let mut state = states.borrow_and_update().clone();
-            let mut resources = hub.resources(&state, &proxy);
-            let mut s = Sotw { hub: hub.clone(), proxy, tx, types: BTreeMap::new(), nonce: 0 };
-            let mut alive = s.on_request(first, &resources).await;
-            while alive {
-                tokio::select! {
-                    msg = inbound.next() => match msg {
-                        Some(Ok(req)) => alive = s.on_request(req, &resources).await,
-                        Some(Err(e)) => {
-                            tracing::debug!(proxy = %id, error = %e, "ADS stream error");
-                            alive = false;
-                        }
-                        None => alive = false,
-                    },
-                    changed = states.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        state = states.borrow_and_update().clone();
-                        let next = hub.resources(&state, &s.proxy);
-                        // Only types whose content changed for this proxy are looked at.
-                        let changed: Vec<&'static str> = PUSH_ORDER.into_iter().filter(|t| next.type_changed(&resources, t)).collect();
-                        resources = next;
-                        for t in changed {
-                            if !s.push(t, &resources, false).await {
-                                alive = false;
-                                break;
-                            }
-                        }
-                    }
-                    _ = s.tx.closed() => alive = false,
-                }
-            }
-            hub.disconnected(&id);
-            tracing::info!(proxy = %id, "SotW ADS stream closed");
-        });
+        let rx = serve::<Sotw>(self.hub.clone(), request.into_inner());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -421,60 +493,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let hub = self.hub.clone();
-        // Headers go out at once; the stream task waits for the first request (a client may
-        // open the stream before it sends anything).
-        tokio::spawn(async move {
-            let (first, proxy) = match first_request(&mut inbound, |r: &DeltaDiscoveryRequest| r.node.clone()).await {
-                Ok(x) => x,
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-            };
-            hub.connected(&proxy, "Delta");
-            hub.announce(&proxy.id, proxy.workload());
-            let id = proxy.id.clone();
-            tracing::info!(proxy = %id, "Delta ADS stream opened");
-            let mut states = hub.subscribe();
-            let mut state = states.borrow_and_update().clone();
-            let mut resources = hub.resources(&state, &proxy);
-            let mut d = Delta { hub: hub.clone(), proxy, tx, types: BTreeMap::new(), nonce: 0 };
-            let mut alive = d.on_request(first, &resources).await;
-            while alive {
-                tokio::select! {
-                    msg = inbound.next() => match msg {
-                        Some(Ok(req)) => alive = d.on_request(req, &resources).await,
-                        Some(Err(e)) => {
-                            tracing::debug!(proxy = %id, error = %e, "ADS stream error");
-                            alive = false;
-                        }
-                        None => alive = false,
-                    },
-                    changed = states.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        state = states.borrow_and_update().clone();
-                        let next = hub.resources(&state, &d.proxy);
-                        // Only types whose content changed for this proxy are looked at.
-                        let changed: Vec<&'static str> = PUSH_ORDER.into_iter().filter(|t| next.type_changed(&resources, t)).collect();
-                        resources = next;
-                        for t in changed {
-                            if !d.push(t, &resources, false).await {
-                                alive = false;
-                                break;
-                            }
-                        }
-                    }
-                    _ = d.tx.closed() => alive = false,
-                }
-            }
-            hub.disconnected(&id);
-            tracing::info!(proxy = %id, "Delta ADS stream closed");
-        });
+        let rx = serve::<Delta>(self.hub.clone(), request.into_inner());
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

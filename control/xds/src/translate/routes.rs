@@ -102,26 +102,7 @@ fn fraction(p: Option<&Percent>) -> FractionalPercent {
 }
 
 fn grpc_code(name: &str) -> u32 {
-    const CODES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
-    CODES.iter().position(|c| *c == name).unwrap_or(2) as u32
+    trellis_model::validate::GRPC_CODES.iter().position(|c| *c == name).unwrap_or(2) as u32
 }
 
 fn fault(f: &spec::HttpFaultInjection) -> HttpFault {
