@@ -223,7 +223,19 @@ async fn main() {
         for h in handles {
             h.abort();
         }
-        // Let the control plane notice the disconnects before the next round.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(d);
+        // Before the next round (which reuses node ids), wait until the control plane has seen
+        // every stream of this one close (bounded: 60 s).
+        let debug = trellis_e2e::http::ProxyClient::new(&cp.debug_addr);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let body = debug.get(&cp.debug_addr, "/debug/syncz", &[]).await.expect("syncz").body;
+            let status: Value = serde_json::from_str(&body).expect("syncz JSON");
+            if status["proxies"].as_array().is_some_and(|p| p.is_empty()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "proxies still connected 60 s after their streams closed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

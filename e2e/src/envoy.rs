@@ -4,11 +4,10 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
-use crate::{await_condition, free_port, repo_root};
+use crate::{await_listening, free_port, repo_root};
 
 /// Which ADS flavour Envoy speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,18 +95,7 @@ admin:
             .context("starting Envoy (run scripts/setup.sh, or set TRELLIS_ENVOY)")?;
         let mut envoy = Envoy { child, outbound, admin, node_id, log, _dir: dir };
         let target = envoy.outbound.clone();
-        let mut exited = None;
-        let up = await_condition("Envoy's outbound listener", Duration::from_secs(30), || {
-            if let Ok(Some(status)) = envoy.child.try_wait() {
-                exited = Some(status);
-                return true;
-            }
-            std::net::TcpStream::connect(&target).is_ok()
-        });
-        if let Some(status) = exited {
-            bail!("Envoy exited with {status}: {}", envoy.log_text());
-        }
-        up.with_context(|| envoy.log_text())?;
+        await_listening(&mut envoy.child, &target, "Envoy's outbound listener").with_context(|| envoy.log_text())?;
         Ok(envoy)
     }
 

@@ -45,6 +45,23 @@ pub fn await_condition(what: &str, timeout: Duration, mut cond: impl FnMut() -> 
     Ok(())
 }
 
+/// Waits (up to 30 s) until `addr` accepts TCP connections; fails at once if `child` (called
+/// `what` in errors) exits first.
+pub fn await_listening(child: &mut Child, addr: &str, what: &str) -> anyhow::Result<()> {
+    let mut exited = None;
+    let ready = await_condition(&format!("{what} to listen on {addr}"), Duration::from_secs(30), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            exited = Some(status);
+            return true;
+        }
+        std::net::TcpStream::connect(addr).is_ok()
+    });
+    if let Some(status) = exited {
+        bail!("{what} exited with {status}");
+    }
+    ready
+}
+
 /// A running `trellis-control`.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -84,18 +101,7 @@ impl ControlPlane {
         let tls = extra.windows(2).any(|w| w == ["--api-tls", "on"]);
         let mut cp = ControlPlane { child, addr, data_dir: data_dir.to_path_buf(), log, tls, xds_addr, debug_addr };
         let target = cp.addr.clone();
-        let mut exited = None;
-        let ready = await_condition("trellis-control to listen", Duration::from_secs(30), || {
-            if let Ok(Some(status)) = cp.child.try_wait() {
-                exited = Some(status);
-                return true;
-            }
-            std::net::TcpStream::connect(&target).is_ok()
-        });
-        if let Some(status) = exited {
-            bail!("trellis-control exited with {status}: {}", cp.log_text());
-        }
-        ready.with_context(|| cp.log_text())?;
+        await_listening(&mut cp.child, &target, "trellis-control").with_context(|| cp.log_text())?;
         Ok(cp)
     }
 

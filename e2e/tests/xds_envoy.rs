@@ -261,13 +261,10 @@ async fn retries_on_503_reach_a_healthy_endpoint(api_kind: AdsApi) {
     })
     .await;
     m.v2.status.store(503, Ordering::SeqCst);
-    let mut ok = 0;
     for _ in 0..50 {
         let a = m.client.get(REVIEWS, "/", &[]).await.unwrap();
         assert_eq!((a.status, a.body.as_str()), (200, "v1"), "a retry should have reached v1");
-        ok += 1;
     }
-    assert_eq!(ok, 50);
     assert!(m.v2.requests() > 0, "the unhealthy endpoint was tried");
 }
 

@@ -88,10 +88,6 @@ impl EmbeddedStore {
         Ok(Self { inner: Arc::new(Inner { db, path, history, notify }) })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
     /// Runs a blocking closure on the store off the async runtime.
     async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
         let inner = self.inner.clone();

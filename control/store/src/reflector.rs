@@ -95,10 +95,9 @@ pub fn reflector_from(
                             break;
                         }
                         Some(Err(e)) => {
-                            if tx.send(ReflectorEvent::Retrying { error: e.to_string() }).await.is_err() {
+                            if !report_and_back_off(&tx, &mut backoff, e).await {
                                 return;
                             }
-                            tokio::time::sleep(backoff).await;
                             break;
                         }
                         None => break,

@@ -72,15 +72,6 @@ impl DeltaClient {
         .await
     }
 
-    pub async fn unsubscribe(&mut self, type_url: &str, names: Vec<String>) -> Result<(), String> {
-        self.send(DeltaDiscoveryRequest {
-            type_url: type_url.into(),
-            resource_names_unsubscribe: names,
-            ..Default::default()
-        })
-        .await
-    }
-
     /// The next response, or an error after `timeout`.
     pub async fn recv(&mut self, timeout: Duration) -> Result<DeltaDiscoveryResponse, String> {
         match tokio::time::timeout(timeout, self.rx.message()).await {

@@ -209,10 +209,6 @@ impl Hub {
         self.state_tx.subscribe()
     }
 
-    pub fn state(&self) -> Arc<State> {
-        self.state_tx.borrow().clone()
-    }
-
     /// Owns the state: publishes a new [`State`] after each (debounced) change of config or of
     /// announced workloads. Runs until the config channel closes.
     pub async fn run(self: Arc<Self>, mut config: watch::Receiver<Arc<ConfigSnapshot>>) {

@@ -66,10 +66,8 @@ fn digest<'a>(items: impl Iterator<Item = (&'a str, &'a str)>) -> String {
     h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn set_version(resources: &View<'_>, names: impl Iterator<Item = String>) -> String {
-    let pairs: Vec<(String, String)> =
-        names.filter_map(|n| resources.get(&n).map(|r| (n.clone(), r.version.clone()))).collect();
-    digest(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+fn set_version(resources: &View<'_>, names: &[String]) -> String {
+    digest(names.iter().filter_map(|n| resources.get(n).map(|r| (n.as_str(), r.version.as_str()))))
 }
 
 /// Reads the first request and identifies the proxy from its node (only the first request of a
@@ -125,7 +123,7 @@ impl Sotw {
         } else {
             st.names.iter().filter(|n| all.contains_key(n)).cloned().collect()
         };
-        let version = set_version(&all, names.iter().cloned());
+        let version = set_version(&all, &names);
         if !force && st.sent_version.as_deref() == Some(version.as_str()) {
             return true;
         }

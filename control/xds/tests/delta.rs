@@ -204,10 +204,31 @@ async fn proxies_that_announce_their_workload_become_endpoints() {
     // The watcher learns the new endpoint.
     let r = watcher.recv(T).await.unwrap();
     assert_eq!(r.type_url, ENDPOINT_TYPE);
-    assert!(format!("{:?}", r.resources[0].resource).contains("127.0.0.42") || !r.resources.is_empty());
+    assert_eq!(endpoint_ips(&r), vec!["127.0.0.42".to_string()]);
     watcher.ack(&r).await.unwrap();
     drop(workload);
     // And forgets it when the proxy goes away.
     let r = watcher.recv(T).await.unwrap();
     assert_eq!(r.type_url, ENDPOINT_TYPE);
+    assert!(endpoint_ips(&r).is_empty(), "{:?}", endpoint_ips(&r));
+}
+
+/// Addresses of every endpoint in an EDS response.
+fn endpoint_ips(r: &envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse) -> Vec<String> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    use prost::Message;
+    let mut out = Vec::new();
+    for res in &r.resources {
+        let cla = ClusterLoadAssignment::decode(res.resource.as_ref().unwrap().value.as_slice()).unwrap();
+        for e in cla.endpoints.iter().flat_map(|l| &l.lb_endpoints) {
+            if let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier
+                && let Some(Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.as_ref())
+            {
+                out.push(sa.address.clone());
+            }
+        }
+    }
+    out
 }

@@ -190,11 +190,15 @@ fn listeners_bind_where_the_node_says_and_use_rds() {
     let reg = registry::build(&cfg.items, &[], "Kubernetes");
     let t = translate(&cfg, &reg, &node_proxy);
     let l = &t.listeners["outbound"];
-    assert!(
-        format!("{:?}", l.address).contains("port_value: 25001")
-            || format!("{:?}", l.address).contains("PortValue(25001)"),
-        "{:?}",
-        l.address
+    let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
+        l.address.as_ref().and_then(|a| a.address.as_ref())
+    else {
+        panic!("{:?}", l.address)
+    };
+    assert_eq!(sa.address, "127.0.0.1");
+    assert_eq!(
+        sa.port_specifier,
+        Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(25001))
     );
     let Some(ConfigType::TypedConfig(any)) = &l.filter_chains[0].filters[0].config_type else { panic!() };
     let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
