@@ -36,6 +36,14 @@ impl Envoy {
     /// Starts Envoy against the ADS server at `xds` (`127.0.0.1:PORT`) as a sidecar in
     /// `namespace`, and waits until its outbound listener is up.
     pub fn start(xds: &str, api: AdsApi, name: &str, namespace: &str) -> anyhow::Result<Envoy> {
+        Envoy::start_in(xds, api, name, namespace, "")
+    }
+
+    /// As [`Envoy::start`], in `locality` (`region/zone/subzone`, Istio's form).
+    pub fn start_in(xds: &str, api: AdsApi, name: &str, namespace: &str, locality: &str) -> anyhow::Result<Envoy> {
+        let mut parts = locality.splitn(3, '/');
+        let (region, zone, sub_zone) =
+            (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
         let dir = tempfile::tempdir()?;
         let outbound = format!("127.0.0.1:{}", free_port());
         let inbound = format!("127.0.0.1:{}", free_port());
@@ -51,6 +59,7 @@ impl Envoy {
             r#"node:
   id: "{node_id}"
   cluster: "{name}.{namespace}"
+  locality: {{region: "{region}", zone: "{zone}", sub_zone: "{sub_zone}"}}
   metadata:
     NAMESPACE: "{namespace}"
     WORKLOAD_NAME: "{name}"

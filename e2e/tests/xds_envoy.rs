@@ -53,6 +53,11 @@ struct Mesh {
 /// Starts the mesh: the reviews service with endpoints v1 and v2 and `extra` config (which
 /// may replace the canary VirtualService), then waits until `host` answers through the proxy.
 async fn mesh_with(api_kind: AdsApi, extra: impl FnOnce(&Echo, &Echo) -> Vec<Value>) -> Mesh {
+    mesh_in(api_kind, "", extra).await
+}
+
+/// As [`mesh_with`], with the proxy in `locality`.
+async fn mesh_in(api_kind: AdsApi, locality: &str, extra: impl FnOnce(&Echo, &Echo) -> Vec<Value>) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &["--push-debounce-ms", "50"]).unwrap();
     let api = cp.client().unwrap();
@@ -64,7 +69,7 @@ async fn mesh_with(api_kind: AdsApi, extra: impl FnOnce(&Echo, &Echo) -> Vec<Val
         config.push(item);
     }
     api.apply(config, None, false).await.unwrap();
-    let proxy = Envoy::start(&cp.xds_addr, api_kind, "client", "default").unwrap();
+    let proxy = Envoy::start_in(&cp.xds_addr, api_kind, "client", "default", locality).unwrap();
     let client = ProxyClient::new(&proxy.outbound);
     // Wait until the proxy has routes for reviews (any answer from the route, not a 404 for
     // an unknown host).
@@ -358,6 +363,45 @@ async fn outlier_detection_ejects_a_failing_endpoint(api_kind: AdsApi) {
     assert_eq!(m.v2.requests(), v2_before, "an ejected endpoint got traffic");
 }
 
+async fn locality_failover_prefers_the_local_zone(api_kind: AdsApi) {
+    // v1 runs in the proxy's zone, v2 in another region; with outlier detection the local
+    // zone takes all traffic (priority 0) until it fails, then the other region does.
+    let m = mesh_in(api_kind, "us-east1/b/rack1", |v1, v2| {
+        vec![
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": {"name": "reviews-v1", "namespace": "bookinfo"},
+                "spec": {"address": "127.0.0.1", "ports": {"http": v1.port()}, "labels": {"app": "reviews", "version": "v1"}, "locality": "us-east1/b/rack1"}}),
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": {"name": "reviews-v2", "namespace": "bookinfo"},
+                "spec": {"address": "127.0.0.1", "ports": {"http": v2.port()}, "labels": {"app": "reviews", "version": "v2"}, "locality": "europe-west4/a"}}),
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "bookinfo"},
+                "spec": {"host": "reviews", "trafficPolicy": {"outlierDetection": {"consecutive5xxErrors": 1, "interval": "100ms", "baseEjectionTime": "30s", "maxEjectionPercent": 100}},
+                         "subsets": [{"name": "all", "labels": {"app": "reviews"}}]}}),
+            vs(json!([{"route": to("all"), "retries": {"attempts": 0}}])),
+        ]
+    })
+    .await;
+    let (v1, v2, failed) = split(&m.client, 200, 4).await;
+    if (v1, v2, failed) != (200, 0, 0) {
+        let clusters =
+            ProxyClient::new(&m.proxy.admin).get(&m.proxy.admin, "/config_dump?include_eds", &[]).await.unwrap().body;
+        let all: Vec<&str> = clusters.lines().filter(|l| l.contains("priority") || l.contains("region")).collect();
+        panic!(
+            "the local zone should take all traffic while healthy: v1={v1} v2={v2} failed={failed}\n{}",
+            all.join("\n")
+        );
+    }
+    m.v1.status.store(500, Ordering::SeqCst);
+    // Bounded: at most 400 requests until 50 in a row are served by the other region.
+    let mut remote_run = 0;
+    for _ in 0..400 {
+        let a = m.client.get(REVIEWS, "/", &[]).await.unwrap();
+        remote_run = if (a.status, a.body.as_str()) == (200, "v2") { remote_run + 1 } else { 0 };
+        if remote_run == 50 {
+            break;
+        }
+    }
+    assert_eq!(remote_run, 50, "traffic did not fail over to the other region");
+}
+
 async fn a_rejected_resource_is_nacked_and_routing_keeps_working(api_kind: AdsApi) {
     let m = mesh(api_kind).await;
     // Valid for Trellis (and Rust's regex engine), too large for Envoy's RE2 program limit.
@@ -420,5 +464,6 @@ for_each_proxy!(
     mirror_copies_requests_to_the_shadow,
     circuit_breaker_sheds_overflow_with_503,
     outlier_detection_ejects_a_failing_endpoint,
+    locality_failover_prefers_the_local_zone,
     a_rejected_resource_is_nacked_and_routing_keeps_working,
 );

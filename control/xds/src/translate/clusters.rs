@@ -3,8 +3,9 @@
 //! connection-pool limits (circuit breakers) and outlier detection; endpoints grouped by
 //! locality. Inbound clusters (`inbound|PORT||`) lead to the local application.
 
-use std::collections::BTreeMap;
-
+use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::{
+    LocalityConfigSpecifier, LocalityWeightedLbConfig,
+};
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy, MaglevLbConfig,
     RingHashLbConfig,
@@ -33,7 +34,9 @@ use trellis_model::spec::{
     SimpleLb, TrafficPolicy,
 };
 
+use super::locality::{self, Group, LocalityPolicy};
 use super::{Scope, Translated, cluster_name, duration, parse_duration, selects};
+use crate::proxy::ProxyInfo;
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// Istio's default connect timeout.
@@ -228,20 +231,18 @@ fn locality(l: &Locality) -> PbLocality {
     PbLocality { region: l.region.clone(), zone: l.zone.clone(), sub_zone: l.subzone.clone() }
 }
 
-/// Endpoints grouped by locality, in a stable order.
-pub(crate) fn load_assignment(name: &str, endpoints: &[&Endpoint]) -> ClusterLoadAssignment {
-    let mut by_locality: BTreeMap<&Locality, Vec<&Endpoint>> = BTreeMap::new();
-    for e in endpoints {
-        by_locality.entry(&e.locality).or_default().push(e);
-    }
+/// Endpoints grouped by priority and locality (see [`super::locality`]), in a stable order.
+pub(crate) fn load_assignment(name: &str, groups: &[Group<'_>]) -> ClusterLoadAssignment {
     ClusterLoadAssignment {
         cluster_name: name.to_string(),
-        endpoints: by_locality
-            .into_iter()
-            .map(|(loc, eps)| LocalityLbEndpoints {
-                locality: Some(locality(loc)),
-                load_balancing_weight: Some(UInt32Value { value: eps.iter().map(|e| e.weight).sum::<u32>().max(1) }),
-                lb_endpoints: eps
+        endpoints: groups
+            .iter()
+            .map(|g| LocalityLbEndpoints {
+                locality: Some(locality(&g.locality)),
+                load_balancing_weight: Some(UInt32Value { value: g.weight() }),
+                priority: g.priority,
+                lb_endpoints: g
+                    .endpoints
                     .iter()
                     .map(|e| LbEndpoint {
                         host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(PbEndpoint {
@@ -259,8 +260,10 @@ pub(crate) fn load_assignment(name: &str, endpoints: &[&Endpoint]) -> ClusterLoa
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn add(
     out: &mut Translated,
+    proxy: &ProxyInfo,
     svc: &Service,
     port: &ServicePort,
     subset: &str,
@@ -270,9 +273,22 @@ fn add(
 ) {
     let name = cluster_name("outbound", port.number, subset, &svc.hostname);
     let selected: Vec<&Endpoint> = eps.iter().filter(|e| labels.is_none_or(|l| selects(l, &e.labels))).collect();
-    let cla = load_assignment(&name, &selected);
+    let grouped = locality::group(
+        &selected,
+        Some(LocalityPolicy {
+            proxy,
+            setting: policy.lb.and_then(|lb| lb.locality_lb_setting.as_ref()),
+            outlier_detection: policy.outlier.is_some(),
+        }),
+    );
+    let cla = load_assignment(&name, &grouped.groups);
     let dns = svc.resolution == Resolution::Dns;
-    out.clusters.insert(name.clone(), cluster(&name, svc, port, policy, dns.then(|| cla.clone())));
+    let mut c = cluster(&name, svc, port, policy, dns.then(|| cla.clone()));
+    if grouped.locality_weighted {
+        c.common_lb_config.get_or_insert_with(Default::default).locality_config_specifier =
+            Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(LocalityWeightedLbConfig {}));
+    }
+    out.clusters.insert(name.clone(), c);
     if svc.resolution == Resolution::Static {
         out.endpoints.insert(name, cla);
     }
@@ -285,10 +301,10 @@ pub(crate) fn outbound(scope: &Scope<'_>, out: &mut Translated) {
         for port in &svc.ports {
             let eps = scope.registry.endpoints(&svc.hostname, port.number);
             let top = dr.and_then(|d| d.traffic_policy.as_ref());
-            add(out, svc, port, "", None, Policy::of(top, None, port.number), eps);
+            add(out, scope.proxy, svc, port, "", None, Policy::of(top, None, port.number), eps);
             for subset in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
                 let policy = Policy::of(top, subset.traffic_policy.as_ref(), port.number);
-                add(out, svc, port, &subset.name, Some(&subset.labels), policy, eps);
+                add(out, scope.proxy, svc, port, &subset.name, Some(&subset.labels), policy, eps);
             }
         }
     }
@@ -303,7 +319,7 @@ pub(crate) fn inbound(scope: &Scope<'_>, out: &mut Translated) {
             continue;
         }
         let local = Endpoint { address: "127.0.0.1".into(), port: target, weight: 1, ..Default::default() };
-        let cla = load_assignment(&name, &[&local]);
+        let cla = load_assignment(&name, &locality::group(&[&local], None).groups);
         let mut c = cluster(&name, svc, port, Policy::default(), None);
         c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
         c.eds_cluster_config = None;

@@ -8,6 +8,7 @@
 
 mod clusters;
 mod listeners;
+mod locality;
 mod routes;
 
 use std::collections::BTreeMap;
@@ -213,7 +214,10 @@ pub fn translate_inbound(config: &ConfigSnapshot, registry: &RegistrySnapshot, p
 
 /// Everything about a proxy the outbound translation reads.
 pub fn outbound_key(p: &ProxyInfo) -> String {
-    format!("{:?}|{}|{:?}|{:?}", p.kind, p.namespace, p.labels, p.outbound_listener)
+    format!(
+        "{:?}|{}|{:?}|{:?}|{:?}|{}|{}",
+        p.kind, p.namespace, p.labels, p.outbound_listener, p.locality, p.network, p.cluster_id
+    )
 }
 
 /// Everything about a proxy the inbound translation reads.
