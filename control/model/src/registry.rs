@@ -1,12 +1,14 @@
 //! The service registry: services and their endpoints, from whatever source knows them.
 //!
-//! Sources today: ServiceEntry + WorkloadEntry (static, outside Kubernetes) and workloads that
-//! announce themselves in their proxy's xDS node metadata. Kubernetes and remote clusters plug
-//! in later as more [`WorkloadInstance`] producers. Every endpoint carries its cluster and
-//! network from day one, so the same service in two clusters is one service with endpoints
-//! from both.
+//! Every source implements [`RegistrySource`]: it may know workloads (which ServiceEntry
+//! `workloadSelector`s select, whatever source they came from) and may define services with
+//! their endpoints. Sources today: [`ConfigSource`] (ServiceEntry + WorkloadEntry, static,
+//! outside Kubernetes) and [`AnnouncedWorkloads`] (workloads that announce themselves in their
+//! proxy's xDS node metadata). Kubernetes and remote clusters plug in as more sources. Every
+//! endpoint carries its cluster and network, so the same host defined by two sources (two
+//! clusters) is one service with endpoints from both.
 //!
-//! [`build`] is a pure function: config + announced workloads → [`RegistrySnapshot`].
+//! [`build_from`] is a pure function: sources → [`RegistrySnapshot`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -190,36 +192,110 @@ fn selects(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// Builds the registry from validated config (ServiceEntries, WorkloadEntries) and workloads
-/// announced by proxies. `default_cluster` names the cluster of config-defined workloads.
-pub fn build(
-    config: &[(ResourceKey, Spec)],
-    announced: &[WorkloadInstance],
-    default_cluster: &str,
-) -> RegistrySnapshot {
-    let mut workloads: Vec<WorkloadInstance> = announced.to_vec();
-    for (key, spec) in config {
-        if let Spec::WorkloadEntry(we) = spec {
-            workloads.push(from_workload_entry(&key.name, &key.namespace, we, default_cluster));
-        }
+/// A service as one source defines it, with its endpoints by service port number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceDefinition {
+    pub service: Service,
+    pub endpoints: BTreeMap<u32, Vec<Endpoint>>,
+}
+
+/// Something that knows services and workloads: config, proxies' announcements, and later a
+/// Kubernetes API server or a remote cluster. Implementations are snapshots (cheap to read
+/// many times); whoever owns a changing source rebuilds the registry when it changes.
+pub trait RegistrySource: Send + Sync + std::fmt::Debug {
+    /// For diagnostics, e.g. `config`, `announced`, `kubernetes/east`.
+    fn name(&self) -> &str;
+
+    /// Workloads this source knows. ServiceEntries with a `workloadSelector` select among
+    /// the workloads of every source.
+    fn workloads(&self) -> Vec<WorkloadInstance> {
+        Vec::new()
     }
+
+    /// Services this source defines, given every source's workloads.
+    fn services(&self, _workloads: &[WorkloadInstance]) -> Vec<ServiceDefinition> {
+        Vec::new()
+    }
+}
+
+/// ServiceEntries and WorkloadEntries from validated config.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfigSource<'a> {
+    pub config: &'a [(ResourceKey, Spec)],
+    /// Cluster of config-defined workloads.
+    pub default_cluster: &'a str,
+}
+
+impl RegistrySource for ConfigSource<'_> {
+    fn name(&self) -> &str {
+        "config"
+    }
+
+    fn workloads(&self) -> Vec<WorkloadInstance> {
+        self.config
+            .iter()
+            .filter_map(|(key, spec)| match spec {
+                Spec::WorkloadEntry(we) => {
+                    Some(from_workload_entry(&key.name, &key.namespace, we, self.default_cluster))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn services(&self, workloads: &[WorkloadInstance]) -> Vec<ServiceDefinition> {
+        let mut out = Vec::new();
+        for (key, spec) in self.config {
+            let Spec::ServiceEntry(se) = spec else { continue };
+            let instances: Vec<WorkloadInstance> = match &se.workload_selector {
+                Some(sel) => workloads
+                    .iter()
+                    .filter(|w| w.namespace == key.namespace && selects(&sel.labels, &w.labels))
+                    .cloned()
+                    .collect(),
+                None => se
+                    .endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        from_workload_entry(&format!("{}-{i}", key.name), &key.namespace, e, self.default_cluster)
+                    })
+                    .collect(),
+            };
+            out.extend(service_entry(key, se, &instances));
+        }
+        out
+    }
+}
+
+/// Workloads announced by connected proxies (node metadata); they define no services.
+#[derive(Debug, Clone, Default)]
+pub struct AnnouncedWorkloads(pub Vec<WorkloadInstance>);
+
+impl RegistrySource for AnnouncedWorkloads {
+    fn name(&self) -> &str {
+        "announced"
+    }
+
+    fn workloads(&self) -> Vec<WorkloadInstance> {
+        self.0.clone()
+    }
+}
+
+/// Merges sources into one registry. The first definition of a host (in source order, then
+/// the source's own order) gives the service's ports and settings; endpoints of every
+/// definition of the host are merged.
+pub fn build_from(sources: &[&dyn RegistrySource]) -> RegistrySnapshot {
+    let workloads: Vec<WorkloadInstance> = sources.iter().flat_map(|s| s.workloads()).collect();
     let mut snap = RegistrySnapshot::default();
-    for (key, spec) in config {
-        let Spec::ServiceEntry(se) = spec else { continue };
-        let instances: Vec<WorkloadInstance> = match &se.workload_selector {
-            Some(sel) => workloads
-                .iter()
-                .filter(|w| w.namespace == key.namespace && selects(&sel.labels, &w.labels))
-                .cloned()
-                .collect(),
-            None => se
-                .endpoints
-                .iter()
-                .enumerate()
-                .map(|(i, e)| from_workload_entry(&format!("{}-{i}", key.name), &key.namespace, e, default_cluster))
-                .collect(),
-        };
-        add_service_entry(&mut snap, key, se, &instances);
+    for source in sources {
+        for def in source.services(&workloads) {
+            for port in &def.service.ports {
+                let eps = def.endpoints.get(&port.number).cloned().unwrap_or_default();
+                snap.endpoints.entry((def.service.hostname.clone(), port.number)).or_default().extend(eps);
+            }
+            snap.services.entry(def.service.hostname.clone()).or_insert(def.service);
+        }
     }
     // Stable order of endpoints.
     for eps in snap.endpoints.values_mut() {
@@ -229,12 +305,19 @@ pub fn build(
     snap
 }
 
-fn add_service_entry(
-    snap: &mut RegistrySnapshot,
-    key: &ResourceKey,
-    se: &ServiceEntry,
-    instances: &[WorkloadInstance],
-) {
+/// Builds the registry from validated config (ServiceEntries, WorkloadEntries) and workloads
+/// announced by proxies. `default_cluster` names the cluster of config-defined workloads.
+pub fn build(
+    config: &[(ResourceKey, Spec)],
+    announced: &[WorkloadInstance],
+    default_cluster: &str,
+) -> RegistrySnapshot {
+    let announced = AnnouncedWorkloads(announced.to_vec());
+    build_from(&[&ConfigSource { config, default_cluster }, &announced])
+}
+
+fn service_entry(key: &ResourceKey, se: &ServiceEntry, instances: &[WorkloadInstance]) -> Vec<ServiceDefinition> {
+    let mut out = Vec::new();
     let ports: Vec<ServicePort> = se
         .ports
         .iter()
@@ -261,6 +344,7 @@ fn add_service_entry(
             export_to: se.export_to.clone(),
             origin: key.to_string(),
         };
+        let mut endpoints = BTreeMap::new();
         for port in &ports {
             let mut eps = Vec::new();
             for w in instances {
@@ -291,11 +375,11 @@ fn add_service_entry(
                     workload: String::new(),
                 });
             }
-            snap.endpoints.entry((hostname.clone(), port.number)).or_default().extend(eps);
+            endpoints.insert(port.number, eps);
         }
-        // First definition of a host wins (older config first), like Istio.
-        snap.services.entry(hostname).or_insert(service);
+        out.push(ServiceDefinition { service, endpoints });
     }
+    out
 }
 
 /// Service accounts behind a service, for SAN checks later.
@@ -311,6 +395,75 @@ pub fn service_accounts(snap: &RegistrySnapshot, host: &str) -> BTreeSet<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a Kubernetes source would give: a Service with its own endpoints, and pods.
+    #[derive(Debug)]
+    struct FakeCluster;
+
+    impl RegistrySource for FakeCluster {
+        fn name(&self) -> &str {
+            "kubernetes/east"
+        }
+
+        fn workloads(&self) -> Vec<WorkloadInstance> {
+            vec![WorkloadInstance {
+                name: "ratings-pod".into(),
+                namespace: "bookinfo".into(),
+                address: "10.0.0.7".into(),
+                labels: [("app".to_string(), "ratings".to_string())].into(),
+                cluster: "east".into(),
+                weight: 1,
+                ..Default::default()
+            }]
+        }
+
+        fn services(&self, _: &[WorkloadInstance]) -> Vec<ServiceDefinition> {
+            let service = Service {
+                hostname: "reviews.bookinfo.svc.cluster.local".into(),
+                namespace: "bookinfo".into(),
+                ports: vec![ServicePort {
+                    number: 9080,
+                    name: "http".into(),
+                    protocol: Protocol::Http,
+                    target_port: None,
+                }],
+                resolution: Resolution::Static,
+                mesh_internal: true,
+                export_to: Vec::new(),
+                origin: "kubernetes/east Service bookinfo/reviews".into(),
+            };
+            let ep = Endpoint {
+                address: "10.0.0.9".into(),
+                port: 9080,
+                cluster: "east".into(),
+                weight: 1,
+                ..Default::default()
+            };
+            vec![ServiceDefinition { service, endpoints: [(9080, vec![ep])].into() }]
+        }
+    }
+
+    #[test]
+    fn sources_plug_in_and_merge_by_host() {
+        let cfg = config(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews.bookinfo.svc.cluster.local]\n  ports: [{number: 9080, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: [{address: 127.0.0.2}]\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: ratings, namespace: bookinfo}\nspec:\n  hosts: [ratings.bookinfo.svc.cluster.local]\n  ports: [{number: 9080, name: http, protocol: HTTP}]\n  resolution: STATIC\n  workloadSelector: {labels: {app: ratings}}\n",
+        );
+        let config_source = ConfigSource { config: &cfg, default_cluster: "west" };
+        let snap = build_from(&[&config_source, &FakeCluster]);
+        // One service, endpoints from both clusters; the first definition (config) names it.
+        let reviews: Vec<(&str, &str)> = snap
+            .endpoints("reviews.bookinfo.svc.cluster.local", 9080)
+            .iter()
+            .map(|e| (e.address.as_str(), e.cluster.as_str()))
+            .collect();
+        assert_eq!(reviews, vec![("10.0.0.9", "east"), ("127.0.0.2", "west")]);
+        assert_eq!(snap.services["reviews.bookinfo.svc.cluster.local"].origin, "ServiceEntry bookinfo/reviews");
+        // A ServiceEntry in config selects a workload another source knows.
+        let ratings: Vec<&str> =
+            snap.endpoints("ratings.bookinfo.svc.cluster.local", 9080).iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(ratings, vec!["10.0.0.7"]);
+        assert_eq!(FakeCluster.name(), "kubernetes/east");
+    }
     use crate::{parse_documents, validate_resource};
 
     fn config(yaml: &str) -> Vec<(ResourceKey, Spec)> {

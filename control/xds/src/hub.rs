@@ -14,7 +14,9 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
-use trellis_model::registry::{self, RegistrySnapshot, WorkloadInstance};
+use trellis_model::registry::{
+    self, AnnouncedWorkloads, ConfigSource, RegistrySnapshot, RegistrySource, WorkloadInstance,
+};
 
 use crate::proxy::ProxyInfo;
 use crate::translate::{ConfigSnapshot, Translated, inbound_key, outbound_key, translate_inbound, translate_outbound};
@@ -187,7 +189,9 @@ pub struct Hub {
     options: HubOptions,
     state_tx: watch::Sender<Arc<State>>,
     announced: Mutex<BTreeMap<String, WorkloadInstance>>,
-    announced_changed: Notify,
+    /// More registry sources (Kubernetes, remote clusters), by name.
+    sources: Mutex<BTreeMap<String, Arc<dyn RegistrySource>>>,
+    registry_changed: Notify,
     cache: Mutex<HashMap<String, (u64, Arc<TypeMaps>)>>,
     status: Mutex<BTreeMap<String, ProxyStatus>>,
 }
@@ -199,7 +203,8 @@ impl Hub {
             options,
             state_tx,
             announced: Mutex::new(BTreeMap::new()),
-            announced_changed: Notify::new(),
+            sources: Mutex::new(BTreeMap::new()),
+            registry_changed: Notify::new(),
             cache: Mutex::new(HashMap::new()),
             status: Mutex::new(BTreeMap::new()),
         })
@@ -215,14 +220,21 @@ impl Hub {
         let mut version = 0u64;
         loop {
             let snapshot = config.borrow_and_update().clone();
-            let announced: Vec<WorkloadInstance> =
-                self.announced.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-            let registry = registry::build(&snapshot.items, &announced, &self.options.default_cluster);
+            let announced = AnnouncedWorkloads(
+                self.announced.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect(),
+            );
+            let extra: Vec<Arc<dyn RegistrySource>> =
+                self.sources.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+            let config_source =
+                ConfigSource { config: &snapshot.items, default_cluster: &self.options.default_cluster };
+            let mut sources: Vec<&dyn RegistrySource> = vec![&config_source, &announced];
+            sources.extend(extra.iter().map(|s| s.as_ref()));
+            let registry = registry::build_from(&sources);
             version += 1;
             self.state_tx.send_replace(Arc::new(State { version, config: snapshot, registry: Arc::new(registry) }));
             tokio::select! {
                 r = config.changed() => if r.is_err() { return },
-                _ = self.announced_changed.notified() => {}
+                _ = self.registry_changed.notified() => {}
             }
             // Debounce: let the burst settle.
             tokio::time::sleep(self.options.debounce).await;
@@ -238,7 +250,21 @@ impl Hub {
         };
         drop(announced);
         if changed {
-            self.announced_changed.notify_one();
+            self.registry_changed.notify_one();
+        }
+    }
+
+    /// Adds or replaces (by [`RegistrySource::name`]) a registry source, e.g. a Kubernetes
+    /// cluster's services; proxies get the result after the debounce.
+    pub fn set_source(&self, source: Arc<dyn RegistrySource>) {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner()).insert(source.name().to_string(), source);
+        self.registry_changed.notify_one();
+    }
+
+    /// Removes a registry source added with [`Hub::set_source`].
+    pub fn remove_source(&self, name: &str) {
+        if self.sources.lock().unwrap_or_else(|p| p.into_inner()).remove(name).is_some() {
+            self.registry_changed.notify_one();
         }
     }
 

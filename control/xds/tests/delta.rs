@@ -6,7 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use prost::Message;
 use tokio::sync::watch;
+use trellis_model::registry::{
+    Endpoint, Protocol, RegistrySource, Resolution, Service, ServiceDefinition, ServicePort, WorkloadInstance,
+};
 use trellis_model::{parse_documents, validate_resource};
 use trellis_xds::client::DeltaClient;
 use trellis_xds::hub::{CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE};
@@ -107,6 +112,59 @@ async fn removed_services_are_sent_as_removed_resources() {
         ]
     );
     assert!(!c.held[CLUSTER_TYPE].contains_key("outbound|80||b.default.svc.cluster.local"));
+}
+
+/// A registry source like a remote Kubernetes cluster would be.
+#[derive(Debug)]
+struct RemoteCluster(&'static str);
+
+impl RegistrySource for RemoteCluster {
+    fn name(&self) -> &str {
+        "kubernetes/east"
+    }
+
+    fn services(&self, _: &[WorkloadInstance]) -> Vec<ServiceDefinition> {
+        let service = Service {
+            hostname: "db.default.svc.cluster.local".into(),
+            namespace: "default".into(),
+            ports: vec![ServicePort { number: 5432, name: "tcp".into(), protocol: Protocol::Tcp, target_port: None }],
+            resolution: Resolution::Static,
+            mesh_internal: true,
+            export_to: Vec::new(),
+            origin: "kubernetes/east".into(),
+        };
+        let ep =
+            Endpoint { address: self.0.into(), port: 5432, cluster: "east".into(), weight: 1, ..Default::default() };
+        vec![ServiceDefinition { service, endpoints: [(5432, vec![ep])].into() }]
+    }
+}
+
+#[tokio::test]
+async fn a_plugged_in_registry_source_reaches_proxies_and_its_removal_too() {
+    let s = start(&service("a", "127.0.0.1")).await;
+    let mut c = DeltaClient::connect(&s.addr, node("user", "default")).await.unwrap();
+    c.sync_like_envoy(T).await.unwrap();
+    let db = "outbound|5432||db.default.svc.cluster.local";
+    s.hub.set_source(Arc::new(RemoteCluster("10.1.0.5")));
+    let deadline = tokio::time::Instant::now() + T;
+    while !c.held[CLUSTER_TYPE].contains_key(db) {
+        assert!(tokio::time::Instant::now() < deadline, "the source's service never arrived: {:?}", c.held);
+        let r = c.recv(T).await.unwrap();
+        c.ack(&r).await.unwrap();
+    }
+    // Its endpoints are served as well, as Envoy would ask for them.
+    c.subscribe(ENDPOINT_TYPE, vec![db.to_string()], HashMap::new()).await.unwrap();
+    let r = c.recv(T).await.unwrap();
+    assert_eq!((r.type_url.as_str(), r.resources.len()), (ENDPOINT_TYPE, 1), "{r:?}");
+    let cla = ClusterLoadAssignment::decode(r.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!(format!("{:?}", cla.endpoints[0].lb_endpoints[0]).matches("10.1.0.5").count(), 1, "{cla:?}");
+    c.ack(&r).await.unwrap();
+    s.hub.remove_source("kubernetes/east");
+    while c.held[CLUSTER_TYPE].contains_key(db) {
+        assert!(tokio::time::Instant::now() < deadline, "the source's service was never removed");
+        let r = c.recv(T).await.unwrap();
+        c.ack(&r).await.unwrap();
+    }
 }
 
 #[tokio::test]
