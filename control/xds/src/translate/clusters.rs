@@ -1,7 +1,8 @@
 //! CDS and EDS: a cluster per service port (`outbound|PORT||HOST`) and per DestinationRule
 //! subset (`outbound|PORT|SUBSET|HOST`), with the DestinationRule's load balancing,
 //! connection-pool limits (circuit breakers) and outlier detection; endpoints grouped by
-//! locality. Inbound clusters (`inbound|PORT||`) lead to the local application.
+//! priority and locality, client TLS per [`super::tls`]. Inbound clusters (`inbound|PORT||`)
+//! lead to the local application.
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::{
     LocalityConfigSpecifier, LocalityWeightedLbConfig,
@@ -35,6 +36,7 @@ use trellis_model::spec::{
 };
 
 use super::locality::{self, Group, LocalityPolicy};
+use super::tls;
 use super::{Scope, Translated, cluster_name, duration, parse_duration, selects};
 use crate::proxy::ProxyInfo;
 
@@ -76,7 +78,7 @@ impl<'a> Policy<'a> {
     }
 }
 
-fn ads() -> ConfigSource {
+pub(crate) fn ads() -> ConfigSource {
     ConfigSource {
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
         resource_api_version: ApiVersion::V3 as i32,
@@ -284,6 +286,7 @@ fn add(
     let cla = load_assignment(&name, &grouped.groups);
     let dns = svc.resolution == Resolution::Dns;
     let mut c = cluster(&name, svc, port, policy, dns.then(|| cla.clone()));
+    c.transport_socket = tls::transport_socket(policy.tls, svc, port, subset, &selected);
     if grouped.locality_weighted {
         c.common_lb_config.get_or_insert_with(Default::default).locality_config_specifier =
             Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(LocalityWeightedLbConfig {}));

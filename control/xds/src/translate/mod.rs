@@ -10,6 +10,7 @@ mod clusters;
 mod listeners;
 mod locality;
 mod routes;
+pub mod tls;
 
 use std::collections::BTreeMap;
 
