@@ -102,3 +102,62 @@ impl Echo {
         self.seen.requests.load(Ordering::SeqCst)
     }
 }
+
+/// A TCP echo server: for each connection, reads one line and answers `NAME:LINE`, then
+/// closes. Counts connections.
+#[derive(Debug)]
+pub struct TcpEcho {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TcpEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TcpEcho {
+    pub async fn start(name: &str) -> std::io::Result<TcpEcho> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let connections = Arc::new(AtomicU64::new(0));
+        let (n, c) = (name.to_string(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                c.fetch_add(1, Ordering::SeqCst);
+                let n = n.clone();
+                tokio::spawn(async move {
+                    let mut tcp = BufReader::new(tcp);
+                    let mut line = String::new();
+                    // Bounded: one line of at most what arrives before the peer stops.
+                    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_line(&mut line)).await;
+                    if matches!(read, Ok(Ok(_))) {
+                        let _ = tcp.get_mut().write_all(format!("{n}:{line}").as_bytes()).await;
+                        let _ = tcp.get_mut().shutdown().await;
+                    }
+                });
+            }
+        });
+        Ok(TcpEcho { addr, connections, task })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// Connects to `addr`, sends `line` and returns the whole answer.
+pub async fn tcp_exchange(addr: &str, line: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("{line}\n").as_bytes()).await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s"))??;
+    Ok(out)
+}

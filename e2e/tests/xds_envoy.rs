@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use trellis_e2e::ControlPlane;
-use trellis_e2e::echo::Echo;
+use trellis_e2e::echo::{Echo, TcpEcho, tcp_exchange};
 use trellis_e2e::envoy::{AdsApi, Envoy};
 use trellis_e2e::http::ProxyClient;
 use trellis_model::{Kind, Resource};
@@ -402,6 +402,73 @@ async fn locality_failover_prefers_the_local_zone(api_kind: AdsApi) {
     assert_eq!(remote_run, 50, "traffic did not fail over to the other region");
 }
 
+async fn tcp_through_sidecar_port_listeners_is_weighted(api_kind: AdsApi) {
+    // client sidecar (egress listener on the service's port) → db-v1's sidecar (ingress
+    // listener → the app) or db-v2 directly, 75/25 by a VirtualService tcp route.
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &["--push-debounce-ms", "50"]).unwrap();
+    let api = cp.client().unwrap();
+    let (app1, app2) = (TcpEcho::start("v1").await.unwrap(), TcpEcho::start("v2").await.unwrap());
+    let (port, ingress) = (trellis_e2e::free_port(), trellis_e2e::free_port());
+    let config = vec![
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "db", "namespace": "bookinfo"},
+            "spec": {"hosts": ["db.bookinfo.svc.cluster.local"], "ports": [{"number": port, "name": "tcp", "protocol": "TCP"}],
+                     "location": "MESH_INTERNAL", "resolution": "STATIC", "workloadSelector": {"labels": {"app": "db"}}}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": {"name": "db-v1", "namespace": "bookinfo"},
+            "spec": {"address": "127.0.0.1", "ports": {"tcp": ingress}, "labels": {"app": "db", "version": "v1"}}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": {"name": "db-v2", "namespace": "bookinfo"},
+            "spec": {"address": "127.0.0.1", "ports": {"tcp": app2.port()}, "labels": {"app": "db", "version": "v2"}}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "db", "namespace": "bookinfo"},
+            "spec": {"host": "db", "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "db", "namespace": "bookinfo"},
+            "spec": {"hosts": ["db"], "tcp": [{"route": [
+                {"destination": {"host": "db", "subset": "v1"}, "weight": 75},
+                {"destination": {"host": "db", "subset": "v2"}, "weight": 25}]}]}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar", "metadata": {"name": "db", "namespace": "bookinfo"},
+            "spec": {"workloadSelector": {"labels": {"app": "db"}},
+                     "ingress": [{"port": {"number": ingress, "protocol": "TCP", "name": "tcp"}, "bind": "127.0.0.1",
+                                  "defaultEndpoint": format!("127.0.0.1:{}", app1.port())}]}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar", "metadata": {"name": "default", "namespace": "default"},
+            "spec": {"egress": [{"hosts": ["*/*"]},
+                                {"port": {"number": port, "protocol": "TCP", "name": "tcp"}, "hosts": ["bookinfo/db.bookinfo.svc.cluster.local"]}]}}),
+    ];
+    api.apply(config, None, false).await.unwrap();
+    let server = Envoy::start(&cp.xds_addr, api_kind, "db", "bookinfo").unwrap();
+    let client = Envoy::start(&cp.xds_addr, api_kind, "client", "default").unwrap();
+    let through = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Both listeners are up once each subset has answered once.
+    let (mut seen1, mut seen2) = (false, false);
+    while !(seen1 && seen2) {
+        match tcp_exchange(&through, "ping").await {
+            Ok(a) if a == "v1:ping\n" => seen1 = true,
+            Ok(a) if a == "v2:ping\n" => seen2 = true,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no TCP path through the sidecars:\nclient:\n{}\nserver:\n{}",
+            client.log_text(),
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut v1, mut v2, mut failed) = (0, 0, 0);
+    for i in 0..400 {
+        match tcp_exchange(&through, &format!("hello {i}")).await {
+            Ok(a) if a == format!("v1:hello {i}\n") => v1 += 1,
+            Ok(a) if a == format!("v2:hello {i}\n") => v2 += 1,
+            _ => failed += 1,
+        }
+    }
+    assert_eq!(failed, 0);
+    let share = v2 as f64 * 100.0 / 400.0;
+    println!("{api_kind:?}: TCP 75/25 over 400 connections: v2 got {share:.1}%");
+    // ±7 points is 3.2 standard deviations of a fair 25% split over 400 connections.
+    assert!((18.0..=32.0).contains(&share), "v2 share {share:.1}% is not 25±7");
+    assert!(app1.connections.load(Ordering::SeqCst) >= v1 as u64, "v1 is reached only through its sidecar");
+}
+
 async fn a_rejected_resource_is_nacked_and_routing_keeps_working(api_kind: AdsApi) {
     let m = mesh(api_kind).await;
     // Valid for Trellis (and Rust's regex engine), too large for Envoy's RE2 program limit.
@@ -465,5 +532,6 @@ for_each_proxy!(
     circuit_breaker_sheds_overflow_with_503,
     outlier_detection_ejects_a_failing_endpoint,
     locality_failover_prefers_the_local_zone,
+    tcp_through_sidecar_port_listeners_is_weighted,
     a_rejected_resource_is_nacked_and_routing_keeps_working,
 );

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::meta::ResourceKey;
+use crate::registry::Protocol;
 use crate::spec::*;
 use crate::validate::labels_to_string;
 
@@ -65,6 +66,23 @@ pub struct Analyzed {
     pub key: ResourceKey,
     pub spec: Spec,
     pub origin: Option<String>,
+}
+
+/// Whether one Sidecar egress `hosts` entry (`NAMESPACE/HOST`: namespace `*`, `.` = the
+/// Sidecar's, `~` = none, or a name; host exact, short, or `*suffix`) names a service.
+pub fn sidecar_host_matches(entry: &str, sidecar_ns: &str, svc_ns: &str, svc_host: &str) -> bool {
+    let Some((ns, host)) = entry.split_once('/') else { return false };
+    let ns_ok = match ns {
+        "*" => true,
+        "." => svc_ns == sidecar_ns,
+        "~" => false,
+        other => svc_ns == other,
+    };
+    let host_ok = match host.strip_prefix('*') {
+        Some(suffix) => svc_host.ends_with(suffix),
+        None => svc_host == fqdn(host, svc_ns),
+    };
+    ns_ok && host_ok
 }
 
 /// Resolves a host as Istio does: a name without dots is short for
@@ -141,12 +159,17 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
     let mut host_inline_endpoints: BTreeMap<String, Vec<&Labels>> = BTreeMap::new();
     let mut subsets: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     let mut gateways: BTreeSet<(String, String)> = BTreeSet::new();
+    // (namespace, host, port number, protocol) of every ServiceEntry port.
+    let mut service_ports: Vec<(&str, String, u32, Protocol)> = Vec::new();
     for item in items {
         let ns = item.key.namespace.as_str();
         match &item.spec {
             Spec::ServiceEntry(se) => {
                 for h in &se.hosts {
                     service_hosts.insert(fqdn(h, ns));
+                    for p in &se.ports {
+                        service_ports.push((ns, fqdn(h, ns), p.number, Protocol::parse(&p.protocol)));
+                    }
                     if let Some(ws) = &se.workload_selector {
                         host_selectors.entry(fqdn(h, ns)).or_default().push((ns, &ws.labels));
                     }
@@ -327,6 +350,43 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
             }
         }
     }
+    // A TCP listener of its own serves one destination.
+    for item in items {
+        let Spec::Sidecar(sc) = &item.spec else { continue };
+        for (i, e) in sc.egress.iter().enumerate() {
+            let Some(port) = &e.port else { continue };
+            let named: Vec<&(&str, String, u32, Protocol)> = service_ports
+                .iter()
+                .filter(|(ns, host, n, _)| {
+                    *n == port.number
+                        && e.hosts.iter().any(|h| sidecar_host_matches(h, &item.key.namespace, ns, host))
+                })
+                .collect();
+            let protocol = if port.protocol.is_empty() {
+                named.first().map(|s| s.3).unwrap_or(Protocol::Tcp)
+            } else {
+                Protocol::parse(&port.protocol)
+            };
+            let mut hosts: Vec<&str> = named.iter().map(|s| s.1.as_str()).collect();
+            hosts.sort();
+            hosts.dedup();
+            if !protocol.is_http() && !matches!(protocol, Protocol::Tls | Protocol::Https) && hosts.len() > 1 {
+                cx.report(
+                    item,
+                    Severity::Warning,
+                    "TRL0107",
+                    format!("spec.egress[{i}].hosts"),
+                    format!(
+                        "TCP port {} is served by several hosts ({}); a TCP listener has one destination, so only {} is reachable on it",
+                        port.number,
+                        hosts.join(", "),
+                        hosts[0]
+                    ),
+                );
+            }
+        }
+    }
+
     for ((ns, sel), pas) in &pa_scopes {
         if pas.len() > 1 {
             let scope = if sel.is_empty() {

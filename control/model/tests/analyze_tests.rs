@@ -88,3 +88,26 @@ fn authorization_policies_that_can_never_match_are_reported() {
     assert_eq!(for_nobody, vec!["TRL0302", "TRL0301"], "{found:?}");
     assert!(found.iter().all(|d| d.resource.name != "fine"), "{found:?}");
 }
+
+#[test]
+fn a_tcp_port_listener_naming_several_hosts_is_a_warning() {
+    let se = |name: &str, protocol: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: data}}\nspec:\n  hosts: [{name}.data.svc.cluster.local]\n  ports: [{{number: 5432, name: p, protocol: {protocol}}}]\n  resolution: STATIC\n  endpoints: [{{address: 127.0.0.1}}]\n"
+        )
+    };
+    let sidecar = |protocol: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: data}}\nspec:\n  egress:\n  - hosts: [\"./*\"]\n  - port: {{number: 5432, protocol: {protocol}, name: p}}\n    hosts: [\"./*\"]\n"
+        )
+    };
+    let two_tcp = format!("{}{}{}", se("pg", "TCP"), se("pg-replica", "TCP"), sidecar("TCP"));
+    assert_eq!(codes(&load(&two_tcp)), vec![(Severity::Warning, "TRL0107", "spec.egress[1].hosts".to_string())]);
+    let message = analyze(&load(&two_tcp)).remove(0).message;
+    assert!(message.contains("only pg-replica.data.svc.cluster.local is reachable"), "{message}");
+    // HTTP is routed by Host, TLS by SNI: several hosts are fine; one TCP host is fine.
+    let http = format!("{}{}{}", se("a", "HTTP"), se("b", "HTTP"), sidecar("HTTP"));
+    assert!(codes(&load(&http)).is_empty());
+    let one = format!("{}{}", se("pg", "TCP"), sidecar("TCP"));
+    assert!(codes(&load(&one)).is_empty());
+}

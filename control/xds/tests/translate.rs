@@ -22,6 +22,8 @@ use envoy_types::pb::envoy::config::route::v3::{Route, RouteConfiguration};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier as TcpClusterSpecifier;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, SdsSecretConfig, UpstreamTlsContext,
@@ -446,6 +448,148 @@ fn client_tls_follows_the_destination_rule() {
     envoy_validates(&t, &proxy.id);
 }
 
+fn filter_names(t: &Translated, listener: &str) -> Vec<(Vec<String>, String)> {
+    t.listeners[listener]
+        .filter_chains
+        .iter()
+        .map(|fc| {
+            let names = fc.filter_chain_match.as_ref().map(|m| m.server_names.clone()).unwrap_or_default();
+            (names, fc.filters.iter().map(|f| f.name.clone()).collect::<Vec<_>>().join(","))
+        })
+        .collect()
+}
+
+fn tcp_clusters(t: &Translated, listener: &str, chain: usize) -> Vec<(String, u32)> {
+    let f = &t.listeners[listener].filter_chains[chain].filters[0];
+    let Some(ConfigType::TypedConfig(any)) = &f.config_type else { panic!() };
+    match TcpProxy::decode(any.value.as_slice()).unwrap().cluster_specifier.unwrap() {
+        TcpClusterSpecifier::Cluster(c) => vec![(c, 100)],
+        TcpClusterSpecifier::WeightedClusters(w) => w.clusters.into_iter().map(|c| (c.name, c.weight)).collect(),
+    }
+}
+
+#[test]
+fn sidecar_port_listeners_proxy_tcp_tls_and_http() {
+    let yaml = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: data}
+spec:
+  hosts: [db.data.svc.cluster.local]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.7, labels: {version: v1}}, {address: 127.0.0.8, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: data}
+spec:
+  host: db.data.svc.cluster.local
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: data}
+spec:
+  hosts: [db.data.svc.cluster.local]
+  tcp:
+  - match: [{port: 5432, sourceLabels: {app: other}}]
+    route: [{destination: {host: db.data.svc.cluster.local, subset: v2}}]
+  - route:
+    - {destination: {host: db.data.svc.cluster.local, subset: v1}, weight: 75}
+    - {destination: {host: db.data.svc.cluster.local, subset: v2}, weight: 25}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: data}
+spec:
+  hosts: [api.example.com, www.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+  location: MESH_EXTERNAL
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: data}
+spec:
+  hosts: [www.example.com]
+  tls:
+  - match: [{port: 443, sniHosts: [www.example.com]}]
+    route: [{destination: {host: api.example.com}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: data}
+spec:
+  hosts: [web.data.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.9}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: app, namespace: data}
+spec:
+  workloadSelector: {labels: {app: app}}
+  egress:
+  - hosts: [\"./*\"]
+  - port: {number: 5432, protocol: TCP, name: pg}
+    hosts: [\"./db.data.svc.cluster.local\"]
+  - port: {number: 443, protocol: TLS, name: tls}
+    bind: 127.0.0.2
+    hosts: [\"./*\"]
+  - port: {number: 8080, protocol: HTTP, name: http}
+    hosts: [\"./*\"]
+  ingress:
+  - port: {number: 9080, protocol: HTTP, name: http}
+    defaultEndpoint: 127.0.0.1:8000
+  - port: {number: 9090, protocol: TCP, name: grpc-raw}
+    bind: 127.0.0.3
+    defaultEndpoint: unix:///var/run/app.sock
+";
+    let cfg = snapshot(yaml);
+    let reg = registry::build(&cfg.items, &[], "Kubernetes");
+    let proxy = ProxyInfo {
+        namespace: "data".into(),
+        id: "sidecar~127.0.0.4~app.data~data.svc.cluster.local".into(),
+        labels: [("app".to_string(), "app".to_string())].into(),
+        ..Default::default()
+    };
+    let t = translate(&cfg, &reg, &proxy);
+    let names: Vec<&str> = t.listeners.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["0.0.0.0_9080", "127.0.0.1_5432", "127.0.0.1_8080", "127.0.0.2_443", "127.0.0.3_9090", "inbound", "outbound"]
+    );
+    // TCP: the VirtualService's weighted route (the sourceLabels match is for other clients).
+    assert_eq!(filter_names(&t, "127.0.0.1_5432"), [(vec![], "envoy.filters.network.tcp_proxy".to_string())]);
+    assert_eq!(
+        tcp_clusters(&t, "127.0.0.1_5432", 0),
+        [
+            ("outbound|5432|v1|db.data.svc.cluster.local".to_string(), 75),
+            ("outbound|5432|v2|db.data.svc.cluster.local".to_string(), 25)
+        ]
+    );
+    // TLS: SNI passthrough, the VirtualService's sniHosts routed to api.
+    let tls = filter_names(&t, "127.0.0.2_443");
+    assert_eq!(tls.iter().map(|(n, _)| n.join(",")).collect::<Vec<_>>(), ["api.example.com", "www.example.com"]);
+    assert_eq!(tcp_clusters(&t, "127.0.0.2_443", 1), [("outbound|443||api.example.com".to_string(), 100)]);
+    assert_eq!(t.listeners["127.0.0.2_443"].listener_filters[0].name, "envoy.filters.listener.tls_inspector");
+    // HTTP: its own route configuration, answering without the port too.
+    let http = &t.routes["127.0.0.1_8080"];
+    assert_eq!(http.virtual_hosts.len(), 1);
+    assert!(http.virtual_hosts[0].domains.contains(&"web.data.svc.cluster.local".to_string()));
+    // Ingress: HTTP to 127.0.0.1:8000, TCP to the unix socket; no automatic inbound ports.
+    assert_eq!(filter_names(&t, "0.0.0.0_9080")[0].1, "envoy.filters.network.http_connection_manager");
+    assert_eq!(tcp_clusters(&t, "127.0.0.3_9090", 0), [("inbound|9090||".to_string(), 100)]);
+    let app = format!("{:?}", t.clusters["inbound|9080||"].load_assignment);
+    assert!(app.contains("127.0.0.1") && app.contains("8000"), "{app}");
+    let sock = format!("{:?}", t.clusters["inbound|9090||"].load_assignment);
+    assert!(sock.contains("/var/run/app.sock"), "{sock}");
+    assert!(t.routes["inbound"].virtual_hosts.is_empty());
+    envoy_validates(&t, &proxy.id);
+}
+
 fn envoy() -> PathBuf {
     std::env::var_os("TRELLIS_ENVOY").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/envoy"))
 }
@@ -543,7 +687,7 @@ fn envoy_validates(t: &Translated, node_id: &str) {
     for l in t.listeners.values() {
         let mut l = l.clone();
         for fc in &mut l.filter_chains {
-            for f in &mut fc.filters {
+            for f in fc.filters.iter_mut().filter(|f| f.name == "envoy.filters.network.http_connection_manager") {
                 let Some(ConfigType::TypedConfig(any)) = &f.config_type else { continue };
                 let mut hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
                 if let Some(RouteSpecifier::Rds(rds)) = &hcm.route_specifier {

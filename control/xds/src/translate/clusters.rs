@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http1ProtocolOptions, Http2ProtocolOptions,
-    HttpProtocolOptions as CommonHttpOptions, Locality as PbLocality, SocketAddress, address, config_source,
+    HttpProtocolOptions as CommonHttpOptions, Locality as PbLocality, Pipe, SocketAddress, address, config_source,
     socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -29,7 +29,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_optio
 use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{UInt32Value, UInt64Value};
 use envoy_types::util::pack_any;
-use trellis_model::registry::{Endpoint, Locality, Resolution, Service, ServicePort};
+use trellis_model::registry::{Endpoint, Locality, Protocol, Resolution, Service, ServicePort};
 use trellis_model::spec::{
     ClientTlsSettings, ConnectionPoolSettings, Labels, LoadBalancerSettings, OutlierDetection as IstioOutlier,
     SimpleLb, TrafficPolicy,
@@ -313,27 +313,128 @@ pub(crate) fn outbound(scope: &Scope<'_>, out: &mut Translated) {
     }
 }
 
-/// Inbound clusters: for each service port this proxy's workload serves, a static cluster to
-/// the application on 127.0.0.1.
+/// Where the local application listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum App {
+    Socket(String, u32),
+    /// A unix domain socket path.
+    Pipe(String),
+}
+
+/// One port the proxy accepts for its workload.
+#[derive(Debug, Clone)]
+pub(crate) struct InboundPort {
+    pub number: u32,
+    pub protocol: Protocol,
+    pub app: App,
+    /// With a listener of its own (a Sidecar `ingress` entry): where it binds.
+    pub bind: Option<String>,
+}
+
+impl InboundPort {
+    pub fn cluster(&self) -> String {
+        cluster_name("inbound", self.number, "", "")
+    }
+}
+
+/// Parses a Sidecar ingress `defaultEndpoint` (validated: `127.0.0.1:PORT`, `0.0.0.0:PORT`,
+/// `[::1]:PORT`, `[::]:PORT` or `unix:///path`). `0.0.0.0` and `[::]` mean the workload's own
+/// address, as in Istio.
+fn default_endpoint(s: &str, own_ip: &str) -> Option<App> {
+    if let Some(path) = s.strip_prefix("unix://") {
+        return Some(App::Pipe(path.to_string()));
+    }
+    let (ip, port) = s.rsplit_once(':')?;
+    let ip = ip.trim_matches(|c| c == '[' || c == ']');
+    let ip = if ip == "0.0.0.0" || ip == "::" { own_ip } else { ip };
+    Some(App::Socket(ip.to_string(), port.parse().ok()?))
+}
+
+/// The ports the proxy accepts for its workload: a Sidecar's `ingress` listeners when it has
+/// some (each on a listener of its own), else every service port the workload serves (on the
+/// shared inbound listener, to the application on 127.0.0.1).
+pub(crate) fn inbound_ports(scope: &Scope<'_>) -> Vec<InboundPort> {
+    let served = served_ports(scope);
+    let ingress = scope.sidecar().map(|s| s.ingress.as_slice()).unwrap_or_default();
+    if ingress.is_empty() {
+        let mut seen = std::collections::BTreeSet::new();
+        return served
+            .into_iter()
+            .filter(|(port, _, _)| seen.insert(port.number))
+            .map(|(port, target, _)| InboundPort {
+                number: port.number,
+                protocol: port.protocol,
+                app: App::Socket("127.0.0.1".into(), target),
+                bind: None,
+            })
+            .collect();
+    }
+    let own_ip = scope.proxy.ips.first().map(String::as_str).unwrap_or("127.0.0.1");
+    ingress
+        .iter()
+        .filter_map(|l| {
+            let port = l.port.as_ref()?;
+            let protocol = if port.protocol.is_empty() {
+                served
+                    .iter()
+                    .find(|(p, _, _)| p.number == port.number)
+                    .map(|(p, _, _)| p.protocol)
+                    .unwrap_or(Protocol::Tcp)
+            } else {
+                Protocol::parse(&port.protocol)
+            };
+            let app = default_endpoint(&l.default_endpoint, own_ip)
+                .unwrap_or_else(|| App::Socket("127.0.0.1".into(), port.target_port.unwrap_or(port.number)));
+            let bind = if l.bind.is_empty() { "0.0.0.0".to_string() } else { l.bind.clone() };
+            Some(InboundPort { number: port.number, protocol, app, bind: Some(bind) })
+        })
+        .collect()
+}
+
+/// Inbound clusters: a static cluster to the local application per inbound port.
 pub(crate) fn inbound(scope: &Scope<'_>, out: &mut Translated) {
-    for (port, target, svc) in served_ports(scope) {
-        let name = cluster_name("inbound", port.number, "", "");
-        if out.clusters.contains_key(&name) {
-            continue;
-        }
-        let local = Endpoint { address: "127.0.0.1".into(), port: target, weight: 1, ..Default::default() };
-        let cla = load_assignment(&name, &locality::group(&[&local], None).groups);
-        let mut c = cluster(&name, svc, port, Policy::default(), None);
+    for ip in inbound_ports(scope) {
+        let name = ip.cluster();
+        let address = match &ip.app {
+            App::Socket(addr, port) => socket(addr, *port),
+            App::Pipe(path) => {
+                Address { address: Some(address::Address::Pipe(Pipe { path: path.clone(), ..Default::default() })) }
+            }
+        };
+        let svc = Service {
+            hostname: String::new(),
+            namespace: scope.proxy.namespace.clone(),
+            ports: Vec::new(),
+            resolution: Resolution::Static,
+            mesh_internal: true,
+            export_to: Vec::new(),
+            origin: String::new(),
+        };
+        let port = ServicePort { number: ip.number, name: String::new(), protocol: ip.protocol, target_port: None };
+        let mut c = cluster(&name, &svc, &port, Policy::default(), None);
         c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
         c.eds_cluster_config = None;
-        c.load_assignment = Some(cla);
+        c.load_assignment = Some(ClusterLoadAssignment {
+            cluster_name: name.clone(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(PbEndpoint {
+                        address: Some(address),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
         out.clusters.insert(name, c);
     }
 }
 
 /// (service port, port of the local application, service) for each service whose endpoints
 /// include this proxy's workload (matched by workload name and namespace, or by IP).
-pub(crate) fn served_ports<'a>(scope: &Scope<'a>) -> Vec<(&'a ServicePort, u32, &'a Service)> {
+fn served_ports<'a>(scope: &Scope<'a>) -> Vec<(&'a ServicePort, u32, &'a Service)> {
     let p = scope.proxy;
     let mut out = Vec::new();
     for svc in scope.registry.services.values().filter(|s| s.namespace == p.namespace) {

@@ -1,28 +1,50 @@
-//! LDS: the outbound listener (an explicit HTTP proxy, routed by Host — any application can
-//! use it with `http_proxy` or by connecting to it, no traffic capture needed) and the inbound
-//! listener (to the local application). Both run the HTTP connection manager with routes from
-//! RDS and the HTTP filter chain: fault, then router.
+//! LDS.
+//!
+//! - `outbound`: an explicit HTTP proxy routed by Host — any application can use it with
+//!   `http_proxy` or by connecting to it, no traffic capture needed.
+//! - `inbound`: the workload's service ports, routed to the local application.
+//! - Per-port listeners where one shared listener cannot work, named `BIND_PORT` as Istio
+//!   names them: a Sidecar `egress` listener with a `port` (bound to `bind`, default
+//!   127.0.0.1) serves that port of its hosts — HTTP routed by Host, TLS routed by SNI
+//!   (passthrough, VirtualService `tls` routes), anything else proxied as TCP (VirtualService
+//!   `tcp` routes, weighted); a Sidecar `ingress` listener (bound to `bind`, default 0.0.0.0)
+//!   takes that port for the workload and forwards it to its `defaultEndpoint`.
+//!
+//! HTTP listeners run the HTTP connection manager with routes from RDS and the HTTP filter
+//! chain: fault, then router.
 
 use envoy_types::pb::envoy::config::core::v3::{AggregatedConfigSource, ApiVersion, ConfigSource, config_source};
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::{
     CodecType, RouteSpecifier,
 };
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_filter,
 };
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::{
+    ClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight,
+};
 use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::util::pack_any;
+use trellis_model::analyze::fqdn;
+use trellis_model::registry::{Protocol, Service, ServicePort};
+use trellis_model::spec::{IstioEgressListener, Labels, RouteDestination};
 
-use super::clusters::socket;
-use super::routes::FAULT_FILTER;
-use super::{INBOUND_ROUTE, OUTBOUND_ROUTE, Scope, Translated};
+use super::clusters::{InboundPort, inbound_ports, socket};
+use super::routes::{FAULT_FILTER, inbound_route_name, route_config};
+use super::{INBOUND_ROUTE, OUTBOUND_ROUTE, Scope, Translated, cluster_name, selects};
 
 pub const OUTBOUND_LISTENER: &str = "outbound";
 pub const INBOUND_LISTENER: &str = "inbound";
 const HCM: &str = "envoy.filters.network.http_connection_manager";
+const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 
 fn http_filters() -> Vec<HttpFilter> {
     vec![
@@ -39,9 +61,9 @@ fn http_filters() -> Vec<HttpFilter> {
     ]
 }
 
-fn listener(name: &str, (ip, port): &(String, u32), route: &str) -> Listener {
+fn hcm(stat_prefix: &str, route: &str) -> Filter {
     let hcm = HttpConnectionManager {
-        stat_prefix: name.to_string(),
+        stat_prefix: stat_prefix.to_string(),
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             config_source: Some(ConfigSource {
@@ -55,26 +77,204 @@ fn listener(name: &str, (ip, port): &(String, u32), route: &str) -> Listener {
         use_remote_address: Some(BoolValue { value: false }),
         ..Default::default()
     };
-    Listener {
-        name: name.to_string(),
-        address: Some(socket(ip, *port)),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: HCM.into(),
-                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    Filter { name: HCM.into(), config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))) }
+}
+
+/// A TCP proxy to one cluster, or weighted over several.
+fn tcp_proxy(stat_prefix: &str, mut clusters: Vec<(String, u32)>) -> Filter {
+    let specifier = if clusters.len() == 1 {
+        ClusterSpecifier::Cluster(clusters.remove(0).0)
+    } else {
+        ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: clusters
+                .into_iter()
+                .map(|(name, weight)| ClusterWeight { name, weight, ..Default::default() })
+                .collect(),
+        })
+    };
+    let proxy =
+        TcpProxy { stat_prefix: stat_prefix.to_string(), cluster_specifier: Some(specifier), ..Default::default() };
+    Filter { name: TCP_PROXY.into(), config_type: Some(filter::ConfigType::TypedConfig(pack_any(proxy))) }
+}
+
+fn listener(name: &str, (ip, port): (&str, u32), filter_chains: Vec<FilterChain>) -> Listener {
+    Listener { name: name.to_string(), address: Some(socket(ip, port)), filter_chains, ..Default::default() }
+}
+
+fn chain(filter: Filter) -> FilterChain {
+    FilterChain { filters: vec![filter], ..Default::default() }
+}
+
+/// Istio's name for a listener of its own: `BIND_PORT`.
+pub fn port_listener_name(bind: &str, port: u32) -> String {
+    format!("{bind}_{port}")
 }
 
 pub(crate) fn outbound(scope: &Scope<'_>, out: &mut Translated) {
-    out.listeners
-        .insert(OUTBOUND_LISTENER.into(), listener(OUTBOUND_LISTENER, &scope.proxy.outbound_listener, OUTBOUND_ROUTE));
+    let (ip, port) = &scope.proxy.outbound_listener;
+    out.listeners.insert(
+        OUTBOUND_LISTENER.into(),
+        listener(OUTBOUND_LISTENER, (ip, *port), vec![chain(hcm(OUTBOUND_LISTENER, OUTBOUND_ROUTE))]),
+    );
+    let egress = scope.sidecar().map(|s| s.egress.as_slice()).unwrap_or_default();
+    for e in egress {
+        if let Some(port) = &e.port {
+            egress_listener(scope, e, port.number, &port.protocol, out);
+        }
+    }
+}
+
+/// (cluster, weight) pairs of L4 route destinations; a single destination takes all.
+fn weighted(route: &[RouteDestination], vs_ns: &str, port: u32) -> Vec<(String, u32)> {
+    let n = route.len() as u32;
+    route
+        .iter()
+        .filter_map(|r| {
+            let d = r.destination.as_ref()?;
+            let host = fqdn(&d.host, vs_ns);
+            let p = d.port.as_ref().map(|p| p.number).unwrap_or(port);
+            let weight = if r.weight > 0 {
+                r.weight as u32
+            } else if n == 1 {
+                100
+            } else {
+                0
+            };
+            Some((cluster_name("outbound", p, &d.subset, &host), weight))
+        })
+        .filter(|(_, w)| *w > 0)
+        .collect()
+}
+
+/// A Sidecar egress listener for one port of its hosts.
+fn egress_listener(scope: &Scope<'_>, e: &IstioEgressListener, port: u32, protocol: &str, out: &mut Translated) {
+    let services: Vec<(&Service, &ServicePort)> =
+        scope.services().filter(|s| scope.hosts_match(&e.hosts, s)).filter_map(|s| Some((s, s.port(port)?))).collect();
+    let protocol = if protocol.is_empty() {
+        services.first().map(|(_, p)| p.protocol).unwrap_or(Protocol::Tcp)
+    } else {
+        Protocol::parse(protocol)
+    };
+    let bind = if e.bind.is_empty() { "127.0.0.1" } else { e.bind.as_str() };
+    let name = port_listener_name(bind, port);
+    let chains = if protocol.is_http() {
+        out.routes.insert(name.clone(), route_config(scope, &name, services.iter().copied(), true));
+        vec![chain(hcm(&name, &name))]
+    } else if matches!(protocol, Protocol::Tls | Protocol::Https) {
+        tls_chains(scope, &services, port)
+    } else {
+        // One TCP destination per port: the first host in name order (`trellis analyze`
+        // warns when several share a TCP port).
+        let Some((svc, _)) = services.first() else { return };
+        let clusters = tcp_destinations(scope, svc, port);
+        vec![chain(tcp_proxy(&name, clusters))]
+    };
+    if chains.is_empty() {
+        return;
+    }
+    let mut l = listener(&name, (bind, port), chains);
+    if matches!(protocol, Protocol::Tls | Protocol::Https) {
+        l.listener_filters = vec![ListenerFilter {
+            name: TLS_INSPECTOR.into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(TlsInspector::default()))),
+            ..Default::default()
+        }];
+    }
+    out.listeners.insert(name, l);
+}
+
+/// The L4 match conditions (port, destination subnets, source labels, source namespace,
+/// gateways) of a `tcp` or `tls` route.
+type L4Match<'m> = (Option<u32>, &'m [String], &'m Labels, &'m str, &'m [String]);
+
+/// Whether an L4 match applies to traffic from this proxy on `port`. Listeners here are bound
+/// explicitly, with no original destination address to compare, so a match that names
+/// `destinationSubnets` never applies (traffic falls through to the next route).
+fn l4_applies(scope: &Scope<'_>, port: u32, (m_port, subnets, labels, ns, gateways): L4Match<'_>) -> bool {
+    m_port.is_none_or(|p| p == port)
+        && subnets.is_empty()
+        && (labels.is_empty() || selects(labels, &scope.proxy.labels))
+        && (ns.is_empty() || ns == scope.proxy.namespace)
+        && (gateways.is_empty() || gateways.iter().any(|g| g == "mesh"))
+}
+
+/// Where TCP traffic for `svc:port` goes: the first VirtualService `tcp` route that applies
+/// (matching port, source labels and namespace, bound to the mesh), else the service.
+fn tcp_destinations(scope: &Scope<'_>, svc: &Service, port: u32) -> Vec<(String, u32)> {
+    if let Some((key, vs)) = scope.virtual_service(&svc.hostname) {
+        for r in &vs.tcp {
+            let applies = r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    l4_applies(
+                        scope,
+                        port,
+                        (m.port, &m.destination_subnets, &m.source_labels, &m.source_namespace, &m.gateways),
+                    )
+                });
+            if applies {
+                let clusters = weighted(&r.route, &key.namespace, port);
+                if !clusters.is_empty() {
+                    return clusters;
+                }
+            }
+        }
+    }
+    vec![(cluster_name("outbound", port, "", &svc.hostname), 100)]
+}
+
+/// TLS passthrough routed by SNI: VirtualService `tls` routes first, then each host by name.
+fn tls_chains(scope: &Scope<'_>, services: &[(&Service, &ServicePort)], port: u32) -> Vec<FilterChain> {
+    let mut chains: Vec<FilterChain> = Vec::new();
+    let mut taken: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let mut add = |names: Vec<String>, clusters: Vec<(String, u32)>, stat: &str| {
+        let names: Vec<String> = names.into_iter().filter(|n| taken.insert(n.clone())).collect();
+        if names.is_empty() || clusters.is_empty() {
+            return;
+        }
+        chains.push(FilterChain {
+            filter_chain_match: Some(FilterChainMatch { server_names: names, ..Default::default() }),
+            filters: vec![tcp_proxy(stat, clusters)],
+            ..Default::default()
+        });
+    };
+    for (svc, _) in services {
+        if let Some((key, vs)) = scope.virtual_service(&svc.hostname) {
+            for r in &vs.tls {
+                for m in r.matches.iter().filter(|m| {
+                    l4_applies(
+                        scope,
+                        port,
+                        (m.port, &m.destination_subnets, &m.source_labels, &m.source_namespace, &m.gateways),
+                    )
+                }) {
+                    let names = m.sni_hosts.iter().map(|h| fqdn(h, &key.namespace)).collect();
+                    add(names, weighted(&r.route, &key.namespace, port), &svc.hostname);
+                }
+            }
+        }
+        add(vec![svc.hostname.clone()], vec![(cluster_name("outbound", port, "", &svc.hostname), 100)], &svc.hostname);
+    }
+    chains
 }
 
 pub(crate) fn inbound(scope: &Scope<'_>, out: &mut Translated) {
-    out.listeners
-        .insert(INBOUND_LISTENER.into(), listener(INBOUND_LISTENER, &scope.proxy.inbound_listener, INBOUND_ROUTE));
+    let (ip, port) = &scope.proxy.inbound_listener;
+    out.listeners.insert(
+        INBOUND_LISTENER.into(),
+        listener(INBOUND_LISTENER, (ip, *port), vec![chain(hcm(INBOUND_LISTENER, INBOUND_ROUTE))]),
+    );
+    for p in inbound_ports(scope) {
+        let Some(bind) = &p.bind else { continue };
+        let name = port_listener_name(bind, p.number);
+        let filter = ingress_filter(&p, &name);
+        out.listeners.insert(name.clone(), listener(&name, (bind, p.number), vec![chain(filter)]));
+    }
+}
+
+fn ingress_filter(p: &InboundPort, name: &str) -> Filter {
+    if p.protocol.is_http() {
+        hcm(name, &inbound_route_name(p.number))
+    } else {
+        tcp_proxy(name, vec![(p.cluster(), 100)])
+    }
 }

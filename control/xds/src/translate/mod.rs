@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use trellis_model::ResourceKey;
-use trellis_model::analyze::{ROOT_NAMESPACE, fqdn};
+use trellis_model::analyze::{ROOT_NAMESPACE, fqdn, sidecar_host_matches};
 use trellis_model::registry::{RegistrySnapshot, Service};
 use trellis_model::spec::{DestinationRule, Labels, Sidecar, Spec, VirtualService};
 
@@ -106,20 +106,17 @@ impl<'a> Scope<'a> {
         if sidecar.egress.is_empty() {
             return true;
         }
-        sidecar.egress.iter().flat_map(|e| e.hosts.iter()).any(|h| {
-            let Some((ns, host)) = h.split_once('/') else { return false };
-            let ns_ok = match ns {
-                "*" => true,
-                "." => svc.namespace == self.proxy.namespace,
-                "~" => false,
-                other => svc.namespace == other,
-            };
-            let host_ok = match host.strip_prefix('*') {
-                Some(suffix) => svc.hostname.ends_with(suffix),
-                None => svc.hostname == fqdn(host, &svc.namespace),
-            };
-            ns_ok && host_ok
-        })
+        sidecar.egress.iter().any(|e| self.hosts_match(&e.hosts, svc))
+    }
+
+    /// Whether a Sidecar egress `hosts` list (`NAMESPACE/HOST` entries) names `svc`.
+    pub fn hosts_match(&self, hosts: &[String], svc: &Service) -> bool {
+        hosts.iter().any(|h| sidecar_host_matches(h, &self.proxy.namespace, &svc.namespace, &svc.hostname))
+    }
+
+    /// The Sidecar that applies to this proxy, if any.
+    pub fn sidecar(&self) -> Option<&'a Sidecar> {
+        self.sidecar
     }
 
     /// The DestinationRule for a host: from the proxy's namespace first, then the service's,
@@ -223,5 +220,5 @@ pub fn outbound_key(p: &ProxyInfo) -> String {
 
 /// Everything about a proxy the inbound translation reads.
 pub fn inbound_key(p: &ProxyInfo) -> String {
-    format!("{}|{}|{:?}|{:?}", p.namespace, p.workload_name, p.ips, p.inbound_listener)
+    format!("{}|{}|{:?}|{:?}|{:?}", p.namespace, p.workload_name, p.ips, p.inbound_listener, p.labels)
 }

@@ -37,7 +37,7 @@ use trellis_model::spec::{
 };
 use trellis_model::{ResourceKey, spec};
 
-use super::clusters::served_ports;
+use super::clusters::{InboundPort, inbound_ports};
 use super::{INBOUND_ROUTE, OUTBOUND_ROUTE, Scope, Translated, cluster_name, parse_duration, selects};
 
 /// The name of Envoy's fault filter; per-route fault config is keyed by it.
@@ -460,8 +460,9 @@ fn vs_routes(scope: &Scope<'_>, key: &ResourceKey, vs: &VirtualService, port: u3
 }
 
 /// Host names a client may use for a service port: `HOST:PORT`, and for a client in the same
-/// namespace the short forms; without `:PORT` too when the port is 80.
-fn domains(svc: &Service, port: &ServicePort, client_ns: &str) -> Vec<String> {
+/// namespace the short forms; without `:PORT` too when the port is 80 or `bare` (a listener
+/// of the port's own, where the port is implied).
+fn domains(svc: &Service, port: &ServicePort, client_ns: &str, bare: bool) -> Vec<String> {
     let mut names = vec![svc.hostname.clone()];
     if svc.namespace == client_ns
         && let Some(short) = svc.hostname.strip_suffix(&format!(".{}.svc.cluster.local", svc.namespace))
@@ -471,7 +472,7 @@ fn domains(svc: &Service, port: &ServicePort, client_ns: &str) -> Vec<String> {
         names.push(format!("{short}.{}.svc", svc.namespace));
     }
     let mut out: Vec<String> = names.iter().map(|n| format!("{n}:{}", port.number)).collect();
-    if port.number == 80 {
+    if port.number == 80 || bare {
         out.extend(names);
     }
     out
@@ -498,62 +499,69 @@ fn default_route(svc: &Service, port: &ServicePort) -> Route {
 
 /// The outbound route configuration: one virtual host per reachable HTTP service port.
 pub(crate) fn outbound(scope: &Scope<'_>, out: &mut Translated) {
+    let ports = scope.services().flat_map(|s| s.ports.iter().filter(|p| p.protocol.is_http()).map(move |p| (s, p)));
+    let config = route_config(scope, OUTBOUND_ROUTE, ports, false);
+    out.routes.insert(OUTBOUND_ROUTE.to_string(), config);
+}
+
+/// A route configuration with a virtual host per service port.
+pub(crate) fn route_config<'a>(
+    scope: &Scope<'a>,
+    name: &str,
+    ports: impl Iterator<Item = (&'a Service, &'a ServicePort)>,
+    bare: bool,
+) -> RouteConfiguration {
     let mut virtual_hosts = Vec::new();
     let mut used: BTreeSet<String> = BTreeSet::new();
-    for svc in scope.services() {
-        for port in svc.ports.iter().filter(|p| p.protocol.is_http()) {
-            let domains: Vec<String> =
-                domains(svc, port, &scope.proxy.namespace).into_iter().filter(|d| used.insert(d.clone())).collect();
-            if domains.is_empty() {
-                continue;
-            }
-            let routes = match scope.virtual_service(&svc.hostname) {
-                Some((key, vs)) => vs_routes(scope, key, vs, port.number),
-                None => vec![default_route(svc, port)],
-            };
-            virtual_hosts.push(VirtualHost {
-                name: format!("{}:{}", svc.hostname, port.number),
-                domains,
-                routes,
-                ..Default::default()
-            });
+    for (svc, port) in ports {
+        let domains: Vec<String> =
+            domains(svc, port, &scope.proxy.namespace, bare).into_iter().filter(|d| used.insert(d.clone())).collect();
+        if domains.is_empty() {
+            continue;
         }
-    }
-    out.routes.insert(
-        OUTBOUND_ROUTE.to_string(),
-        RouteConfiguration {
-            name: OUTBOUND_ROUTE.to_string(),
-            virtual_hosts,
-            validate_clusters: Some(BoolValue { value: false }),
+        let routes = match scope.virtual_service(&svc.hostname) {
+            Some((key, vs)) => vs_routes(scope, key, vs, port.number),
+            None => vec![default_route(svc, port)],
+        };
+        virtual_hosts.push(VirtualHost {
+            name: format!("{}:{}", svc.hostname, port.number),
+            domains,
+            routes,
             ..Default::default()
-        },
-    );
+        });
+    }
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts,
+        validate_clusters: Some(BoolValue { value: false }),
+        ..Default::default()
+    }
 }
 
 /// The inbound route configuration: requests for a service port this workload serves go to
 /// the local application (`inbound|PORT||`), matched by the port in the Host header.
 pub(crate) fn inbound(scope: &Scope<'_>, out: &mut Translated) {
     let mut virtual_hosts = Vec::new();
-    let mut seen = BTreeSet::new();
-    for (port, _, _) in served_ports(scope) {
-        if !port.protocol.is_http() || !seen.insert(port.number) {
-            continue;
-        }
-        virtual_hosts.push(VirtualHost {
-            name: format!("inbound|http|{}", port.number),
-            domains: vec![format!("*:{}", port.number)],
-            routes: vec![Route {
-                name: "default".into(),
-                r#match: Some(route_match(None)),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(ClusterSpecifier::Cluster(cluster_name("inbound", port.number, "", ""))),
-                    timeout: Some(PbDuration { seconds: 0, nanos: 0 }),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
+    for port in inbound_ports(scope).into_iter().filter(|p| p.protocol.is_http()) {
+        let domains = match &port.bind {
+            // A listener of its own: every request on it is for this port.
+            Some(_) => {
+                let name = inbound_route_name(port.number);
+                let vh = inbound_vhost(&port, vec!["*".into()]);
+                out.routes.insert(
+                    name.clone(),
+                    RouteConfiguration {
+                        name,
+                        virtual_hosts: vec![vh],
+                        validate_clusters: Some(BoolValue { value: false }),
+                        ..Default::default()
+                    },
+                );
+                continue;
+            }
+            None => vec![format!("*:{}", port.number)],
+        };
+        virtual_hosts.push(inbound_vhost(&port, domains));
     }
     out.routes.insert(
         INBOUND_ROUTE.to_string(),
@@ -564,6 +572,29 @@ pub(crate) fn inbound(scope: &Scope<'_>, out: &mut Translated) {
             ..Default::default()
         },
     );
+}
+
+/// Route configuration of a Sidecar ingress listener.
+pub(crate) fn inbound_route_name(port: u32) -> String {
+    format!("inbound|{port}")
+}
+
+fn inbound_vhost(port: &InboundPort, domains: Vec<String>) -> VirtualHost {
+    VirtualHost {
+        name: format!("inbound|http|{}", port.number),
+        domains,
+        routes: vec![Route {
+            name: "default".into(),
+            r#match: Some(route_match(None)),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster_name("inbound", port.number, "", ""))),
+                timeout: Some(PbDuration { seconds: 0, nanos: 0 }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
