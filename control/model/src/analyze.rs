@@ -358,8 +358,7 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
             let named: Vec<&(&str, String, u32, Protocol)> = service_ports
                 .iter()
                 .filter(|(ns, host, n, _)| {
-                    *n == port.number
-                        && e.hosts.iter().any(|h| sidecar_host_matches(h, &item.key.namespace, ns, host))
+                    *n == port.number && e.hosts.iter().any(|h| sidecar_host_matches(h, &item.key.namespace, ns, host))
                 })
                 .collect();
             let protocol = if port.protocol.is_empty() {
