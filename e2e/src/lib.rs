@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 pub mod echo;
 pub mod envoy;
 pub mod http;
+pub mod proxies;
 
 pub use trellis_store::testing::{EtcdServer, free_port};
 

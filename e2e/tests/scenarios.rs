@@ -1,6 +1,8 @@
-//! The control plane drives a real Envoy over ADS — state of the world and delta — configured
-//! only through the Trellis API. Each scenario is written once and run for every proxy under
-//! test (Envoy SotW, Envoy Delta; trellis-proxy joins when it exists).
+//! The shared scenario suite: the control plane drives a proxy configured only through the
+//! Trellis API. Each scenario is written once and runs for every proxy under test: a real
+//! Envoy over state-of-the-world ADS (`sotw::`), over delta ADS (`delta::`), and trellis-proxy
+//! (`trellis::`; scenarios whose behaviour lives in a wasm module not written yet are marked
+//! pending for it).
 
 #![allow(clippy::print_stdout)] // scenarios print what they measured
 
@@ -11,8 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use trellis_e2e::ControlPlane;
 use trellis_e2e::echo::{Echo, TcpEcho, tcp_exchange};
-use trellis_e2e::envoy::{AdsApi, Envoy};
+use trellis_e2e::envoy::AdsApi;
 use trellis_e2e::http::ProxyClient;
+use trellis_e2e::proxies::{Sidecar, Under};
 use trellis_model::{Kind, Resource};
 
 const REVIEWS: &str = "reviews.bookinfo.svc.cluster.local:9080";
@@ -43,7 +46,7 @@ fn canary((w1, w2): (i64, i64)) -> Value {
 struct Mesh {
     cp: ControlPlane,
     api: trellis_client::Client,
-    proxy: Envoy,
+    proxy: Sidecar,
     client: ProxyClient,
     v1: Echo,
     v2: Echo,
@@ -52,12 +55,12 @@ struct Mesh {
 
 /// Starts the mesh: the reviews service with endpoints v1 and v2 and `extra` config (which
 /// may replace the canary VirtualService), then waits until `host` answers through the proxy.
-async fn mesh_with(api_kind: AdsApi, extra: impl FnOnce(&Echo, &Echo) -> Vec<Value>) -> Mesh {
-    mesh_in(api_kind, "", extra).await
+async fn mesh_with(under: Under, extra: impl FnOnce(&Echo, &Echo) -> Vec<Value>) -> Mesh {
+    mesh_in(under, "", extra).await
 }
 
 /// As [`mesh_with`], with the proxy in `locality`.
-async fn mesh_in(api_kind: AdsApi, locality: &str, extra: impl FnOnce(&Echo, &Echo) -> Vec<Value>) -> Mesh {
+async fn mesh_in(under: Under, locality: &str, extra: impl FnOnce(&Echo, &Echo) -> Vec<Value>) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &["--push-debounce-ms", "50"]).unwrap();
     let api = cp.client().unwrap();
@@ -69,8 +72,8 @@ async fn mesh_in(api_kind: AdsApi, locality: &str, extra: impl FnOnce(&Echo, &Ec
         config.push(item);
     }
     api.apply(config, None, false).await.unwrap();
-    let proxy = Envoy::start_in(&cp.xds_addr, api_kind, "client", "default", locality).unwrap();
-    let client = ProxyClient::new(&proxy.outbound);
+    let proxy = Sidecar::start(under, &cp.xds_addr, "client", "default", locality).unwrap();
+    let client = ProxyClient::new(proxy.outbound());
     // Wait until the proxy has routes for reviews (any answer from the route, not a 404 for
     // an unknown host).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -92,7 +95,7 @@ async fn mesh_in(api_kind: AdsApi, locality: &str, extra: impl FnOnce(&Echo, &Ec
     let status = syncz(&cp).await;
     let me = status["proxies"]
         .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["id"] == proxy.node_id))
+        .and_then(|ps| ps.iter().find(|p| p["id"] == proxy.node_id()))
         .cloned()
         .expect("proxy in syncz");
     for (t, st) in me["types"].as_object().cloned().unwrap_or_default() {
@@ -101,8 +104,8 @@ async fn mesh_in(api_kind: AdsApi, locality: &str, extra: impl FnOnce(&Echo, &Ec
     Mesh { cp, api, proxy, client, v1, v2, _dir: dir }
 }
 
-async fn mesh(api_kind: AdsApi) -> Mesh {
-    mesh_with(api_kind, |_, _| Vec::new()).await
+async fn mesh(under: Under) -> Mesh {
+    mesh_with(under, |_, _| Vec::new()).await
 }
 
 /// Sends `n` requests over `conc` connections; returns (v1 answers, v2 answers, failures).
@@ -140,16 +143,16 @@ fn rds<'a>(status: &'a Value, node: &str) -> Option<&'a Value> {
     status["proxies"].as_array()?.iter().find(|p| p["id"] == node).map(|p| &p["types"]["RDS"])
 }
 
-async fn canary_split_follows_the_api(api_kind: AdsApi) {
-    let m = mesh(api_kind).await;
+async fn canary_split_follows_the_api(under: Under) {
+    let m = mesh(under).await;
     let (v1, v2, failed) = split(&m.client, 2000, 8).await;
     assert_eq!(failed, 0);
     let share = v2 as f64 * 100.0 / (v1 + v2) as f64;
-    println!("{api_kind:?}: 90/10 canary over 2000 requests: v2 got {share:.1}%");
+    println!("{under:?}: 90/10 canary over 2000 requests: v2 got {share:.1}%");
     assert!((7.0..=13.0).contains(&share), "v2 share {share:.1}% is not 10±3");
 
     // Change to 50/50 under load; Envoy follows within a second, no request fails.
-    let before = rds(&syncz(&m.cp).await, &m.proxy.node_id).cloned().expect("proxy in syncz");
+    let before = rds(&syncz(&m.cp).await, m.proxy.node_id()).cloned().expect("proxy in syncz");
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicU64::new(0));
     let load = {
@@ -177,14 +180,14 @@ async fn canary_split_follows_the_api(api_kind: AdsApi) {
     let deadline = written + Duration::from_secs(1);
     let followed = loop {
         let s = syncz(&m.cp).await;
-        let now = rds(&s, &m.proxy.node_id).cloned().unwrap_or_default();
+        let now = rds(&s, m.proxy.node_id()).cloned().unwrap_or_default();
         if now["state"] == "SYNCED" && now["acked"] != before["acked"] {
             break written.elapsed();
         }
-        assert!(Instant::now() < deadline, "Envoy had not acknowledged the new routes 1 s after the write: {now}");
+        assert!(Instant::now() < deadline, "the proxy had not acknowledged the new routes 1 s after the write: {now}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    println!("{api_kind:?}: API write → Envoy ACK of the new routes in {followed:?}");
+    println!("{under:?}: API write → proxy ACK of the new routes in {followed:?}");
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     assert_eq!(failures.load(Ordering::Relaxed), 0, "requests failed during the switch");
@@ -192,7 +195,7 @@ async fn canary_split_follows_the_api(api_kind: AdsApi) {
     let (v1, v2, failed) = split(&m.client, 4000, 8).await;
     assert_eq!(failed, 0);
     let share = v2 as f64 * 100.0 / (v1 + v2) as f64;
-    println!("{api_kind:?}: 50/50 over 4000 requests: v2 got {share:.1}%");
+    println!("{under:?}: 50/50 over 4000 requests: v2 got {share:.1}%");
     assert!((47.0..=53.0).contains(&share), "v2 share {share:.1}% is not 50±3");
     assert!(m.v1.requests() > 0 && m.v2.requests() > 0);
 }
@@ -206,8 +209,8 @@ fn to(subset: &str) -> Value {
     json!([{"destination": {"host": "reviews", "subset": subset}}])
 }
 
-async fn header_match_routes_to_v2(api_kind: AdsApi) {
-    let m = mesh_with(api_kind, |_, _| {
+async fn header_match_routes_to_v2(under: Under) {
+    let m = mesh_with(under, |_, _| {
         vec![vs(
             json!([{"match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": to("v2")}, {"route": to("v1")}]),
         )]
@@ -220,8 +223,8 @@ async fn header_match_routes_to_v2(api_kind: AdsApi) {
     }
 }
 
-async fn fault_abort_and_delay(api_kind: AdsApi) {
-    let m = mesh_with(api_kind, |_, _| {
+async fn fault_abort_and_delay(under: Under) {
+    let m = mesh_with(under, |_, _| {
         vec![vs(json!([
             {"match": [{"uri": {"prefix": "/abort"}}], "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}}, "route": to("v1")},
             {"match": [{"uri": {"prefix": "/delay"}}], "fault": {"delay": {"fixedDelay": "500ms", "percentage": {"value": 100}}}, "route": to("v1")},
@@ -243,11 +246,10 @@ async fn fault_abort_and_delay(api_kind: AdsApi) {
     assert!(t.elapsed() < Duration::from_millis(450), "an undelayed route took {:?}", t.elapsed());
 }
 
-async fn route_timeout_returns_504(api_kind: AdsApi) {
-    let m = mesh_with(api_kind, |_, _| {
-        vec![vs(json!([{"route": to("v1"), "timeout": "200ms", "retries": {"attempts": 0}}]))]
-    })
-    .await;
+async fn route_timeout_returns_504(under: Under) {
+    let m =
+        mesh_with(under, |_, _| vec![vs(json!([{"route": to("v1"), "timeout": "200ms", "retries": {"attempts": 0}}]))])
+            .await;
     m.v1.delay_ms.store(2000, Ordering::SeqCst);
     let t = Instant::now();
     let a = m.client.get(REVIEWS, "/", &[]).await.unwrap();
@@ -255,9 +257,9 @@ async fn route_timeout_returns_504(api_kind: AdsApi) {
     assert!(t.elapsed() < Duration::from_millis(1500), "the timeout did not cut the request: {:?}", t.elapsed());
 }
 
-async fn retries_on_503_reach_a_healthy_endpoint(api_kind: AdsApi) {
+async fn retries_on_503_reach_a_healthy_endpoint(under: Under) {
     // One subset with both endpoints; v2 always answers 503.
-    let m = mesh_with(api_kind, |_, _| {
+    let m = mesh_with(under, |_, _| {
         vec![
             json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "bookinfo"},
                 "spec": {"host": "reviews", "subsets": [{"name": "all", "labels": {"app": "reviews"}}, {"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}),
@@ -273,8 +275,8 @@ async fn retries_on_503_reach_a_healthy_endpoint(api_kind: AdsApi) {
     assert!(m.v2.requests() > 0, "the unhealthy endpoint was tried");
 }
 
-async fn mirror_copies_requests_to_the_shadow(api_kind: AdsApi) {
-    let m = mesh_with(api_kind, |_, _| vec![vs(json!([{"route": to("v1"), "mirror": {"host": "reviews", "subset": "v2"}, "mirrorPercentage": {"value": 100.0}}]))]).await;
+async fn mirror_copies_requests_to_the_shadow(under: Under) {
+    let m = mesh_with(under, |_, _| vec![vs(json!([{"route": to("v1"), "mirror": {"host": "reviews", "subset": "v2"}, "mirrorPercentage": {"value": 100.0}}]))]).await;
     let before = m.v2.requests();
     for _ in 0..10 {
         assert_eq!(m.client.get(REVIEWS, "/", &[]).await.unwrap().body, "v1");
@@ -289,8 +291,8 @@ async fn mirror_copies_requests_to_the_shadow(api_kind: AdsApi) {
     assert_eq!(last, "reviews.bookinfo.svc.cluster.local-shadow:9080", "{hosts:?}");
 }
 
-async fn circuit_breaker_sheds_overflow_with_503(api_kind: AdsApi) {
-    let m = mesh_with(api_kind, |_, _| {
+async fn circuit_breaker_sheds_overflow_with_503(under: Under) {
+    let m = mesh_with(under, |_, _| {
         vec![
             json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "bookinfo"},
                 "spec": {"host": "reviews", "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1, "maxRequestsPerConnection": 1}}},
@@ -316,8 +318,8 @@ async fn circuit_breaker_sheds_overflow_with_503(api_kind: AdsApi) {
     }
     assert!(ok >= 1 && overflow >= 1, "ok={ok} overflow={overflow}");
     // Envoy counts them as circuit-breaker overflows (response flag UO), not upstream errors.
-    let stats = ProxyClient::new(&m.proxy.admin)
-        .get(&m.proxy.admin, "/stats?filter=v1%7Creviews.*overflow", &[])
+    let stats = ProxyClient::new(m.proxy.admin())
+        .get(m.proxy.admin(), "/stats?filter=v1%7Creviews.*overflow", &[])
         .await
         .unwrap()
         .body;
@@ -331,8 +333,8 @@ async fn circuit_breaker_sheds_overflow_with_503(api_kind: AdsApi) {
     assert!(max <= 1, "the upstream saw {max} requests at once, over the limit of 1");
 }
 
-async fn outlier_detection_ejects_a_failing_endpoint(api_kind: AdsApi) {
-    let m = mesh_with(api_kind, |_, _| {
+async fn outlier_detection_ejects_a_failing_endpoint(under: Under) {
+    let m = mesh_with(under, |_, _| {
         vec![
             json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "bookinfo"},
                 "spec": {"host": "reviews", "trafficPolicy": {"outlierDetection": {"consecutive5xxErrors": 2, "interval": "100ms", "baseEjectionTime": "30s", "maxEjectionPercent": 100}},
@@ -363,10 +365,10 @@ async fn outlier_detection_ejects_a_failing_endpoint(api_kind: AdsApi) {
     assert_eq!(m.v2.requests(), v2_before, "an ejected endpoint got traffic");
 }
 
-async fn locality_failover_prefers_the_local_zone(api_kind: AdsApi) {
+async fn locality_failover_prefers_the_local_zone(under: Under) {
     // v1 runs in the proxy's zone, v2 in another region; with outlier detection the local
     // zone takes all traffic (priority 0) until it fails, then the other region does.
-    let m = mesh_in(api_kind, "us-east1/b/rack1", |v1, v2| {
+    let m = mesh_in(under, "us-east1/b/rack1", |v1, v2| {
         vec![
             json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": {"name": "reviews-v1", "namespace": "bookinfo"},
                 "spec": {"address": "127.0.0.1", "ports": {"http": v1.port()}, "labels": {"app": "reviews", "version": "v1"}, "locality": "us-east1/b/rack1"}}),
@@ -382,7 +384,7 @@ async fn locality_failover_prefers_the_local_zone(api_kind: AdsApi) {
     let (v1, v2, failed) = split(&m.client, 200, 4).await;
     if (v1, v2, failed) != (200, 0, 0) {
         let clusters =
-            ProxyClient::new(&m.proxy.admin).get(&m.proxy.admin, "/config_dump?include_eds", &[]).await.unwrap().body;
+            ProxyClient::new(m.proxy.admin()).get(m.proxy.admin(), "/config_dump?include_eds", &[]).await.unwrap().body;
         let all: Vec<&str> = clusters.lines().filter(|l| l.contains("priority") || l.contains("region")).collect();
         panic!(
             "the local zone should take all traffic while healthy: v1={v1} v2={v2} failed={failed}\n{}",
@@ -402,7 +404,7 @@ async fn locality_failover_prefers_the_local_zone(api_kind: AdsApi) {
     assert_eq!(remote_run, 50, "traffic did not fail over to the other region");
 }
 
-async fn tcp_through_sidecar_port_listeners_is_weighted(api_kind: AdsApi) {
+async fn tcp_through_sidecar_port_listeners_is_weighted(under: Under) {
     // client sidecar (egress listener on the service's port) → db-v1's sidecar (ingress
     // listener → the app) or db-v2 directly, 75/25 by a VirtualService tcp route.
     let dir = tempfile::tempdir().unwrap();
@@ -433,8 +435,8 @@ async fn tcp_through_sidecar_port_listeners_is_weighted(api_kind: AdsApi) {
                                 {"port": {"number": port, "protocol": "TCP", "name": "tcp"}, "hosts": ["bookinfo/db.bookinfo.svc.cluster.local"]}]}}),
     ];
     api.apply(config, None, false).await.unwrap();
-    let server = Envoy::start(&cp.xds_addr, api_kind, "db", "bookinfo").unwrap();
-    let client = Envoy::start(&cp.xds_addr, api_kind, "client", "default").unwrap();
+    let server = Sidecar::start(under, &cp.xds_addr, "db", "bookinfo", "").unwrap();
+    let client = Sidecar::start(under, &cp.xds_addr, "client", "default", "").unwrap();
     let through = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     // Both listeners are up once each subset has answered once.
@@ -463,18 +465,28 @@ async fn tcp_through_sidecar_port_listeners_is_weighted(api_kind: AdsApi) {
     }
     assert_eq!(failed, 0);
     let share = v2 as f64 * 100.0 / 400.0;
-    println!("{api_kind:?}: TCP 75/25 over 400 connections: v2 got {share:.1}%");
+    println!("{under:?}: TCP 75/25 over 400 connections: v2 got {share:.1}%");
     // ±7 points is 3.2 standard deviations of a fair 25% split over 400 connections.
     assert!((18.0..=32.0).contains(&share), "v2 share {share:.1}% is not 25±7");
     assert!(app1.connections.load(Ordering::SeqCst) >= v1 as u64, "v1 is reached only through its sidecar");
 }
 
-async fn a_rejected_resource_is_nacked_and_routing_keeps_working(api_kind: AdsApi) {
-    let m = mesh(api_kind).await;
-    // Valid for Trellis (and Rust's regex engine), too large for Envoy's RE2 program limit.
-    let bad = vs(
-        json!([{"match": [{"uri": {"regex": "/(alpha|beta|gamma|delta|epsilon|zeta|eta|theta){12}"}}], "route": to("v2")}, {"route": to("v1")}]),
-    );
+async fn a_rejected_resource_is_nacked_and_routing_keeps_working(under: Under) {
+    let m = mesh(under).await;
+    let (bad, expected): (Value, &[&str]) = match under {
+        // Valid for Trellis (and Rust's regex engine), too large for Envoy's RE2 program limit.
+        Under::Envoy(_) => (
+            vs(
+                json!([{"match": [{"uri": {"regex": "/(alpha|beta|gamma|delta|epsilon|zeta|eta|theta){12}"}}], "route": to("v2")}, {"route": to("v1")}]),
+            ),
+            &["regex", "program size"],
+        ),
+        // Fault injection is refused by trellis-proxy until its wasm module exists (issue #5).
+        Under::Trellis => (
+            vs(json!([{"fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}}, "route": to("v2")}])),
+            &["envoy.filters.http.fault"],
+        ),
+    };
     let mut r: Resource = serde_json::from_value(bad).unwrap();
     r.metadata.resource_version =
         m.api.get(Kind::VirtualService, Some("bookinfo"), "reviews").await.unwrap().unwrap().metadata.resource_version;
@@ -482,7 +494,7 @@ async fn a_rejected_resource_is_nacked_and_routing_keeps_working(api_kind: AdsAp
     let deadline = Instant::now() + Duration::from_secs(10);
     let error = loop {
         let s = syncz(&m.cp).await;
-        if let Some(r) = rds(&s, &m.proxy.node_id)
+        if let Some(r) = rds(&s, m.proxy.node_id())
             && r["state"] == "NACK"
         {
             break r["error"].as_str().unwrap_or_default().to_string();
@@ -490,7 +502,7 @@ async fn a_rejected_resource_is_nacked_and_routing_keeps_working(api_kind: AdsAp
         assert!(Instant::now() < deadline, "no NACK recorded: {s}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(error.to_lowercase().contains("regex") || error.contains("program size"), "{error}");
+    assert!(expected.iter().any(|e| error.to_lowercase().contains(e)), "{error}");
     // The previous routes (90/10 canary) still serve.
     let (v1, v2, failed) = split(&m.client, 200, 4).await;
     assert_eq!(failed, 0);
@@ -498,16 +510,16 @@ async fn a_rejected_resource_is_nacked_and_routing_keeps_working(api_kind: AdsAp
     // The CLI shows it too.
     let out = m.cp.cli(&["proxy-status"]).unwrap();
     let (stdout, stderr) = trellis_e2e::text(&out);
-    assert!(stdout.contains(&m.proxy.node_id) && stdout.contains("NACK"), "{stdout}{stderr}");
+    assert!(stdout.contains(m.proxy.node_id()) && stdout.contains("NACK"), "{stdout}{stderr}");
 }
 
 macro_rules! for_each_proxy {
-    ($($scenario:ident),* $(,)?) => {
+    ($($scenario:ident $([pending $why:literal])?),* $(,)?) => {
         mod sotw {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
-                    super::$scenario(super::AdsApi::Sotw).await;
+                    super::$scenario(super::Under::Envoy(super::AdsApi::Sotw)).await;
                 }
             )*
         }
@@ -515,7 +527,16 @@ macro_rules! for_each_proxy {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
-                    super::$scenario(super::AdsApi::Delta).await;
+                    super::$scenario(super::Under::Envoy(super::AdsApi::Delta)).await;
+                }
+            )*
+        }
+        mod trellis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                $(#[ignore = $why])?
+                async fn $scenario() {
+                    super::$scenario(super::Under::Trellis).await;
                 }
             )*
         }
@@ -525,10 +546,10 @@ macro_rules! for_each_proxy {
 for_each_proxy!(
     canary_split_follows_the_api,
     header_match_routes_to_v2,
-    fault_abort_and_delay,
+    fault_abort_and_delay [pending "trellis-proxy: fault injection runs in the fault wasm module (issue #5)"],
     route_timeout_returns_504,
-    retries_on_503_reach_a_healthy_endpoint,
-    mirror_copies_requests_to_the_shadow,
+    retries_on_503_reach_a_healthy_endpoint [pending "trellis-proxy: retries run in the retry wasm module (issue #5)"],
+    mirror_copies_requests_to_the_shadow [pending "trellis-proxy: mirroring runs in the mirror wasm module (issue #5)"],
     circuit_breaker_sheds_overflow_with_503,
     outlier_detection_ejects_a_failing_endpoint,
     locality_failover_prefers_the_local_zone,

@@ -1,0 +1,145 @@
+//! The proxy a shared scenario runs against: a real Envoy over SotW or Delta ADS, or
+//! trellis-proxy. Both get the same bootstrap facts (node identity, namespace, labels,
+//! locality, listener addresses) and everything else from the control plane.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+
+use crate::envoy::{AdsApi, Envoy};
+use crate::{await_listening, binary, free_port};
+
+/// Which proxy is under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Under {
+    Envoy(AdsApi),
+    Trellis,
+}
+
+/// A running sidecar under test.
+#[derive(Debug)]
+pub enum Sidecar {
+    Envoy(Envoy),
+    Trellis(TrellisProxy),
+}
+
+impl Sidecar {
+    /// Starts a sidecar named `name` in `namespace` (labels `app: NAME`) in `locality`, and
+    /// waits until its outbound listener accepts connections.
+    pub fn start(under: Under, xds: &str, name: &str, namespace: &str, locality: &str) -> anyhow::Result<Sidecar> {
+        Ok(match under {
+            Under::Envoy(api) => Sidecar::Envoy(Envoy::start_in(xds, api, name, namespace, locality)?),
+            Under::Trellis => Sidecar::Trellis(TrellisProxy::start(xds, name, namespace, locality)?),
+        })
+    }
+
+    pub fn outbound(&self) -> &str {
+        match self {
+            Sidecar::Envoy(e) => &e.outbound,
+            Sidecar::Trellis(t) => &t.outbound,
+        }
+    }
+
+    pub fn admin(&self) -> &str {
+        match self {
+            Sidecar::Envoy(e) => &e.admin,
+            Sidecar::Trellis(t) => &t.admin,
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        match self {
+            Sidecar::Envoy(e) => &e.node_id,
+            Sidecar::Trellis(t) => &t.node_id,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        match self {
+            Sidecar::Envoy(e) => e.log_text(),
+            Sidecar::Trellis(t) => t.log_text(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        match self {
+            Sidecar::Envoy(e) => e.pid(),
+            Sidecar::Trellis(t) => t.child.id(),
+        }
+    }
+}
+
+/// A running trellis-proxy (from the workspace's target directory).
+#[derive(Debug)]
+pub struct TrellisProxy {
+    child: Child,
+    pub outbound: String,
+    pub admin: String,
+    pub node_id: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TrellisProxy {
+    pub fn start(xds: &str, name: &str, namespace: &str, locality: &str) -> anyhow::Result<TrellisProxy> {
+        Self::start_with(xds, name, namespace, locality, &[])
+    }
+
+    /// As [`TrellisProxy::start`], with extra command-line flags.
+    pub fn start_with(
+        xds: &str,
+        name: &str,
+        namespace: &str,
+        locality: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<TrellisProxy> {
+        let dir = tempfile::tempdir()?;
+        let outbound = format!("127.0.0.1:{}", free_port());
+        let inbound = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let node_id = format!("sidecar~127.0.0.1~{name}.{namespace}~{namespace}.svc.cluster.local");
+        let bootstrap = format!(
+            "xds: {xds}\nadmin: {admin}\nnode:\n  id: \"{node_id}\"\n  namespace: {namespace}\n  workloadName: {name}\n  labels: {{app: {name}}}\n  locality: \"{locality}\"\nlisteners:\n  outbound: {outbound}\n  inbound: {inbound}\n"
+        );
+        let config = dir.path().join("bootstrap.yaml");
+        std::fs::write(&config, bootstrap)?;
+        let log = dir.path().join("trellis-proxy.log");
+        let child = Command::new(binary("trellis-proxy")?)
+            .args(["--concurrency", "2", "--log", "info", "-c"])
+            .arg(&config)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting trellis-proxy")?;
+        let mut p = TrellisProxy { child, outbound, admin, node_id, log, _dir: dir };
+        let target = p.outbound.clone();
+        await_listening(&mut p.child, &target, "trellis-proxy's outbound listener").with_context(|| p.log_text())?;
+        Ok(p)
+    }
+
+    pub fn log_text(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM (graceful drain) and waits for the exit status.
+    pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for TrellisProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

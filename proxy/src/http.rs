@@ -1,0 +1,489 @@
+//! The HTTP path: a downstream connection (HTTP/1.1 or h2c, told apart by the connection
+//! preface) → virtual host by authority → first matching route → direct response, redirect,
+//! or a weighted cluster → a host → the upstream, bodies streamed both ways.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use tokio::net::TcpStream;
+
+use crate::config::route::{Action, Forward, HashPolicy, HeaderOps, PathMatch, Redirect, RequestView};
+use crate::upstream::{self, UpstreamError};
+use crate::{BoxBody, Proxy, boxed};
+
+/// What the access log and metrics learn about one request.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub status: u16,
+    pub flags: &'static str,
+    pub cluster: Option<String>,
+    pub upstream_host: Option<String>,
+    pub route: Option<String>,
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::UPGRADE,
+];
+
+/// Maximum size of a request's or response's header block (Envoy's default is 60 KiB).
+pub const MAX_HEADER_BYTES: usize = 60 * 1024;
+
+/// Serves one downstream connection until it closes or `drain` fires (then in-flight
+/// requests finish and the connection closes gracefully).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: Arc<str>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (proxy, listener) = (proxy.clone(), listener.clone());
+        async move { Ok::<_, Infallible>(handle(proxy, &listener, peer, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(MAX_HEADER_BYTES.max(8192) * 2)
+        .max_headers(100);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADER_BYTES as u32);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "downstream connection ended with an error");
+            }
+            return;
+        }
+        _ = drain.wait_for(|d| *d) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+fn local_reply(status: StatusCode, body: &str) -> Response<BoxBody> {
+    let mut r = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// Handles one request; never fails (errors become local replies with Envoy's flags).
+pub async fn handle(proxy: Arc<Proxy>, listener: &str, peer: SocketAddr, req: Request<Incoming>) -> Response<BoxBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path_for_log = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let (resp, outcome) = route_request(&proxy, listener, peer, req).await;
+    proxy.observe(listener, &method, &path_for_log, peer, &outcome, started.elapsed());
+    resp
+}
+
+async fn route_request(
+    proxy: &Arc<Proxy>,
+    listener: &str,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> (Response<BoxBody>, Outcome) {
+    let rt = proxy.runtime.load_full();
+    let mut outcome = Outcome::default();
+    let reply = |status: StatusCode, body: &str, flags: &'static str, mut o: Outcome| {
+        o.status = status.as_u16();
+        o.flags = flags;
+        (local_reply(status, body), o)
+    };
+    let Some(route_name) = rt.snapshot.listeners.get(listener).and_then(|l| l.route_name()) else {
+        return reply(StatusCode::NOT_FOUND, "listener has no routes", "NR", outcome);
+    };
+    let Some(table) = rt.snapshot.routes.get(route_name) else {
+        return reply(StatusCode::NOT_FOUND, "route configuration not received yet", "NR", outcome);
+    };
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
+        .unwrap_or_default();
+    let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(String::from);
+    let view = RequestView {
+        method: req.method(),
+        authority: &authority,
+        scheme: &scheme,
+        path: &path,
+        query: query.as_deref(),
+        headers: req.headers(),
+    };
+    let Some(route) = table.virtual_host(&authority).and_then(|vh| vh.route(&view)) else {
+        return reply(StatusCode::NOT_FOUND, "", "NR", outcome);
+    };
+    outcome.route = Some(route.name.clone());
+    match &route.action {
+        Action::Direct { status, body } => {
+            let mut r = Response::new(boxed(Full::new(body.clone())));
+            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            apply_response_ops(r.headers_mut(), &route.headers);
+            outcome.status = *status;
+            outcome.flags = "DR";
+            (r, outcome)
+        }
+        Action::Redirect(rd) => {
+            let location = redirect_location(rd, &scheme, &authority, &path, query.as_deref());
+            let mut r = local_reply(StatusCode::from_u16(rd.code).unwrap_or(StatusCode::MOVED_PERMANENTLY), "");
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            apply_response_ops(r.headers_mut(), &route.headers);
+            outcome.status = rd.code;
+            (r, outcome)
+        }
+        Action::Forward(fwd) => {
+            let upgrade = is_upgrade(&req);
+            let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+            let (resp, o) =
+                forward(&rt, fwd, &route.headers, &route.matcher.path, peer, req, &path, query.as_deref(), outcome)
+                    .await;
+            if let (Some(down), true) = (downstream_upgrade, resp.0.status() == StatusCode::SWITCHING_PROTOCOLS) {
+                let (mut resp, up) = resp;
+                if let Some(up) = up {
+                    tokio::spawn(tunnel(down, up));
+                }
+                apply_response_ops(resp.headers_mut(), &route.headers);
+                return (resp, o);
+            }
+            (resp.0, o)
+        }
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    let (Ok(down), Ok(up)) = (down.await, up.await) else { return };
+    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+}
+
+fn redirect_location(rd: &Redirect, scheme: &str, authority: &str, path: &str, query: Option<&str>) -> String {
+    let scheme = rd.scheme.as_deref().unwrap_or(scheme);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => (h, Some(p)),
+        _ => (authority, None),
+    };
+    let host = rd.host.as_deref().unwrap_or(host);
+    let port = rd.port.map(|p| p.to_string()).or(port.map(String::from));
+    let mut path = rd.path.clone().unwrap_or_else(|| path.to_string());
+    if let Some(p) = &rd.prefix_rewrite {
+        path = p.clone();
+    }
+    let mut out = format!("{scheme}://{host}");
+    if let Some(p) = port.filter(|p| !((scheme == "http" && p == "80") || (scheme == "https" && p == "443"))) {
+        out.push(':');
+        out.push_str(&p);
+    }
+    out.push_str(&path);
+    if let (Some(q), false) = (query, rd.strip_query || rd.path.as_deref().is_some_and(|p| p.contains('?'))) {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+fn apply_request_ops(h: &mut HeaderMap, ops: &HeaderOps) {
+    for n in &ops.request_remove {
+        h.remove(n);
+    }
+    for (n, v, append) in &ops.request_add {
+        if *append {
+            h.append(n.clone(), v.clone());
+        } else {
+            h.insert(n.clone(), v.clone());
+        }
+    }
+}
+
+fn apply_response_ops(h: &mut HeaderMap, ops: &HeaderOps) {
+    for n in &ops.response_remove {
+        h.remove(n);
+    }
+    for (n, v, append) in &ops.response_add {
+        if *append {
+            h.append(n.clone(), v.clone());
+        } else {
+            h.insert(n.clone(), v.clone());
+        }
+    }
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(keep_upgrade && n == header::UPGRADE) {
+            h.remove(n);
+        }
+    }
+    for n in HOP_BY_HOP.iter() {
+        if keep_upgrade && (*n == header::UPGRADE || *n == header::CONNECTION) {
+            continue;
+        }
+        // `te: trailers` is how gRPC clients say they accept trailers; keep exactly that.
+        if *n == header::TE && h.get(n).is_some_and(|v| v == "trailers") {
+            continue;
+        }
+        h.remove(n);
+    }
+}
+
+fn hash_key(
+    policies: &[HashPolicy],
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    query: Option<&str>,
+) -> upstream::HashKey {
+    let mut key: Option<u64> = None;
+    for p in policies {
+        let part: Option<Vec<u8>> = match p {
+            HashPolicy::Header(n) => req.headers().get(n).map(|v| v.as_bytes().to_vec()),
+            HashPolicy::Cookie(name) => req
+                .headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == name).then(|| v.as_bytes().to_vec())
+                }),
+            HashPolicy::SourceIp => Some(peer.ip().to_string().into_bytes()),
+            HashPolicy::Query(name) => query.and_then(|q| {
+                q.split('&').find_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == name).then(|| v.as_bytes().to_vec())
+                })
+            }),
+        };
+        if let Some(part) = part {
+            let h = upstream::lb::hash64(&part);
+            key = Some(key.map_or(h, |k| k.rotate_left(1) ^ h));
+        }
+    }
+    key
+}
+
+fn new_request_id() -> String {
+    let b: [u8; 16] = rand::rng().random();
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    // UUID v4 layout.
+    format!(
+        "{}-{}-4{}-{:x}{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        (u8::from_str_radix(&h[16..17], 16).unwrap_or(0) & 0x3) | 0x8,
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+type ForwardResult = ((Response<BoxBody>, Option<hyper::upgrade::OnUpgrade>), Outcome);
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    rt: &crate::Runtime,
+    fwd: &Forward,
+    route_ops: &HeaderOps,
+    matched: &PathMatch,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    path: &str,
+    query: Option<&str>,
+    mut outcome: Outcome,
+) -> ForwardResult {
+    let fail = |status: StatusCode, body: String, flags: &'static str, mut o: Outcome| {
+        o.status = status.as_u16();
+        o.flags = flags;
+        ((local_reply(status, &body), None), o)
+    };
+    // Weighted cluster.
+    let wc = if fwd.clusters.len() == 1 {
+        &fwd.clusters[0]
+    } else {
+        let mut r = rand::rng().random_range(0..fwd.total_weight);
+        fwd.clusters
+            .iter()
+            .find(|c| {
+                if r < c.weight {
+                    true
+                } else {
+                    r -= c.weight;
+                    false
+                }
+            })
+            .unwrap_or(&fwd.clusters[0])
+    };
+    outcome.cluster = Some(wc.name.clone());
+    let Some(cluster) = rt.clusters.get(&wc.name).cloned() else {
+        return fail(StatusCode::SERVICE_UNAVAILABLE, "no cluster".into(), "NC", outcome);
+    };
+    let guard = match cluster.start_request() {
+        Ok(g) => g,
+        Err(_) => return fail(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow".into(), "UO", outcome),
+    };
+    let upgrade = is_upgrade(&req);
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
+        .unwrap_or_default();
+    let host = if cluster.original_dst() {
+        match authority.parse::<SocketAddr>() {
+            Ok(_) => Some(Arc::new(upstream::Host::ephemeral(&authority))),
+            Err(_) => None,
+        }
+    } else {
+        cluster.pick(hash_key(&fwd.hash_policy, &req, peer, query))
+    };
+    let Some(host) = host else {
+        return fail(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream".into(), "UH", outcome);
+    };
+    outcome.upstream_host = Some(host.address.clone());
+
+    // The upstream request.
+    let (mut parts, body) = req.into_parts();
+    let mut new_path = path.to_string();
+    if let Some(prefix) = &fwd.prefix_rewrite {
+        // Replaces the matched prefix; routes with exact or regex matches use regex_rewrite.
+        new_path = prefix_rewrite(path, prefix, matched);
+    }
+    if let Some((re, sub)) = &fwd.regex_rewrite {
+        new_path = re.replace_all(&new_path, sub.as_str()).into_owned();
+    }
+    let pq = match query {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    };
+    let host_header = fwd.host_rewrite.clone().unwrap_or(authority);
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    apply_request_ops(&mut parts.headers, route_ops);
+    apply_request_ops(&mut parts.headers, &wc.headers);
+    if let Ok(v) = HeaderValue::from_str(&host_header) {
+        parts.headers.insert(header::HOST, v);
+    }
+    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    if !parts.headers.contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(&new_request_id())
+    {
+        parts.headers.insert("x-request-id", v);
+    }
+    parts.headers.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
+    let http2 = cluster.config.http2;
+    parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    parts.uri = if http2 {
+        match Uri::builder().scheme("http").authority(host_header.as_str()).path_and_query(pq.as_str()).build() {
+            Ok(u) => u,
+            Err(_) => return fail(StatusCode::BAD_REQUEST, "bad authority".into(), "DPE", outcome),
+        }
+    } else {
+        match pq.parse::<Uri>() {
+            Ok(u) => u,
+            Err(_) => return fail(StatusCode::BAD_REQUEST, "bad path".into(), "DPE", outcome),
+        }
+    };
+    if http2 {
+        parts.headers.remove(header::HOST);
+    }
+    let mut upstream_req = Request::from_parts(parts, boxed(body));
+
+    host.active_requests.fetch_add(1, Ordering::Relaxed);
+    host.rq_total.fetch_add(1, Ordering::Relaxed);
+    let exchange = async {
+        let conn = upstream::pool::acquire(&cluster, &host).await?;
+        upstream::pool::send(conn, std::mem::take(&mut upstream_req)).await
+    };
+    let result = match fwd.timeout {
+        Some(t) => tokio::time::timeout(t, exchange).await.map_err(|_| ()),
+        None => Ok(exchange.await),
+    };
+    host.active_requests.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Err(()) => {
+            cluster.record(&host, Some(504));
+            fail(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout".into(), "UT", outcome)
+        }
+        Ok(Err(e)) => {
+            let kind = e.kind();
+            if kind != UpstreamError::Overflow {
+                cluster.record(&host, None);
+            }
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            let body = match kind {
+                UpstreamError::Overflow => "upstream overflow".to_string(),
+                _ => format!("upstream connect error or disconnect/reset before headers. reset reason: {e}"),
+            };
+            fail(status, body, kind.flag(), outcome)
+        }
+        Ok(Ok(mut resp)) => {
+            cluster.record(&host, Some(resp.status().as_u16()));
+            let up_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS).then(|| hyper::upgrade::on(&mut resp));
+            strip_hop_by_hop(resp.headers_mut(), up_upgrade.is_some());
+            apply_response_ops(resp.headers_mut(), &wc.headers);
+            apply_response_ops(resp.headers_mut(), route_ops);
+            outcome.status = resp.status().as_u16();
+            outcome.flags = "-";
+            // The request slot is held until the response headers; the body streams on.
+            drop(guard);
+            ((resp, up_upgrade), outcome)
+        }
+    }
+}
+
+/// Envoy's prefix rewrite: the matched part of the path is replaced (all of it for exact
+/// and regex matches).
+fn prefix_rewrite(path: &str, replacement: &str, matched: &PathMatch) -> String {
+    match matched {
+        PathMatch::Prefix(p) if path.len() >= p.len() => format!("{replacement}{}", &path[p.len()..]),
+        _ => replacement.to_string(),
+    }
+}

@@ -1,0 +1,184 @@
+//! trellis-proxy: the data plane. It takes Envoy v3 configuration from the control plane over
+//! Delta ADS ([`xds`]), converts it into immutable snapshots ([`config`]), and serves with them:
+//! listeners ([`listeners`]) running the HTTP router ([`http`]) or a TCP proxy ([`tcp`]) to
+//! clusters with load balancing, circuit breakers and outlier detection ([`upstream`]). An
+//! admin port ([`admin`]) shows what it runs.
+//!
+//! The data path reads one [`Runtime`] per request (an `Arc` loaded from an `ArcSwap`), so a
+//! request sees one configuration from start to end. Only the xDS client replaces it.
+//! Depends on envoy-types, hyper, tonic; nothing from the control plane.
+
+pub mod admin;
+pub mod bootstrap;
+pub mod config;
+pub mod http;
+pub mod listeners;
+pub mod tcp;
+pub mod upstream;
+pub mod xds;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+use crate::config::Snapshot;
+use crate::upstream::Clusters;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxy sends or receives.
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Boxes any body.
+pub fn boxed<B>(b: B) -> BoxBody
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed()
+}
+
+/// The configuration one request runs with.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    pub snapshot: Arc<Snapshot>,
+    pub clusters: Clusters,
+}
+
+/// Counts open downstream connections (for draining on shutdown).
+#[derive(Debug, Default)]
+pub struct ConnectionTracker {
+    open: AtomicU64,
+}
+
+/// Decrements on drop.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<ConnectionTracker>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl ConnectionTracker {
+    pub fn open(self: &Arc<Self>) -> OpenConnection {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(self.clone())
+    }
+
+    pub fn count(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+/// Request counters by listener (the Prometheus metrics build on these).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub responses_5xx: AtomicU64,
+    pub tcp_opened: AtomicU64,
+    pub tcp_closed: AtomicU64,
+}
+
+/// The proxy's shared state.
+#[derive(Debug)]
+pub struct Proxy {
+    pub runtime: ArcSwap<Runtime>,
+    pub listeners: tokio::sync::Mutex<listeners::Listeners>,
+    apply_lock: tokio::sync::Mutex<()>,
+    xds: std::sync::Mutex<xds::XdsStatus>,
+    received: std::sync::Mutex<BTreeSet<&'static str>>,
+    pub connections: Arc<ConnectionTracker>,
+    pub stats: Stats,
+    pub node_id: String,
+}
+
+impl Proxy {
+    pub fn new(node_id: &str) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            runtime: ArcSwap::from_pointee(Runtime::default()),
+            listeners: tokio::sync::Mutex::new(listeners::Listeners::default()),
+            apply_lock: tokio::sync::Mutex::new(()),
+            xds: std::sync::Mutex::new(xds::XdsStatus::default()),
+            received: std::sync::Mutex::new(BTreeSet::new()),
+            connections: Arc::new(ConnectionTracker::default()),
+            stats: Stats::default(),
+            node_id: node_id.to_string(),
+        })
+    }
+
+    pub(crate) fn set_xds(&self, f: impl FnOnce(&mut xds::XdsStatus)) {
+        f(&mut self.xds.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub fn xds_status(&self) -> xds::XdsStatus {
+        self.xds.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn mark_received(&self, type_url: &'static str) {
+        self.received.lock().unwrap_or_else(|p| p.into_inner()).insert(type_url);
+    }
+
+    /// Ready once clusters and listeners have arrived, and the endpoints and routes they
+    /// name.
+    pub fn ready(&self) -> bool {
+        let received = self.received.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let rt = self.runtime.load();
+        let snap = &rt.snapshot;
+        received.contains(config::CLUSTER_TYPE)
+            && received.contains(config::LISTENER_TYPE)
+            && snap.eds_names().iter().all(|n| snap.endpoints.contains_key(n))
+            && snap.rds_names().iter().all(|n| snap.routes.contains_key(n))
+    }
+
+    /// One HTTP request finished.
+    pub fn observe(
+        &self,
+        listener: &str,
+        method: &::http::Method,
+        path: &str,
+        peer: SocketAddr,
+        outcome: &http::Outcome,
+        duration: Duration,
+    ) {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if outcome.status >= 500 {
+            self.stats.responses_5xx.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(
+            target: "access",
+            listener,
+            %method,
+            path,
+            %peer,
+            status = outcome.status,
+            flags = outcome.flags,
+            cluster = outcome.cluster.as_deref().unwrap_or("-"),
+            upstream = outcome.upstream_host.as_deref().unwrap_or("-"),
+            duration_ms = duration.as_millis() as u64,
+        );
+    }
+
+    pub fn tcp_opened(&self, _listener: &str, _cluster: &str) {
+        self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tcp_closed(&self, _listener: &str, _cluster: &str, _flags: &str) {
+        self.stats.tcp_closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Stops accepting, lets in-flight requests finish (at most `grace`), then returns.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.listeners.lock().await.drain_all();
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.connections.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

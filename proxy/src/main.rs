@@ -1,0 +1,143 @@
+//! trellis-proxy binary: reads the bootstrap (file and/or flags), starts the admin port and
+//! the xDS client, and serves until SIGINT/SIGTERM, then drains.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
+use trellis_proxy::Proxy;
+use trellis_proxy::bootstrap::Bootstrap;
+
+#[derive(Debug, Parser)]
+#[command(name = "trellis-proxy", version, about = "Trellis data-plane proxy (sidecar and gateway)")]
+struct Args {
+    /// Bootstrap YAML file (see the crate docs); flags override its values.
+    #[arg(long, short = 'c', env = "TRELLIS_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Control plane xDS address, HOST:PORT.
+    #[arg(long, env = "TRELLIS_XDS_ADDRESS")]
+    xds: Option<String>,
+    /// Admin address (loopback only).
+    #[arg(long)]
+    admin: Option<String>,
+    #[arg(long)]
+    namespace: Option<String>,
+    #[arg(long)]
+    workload_name: Option<String>,
+    #[arg(long)]
+    service_account: Option<String>,
+    /// A workload label, KEY=VALUE; repeat for more.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    #[arg(long)]
+    cluster_id: Option<String>,
+    #[arg(long)]
+    network: Option<String>,
+    /// region/zone/subzone.
+    #[arg(long)]
+    locality: Option<String>,
+    /// The workload's IP; repeat for more.
+    #[arg(long = "ip")]
+    ips: Vec<String>,
+    /// sidecar or router.
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Where the outbound (explicit HTTP proxy) listener binds.
+    #[arg(long)]
+    outbound: Option<String>,
+    /// Where the inbound listener binds.
+    #[arg(long)]
+    inbound: Option<String>,
+    /// Explicit node id (default: derived from the rest).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Log filter, e.g. info or info,access=debug (changeable at run time: POST /logging).
+    #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
+    log: String,
+    /// Worker threads (1 to compare with `envoy --concurrency 1`).
+    #[arg(long, default_value_t = 0)]
+    concurrency: usize,
+}
+
+fn bootstrap(args: &Args) -> Result<Bootstrap, String> {
+    let mut b = match &args.config {
+        Some(p) => Bootstrap::load(p)?,
+        None => Bootstrap::default(),
+    };
+    let set = |slot: &mut String, v: &Option<String>| {
+        if let Some(v) = v {
+            *slot = v.clone();
+        }
+    };
+    set(&mut b.xds, &args.xds);
+    set(&mut b.admin, &args.admin);
+    set(&mut b.node.namespace, &args.namespace);
+    set(&mut b.node.workload_name, &args.workload_name);
+    set(&mut b.node.service_account, &args.service_account);
+    set(&mut b.node.cluster, &args.cluster_id);
+    set(&mut b.node.network, &args.network);
+    set(&mut b.node.locality, &args.locality);
+    set(&mut b.node.kind, &args.kind);
+    set(&mut b.node.id, &args.node_id);
+    set(&mut b.listeners.outbound, &args.outbound);
+    set(&mut b.listeners.inbound, &args.inbound);
+    if !args.ips.is_empty() {
+        b.node.ips = args.ips.clone();
+    }
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    for l in &args.labels {
+        let (k, v) = l.split_once('=').ok_or_else(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    b.node.labels.extend(labels);
+    b.validate()?;
+    Ok(b)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(
+        EnvFilter::try_new(&args.log).map_err(|e| anyhow::anyhow!("--log {:?}: {e}", args.log))?,
+    );
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+    let b = bootstrap(&args).map_err(|e| anyhow::anyhow!(e))?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if args.concurrency > 0 {
+        rt.worker_threads(args.concurrency);
+    }
+    rt.enable_all().build()?.block_on(async move {
+        let proxy = Proxy::new(&b.node_id());
+        let set_level: trellis_proxy::admin::SetLogLevel = Arc::new(move |level: &str| {
+            let f = EnvFilter::try_new(level).map_err(|e| format!("level {level:?}: {e}"))?;
+            reload.reload(f).map_err(|e| e.to_string())
+        });
+        let admin = b.admin.parse().map_err(|e| anyhow::anyhow!("admin: {e}"))?;
+        trellis_proxy::admin::serve(proxy.clone(), admin, set_level).await.map_err(|e| anyhow::anyhow!(e))?;
+        tracing::info!(node = %b.node_id(), xds = %b.xds, admin = %b.admin, "trellis-proxy starting");
+        tokio::spawn(trellis_proxy::xds::run(proxy.clone(), b.xds.clone(), b.node()));
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining listeners");
+        proxy.shutdown(trellis_proxy::listeners::DRAIN_TIME).await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,213 @@
+//! The TCP path: a downstream connection → a chain (by the TLS SNI when the listener
+//! inspects it) → a weighted cluster → a host → bytes copied both ways until either side
+//! closes. TLS is passed through untouched.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::net::TcpStream;
+
+use crate::Proxy;
+use crate::config::ListenerKind;
+use crate::config::listener::TcpChain;
+
+/// How long a client may take to send its TLS ClientHello.
+const SNI_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of a ClientHello read to find the SNI.
+const MAX_HELLO: usize = 16 * 1024;
+
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: Arc<str>,
+    mut down: TcpStream,
+    peer: SocketAddr,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) {
+    let rt = proxy.runtime.load_full();
+    let Some(ListenerKind::Tcp { chains, sni }) = rt.snapshot.listeners.get(&*listener).map(|l| l.kind.clone()) else {
+        return;
+    };
+    let server_name = if sni {
+        match tokio::time::timeout(SNI_TIMEOUT, peek_sni(&down)).await {
+            Ok(n) => n,
+            Err(_) => return,
+        }
+    } else {
+        None
+    };
+    let chain: Option<&TcpChain> = chains.iter().find(|c| match &server_name {
+        Some(n) => c.server_names.iter().any(|s| s.eq_ignore_ascii_case(n)),
+        None => false,
+    });
+    let chain = chain.or_else(|| chains.iter().find(|c| c.server_names.is_empty()));
+    let Some(chain) = chain else {
+        tracing::debug!(%peer, sni = ?server_name, "no filter chain matches the connection");
+        return;
+    };
+    let total: u32 = chain.clusters.iter().map(|(_, w)| *w).sum();
+    let mut r = rand::rng().random_range(0..total.max(1));
+    let name = chain
+        .clusters
+        .iter()
+        .find(|(_, w)| {
+            if r < *w {
+                true
+            } else {
+                r -= w;
+                false
+            }
+        })
+        .map(|(n, _)| n.clone())
+        .unwrap_or_default();
+    let Some(cluster) = rt.clusters.get(&name).cloned() else {
+        tracing::debug!(cluster = %name, "no such cluster");
+        return;
+    };
+    drop(rt);
+    let limits = cluster.config.limits;
+    if cluster.connections.load(Ordering::SeqCst) >= limits.max_connections {
+        cluster.stats.upstream_cx_overflow.fetch_add(1, Ordering::Relaxed);
+        proxy.tcp_closed(&listener, &name, "UO");
+        return;
+    }
+    let Some(host) = cluster.pick(None) else {
+        proxy.tcp_closed(&listener, &name, "UH");
+        return;
+    };
+    cluster.connections.fetch_add(1, Ordering::SeqCst);
+    cluster.stats.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
+    proxy.tcp_opened(&listener, &name);
+    let connect = async {
+        match host.socket {
+            Some(a) => TcpStream::connect(a).await,
+            None => TcpStream::connect(host.address.as_str()).await,
+        }
+    };
+    let result = match tokio::time::timeout(cluster.config.connect_timeout, connect).await {
+        Ok(Ok(mut up)) => {
+            cluster.record(&host, Some(200));
+            let _ = up.set_nodelay(true);
+            let _ = down.set_nodelay(true);
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut down, &mut up) => r.map(|_| "-").unwrap_or("UC"),
+                // Draining: existing TCP streams get the drain period, then close.
+                _ = async { let _ = drain.wait_for(|d| *d).await; tokio::time::sleep(crate::listeners::DRAIN_TIME).await } => "DC",
+            }
+        }
+        _ => {
+            cluster.stats.upstream_cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+            cluster.record(&host, None);
+            "UF"
+        }
+    };
+    cluster.connections.fetch_sub(1, Ordering::SeqCst);
+    proxy.tcp_closed(&listener, &name, result);
+}
+
+/// Reads (without consuming) the TLS ClientHello and returns its server name.
+async fn peek_sni(s: &TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; MAX_HELLO];
+    let mut last = 0;
+    loop {
+        let n = s.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        match parse_sni(&buf[..n]) {
+            Sni::Found(name) => return Some(name),
+            Sni::NotTls | Sni::None => return None,
+            Sni::Incomplete if n == MAX_HELLO || n == last => {
+                // Nothing new yet: wait for more bytes.
+                s.readable().await.ok()?;
+                if n == MAX_HELLO {
+                    return None;
+                }
+            }
+            Sni::Incomplete => {}
+        }
+        last = n;
+        tokio::task::yield_now().await;
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Sni {
+    Found(String),
+    None,
+    NotTls,
+    Incomplete,
+}
+
+/// Parses the server_name extension out of a TLS ClientHello (RFC 8446 §4.1.2, RFC 6066 §3).
+pub(crate) fn parse_sni(b: &[u8]) -> Sni {
+    struct R<'a>(&'a [u8], usize);
+    impl R<'_> {
+        fn take(&mut self, n: usize) -> Option<&[u8]> {
+            let s = self.0.get(self.1..self.1 + n)?;
+            self.1 += n;
+            Some(s)
+        }
+        fn u8(&mut self) -> Option<usize> {
+            self.take(1).map(|s| s[0] as usize)
+        }
+        fn u16(&mut self) -> Option<usize> {
+            self.take(2).map(|s| (s[0] as usize) << 8 | s[1] as usize)
+        }
+        fn u24(&mut self) -> Option<usize> {
+            self.take(3).map(|s| (s[0] as usize) << 16 | (s[1] as usize) << 8 | s[2] as usize)
+        }
+    }
+    if b.is_empty() {
+        return Sni::Incomplete;
+    }
+    if b[0] != 0x16 {
+        return Sni::NotTls;
+    }
+    let mut r = R(b, 0);
+    let parse = |r: &mut R<'_>| -> Option<Option<String>> {
+        r.take(1)?; // content type
+        r.take(2)?; // legacy version
+        let rec_len = r.u16()?;
+        let record = R(r.take(rec_len)?, 0);
+        let mut h = record;
+        if h.u8()? != 1 {
+            return Some(None); // not a ClientHello
+        }
+        h.u24()?;
+        h.take(2 + 32)?; // version, random
+        let sid = h.u8()?;
+        h.take(sid)?;
+        let cs = h.u16()?;
+        h.take(cs)?;
+        let cm = h.u8()?;
+        h.take(cm)?;
+        let ext_len = h.u16()?;
+        let mut e = R(h.take(ext_len)?, 0);
+        while e.1 < e.0.len() {
+            let ty = e.u16()?;
+            let len = e.u16()?;
+            let body = e.take(len)?;
+            if ty == 0 {
+                let mut s = R(body, 0);
+                s.u16()?;
+                while s.1 < s.0.len() {
+                    let kind = s.u8()?;
+                    let l = s.u16()?;
+                    let name = s.take(l)?;
+                    if kind == 0 {
+                        return Some(std::str::from_utf8(name).ok().map(|n| n.to_ascii_lowercase()));
+                    }
+                }
+            }
+        }
+        Some(None)
+    };
+    match parse(&mut r) {
+        Some(Some(n)) => Sni::Found(n),
+        Some(None) => Sni::None,
+        None => Sni::Incomplete,
+    }
+}
