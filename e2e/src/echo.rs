@@ -1,5 +1,8 @@
-//! Echo upstreams: real HTTP/1.1 servers on loopback that answer with their name, record what
-//! they received (path, Host, headers) and can be told to fail or stall.
+//! Echo upstreams: real HTTP/1.1 and h2c servers on loopback that answer with their name,
+//! record what they received (path, Host, headers) and can be told to fail or stall. A few
+//! paths do more: `/headers` answers the request headers as JSON, `/count` reads the request
+//! body as it streams and answers its size, `/trailers` answers with gRPC-style trailers,
+//! `/big?n=BYTES` streams a body of that size.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -8,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -76,12 +79,14 @@ impl Echo {
                             if delay > 0 {
                                 tokio::time::sleep(Duration::from_millis(delay)).await;
                             }
+                            let resp = special(&n, req).await.unwrap_or_else(|| {
+                                Response::builder()
+                                    .status(st.load(Ordering::SeqCst))
+                                    .header("x-echo", n.as_str())
+                                    .body(Full::new(Bytes::from(n.clone())).map_err(|e| match e {}).boxed())
+                                    .unwrap_or_default()
+                            });
                             s.in_flight.fetch_sub(1, Ordering::SeqCst);
-                            let resp = Response::builder()
-                                .status(st.load(Ordering::SeqCst))
-                                .header("x-echo", n.as_str())
-                                .body(Full::new(Bytes::from(n.clone())))
-                                .unwrap_or_default();
                             Ok::<_, Infallible>(resp)
                         }
                     });
@@ -100,6 +105,66 @@ impl Echo {
 
     pub fn requests(&self) -> u64 {
         self.seen.requests.load(Ordering::SeqCst)
+    }
+}
+
+type EchoBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// The paths that do more than answer the name.
+async fn special(name: &str, req: Request<Incoming>) -> Option<Response<EchoBody>> {
+    use http_body_util::BodyExt;
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let ok = |body: EchoBody| Response::builder().header("x-echo", name).body(body).unwrap_or_default();
+    match path.as_str() {
+        "/headers" => {
+            let map: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_str().unwrap_or("").to_string())))
+                .collect();
+            let mut map = map;
+            map.insert(":path".into(), req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default().into());
+            map.insert(":version".into(), format!("{:?}", req.version()).into());
+            Some(ok(Full::new(Bytes::from(serde_json::Value::Object(map).to_string())).map_err(|e| match e {}).boxed()))
+        }
+        "/count" => {
+            let mut body = req.into_body();
+            let mut n: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => n += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
+                    Err(_) => return None,
+                }
+            }
+            Some(ok(Full::new(Bytes::from(n.to_string())).map_err(|e| match e {}).boxed()))
+        }
+        "/trailers" => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            trailers.insert("grpc-message", http::HeaderValue::from_static("fine"));
+            let frames = vec![
+                Ok::<_, hyper::Error>(hyper::body::Frame::data(Bytes::from_static(b"payload"))),
+                Ok(hyper::body::Frame::trailers(trailers)),
+            ];
+            let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+            let mut r = ok(body.boxed());
+            r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            Some(r)
+        }
+        "/big" => {
+            let n: u64 = query.strip_prefix("n=").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let chunks = n / chunk.len() as u64;
+            let rest = (n % chunk.len() as u64) as usize;
+            let stream = futures::stream::iter(
+                (0..chunks)
+                    .map(move |_| Ok::<_, hyper::Error>(hyper::body::Frame::data(chunk.clone())))
+                    .chain((rest > 0).then(|| Ok(hyper::body::Frame::data(Bytes::from(vec![b'x'; rest]))))),
+            );
+            Some(ok(http_body_util::StreamBody::new(stream).boxed()))
+        }
+        _ => None,
     }
 }
 

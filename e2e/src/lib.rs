@@ -82,12 +82,24 @@ impl ControlPlane {
     /// Starts `trellis-control` with `--data-dir data_dir` on a free loopback port plus
     /// `extra` arguments, and waits until its API answers.
     pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        std::fs::create_dir_all(data_dir)?;
-        let log = data_dir.join(format!("control-{port}.log"));
+        let addr = format!("127.0.0.1:{}", free_port());
         let xds_addr = format!("127.0.0.1:{}", free_port());
         let debug_addr = format!("127.0.0.1:{}", free_port());
+        Self::start_on(data_dir, &addr, &xds_addr, &debug_addr, extra)
+    }
+
+    /// Starts again where `previous` ran (same data directory and addresses), e.g. after
+    /// [`ControlPlane::kill_9`].
+    pub fn restart(data_dir: &Path, addr: &str, xds_addr: &str, debug_addr: &str) -> anyhow::Result<Self> {
+        Self::start_on(data_dir, addr, xds_addr, debug_addr, &[])
+    }
+
+    fn start_on(data_dir: &Path, addr: &str, xds_addr: &str, debug_addr: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let (addr, xds_addr, debug_addr) = (addr.to_string(), xds_addr.to_string(), debug_addr.to_string());
+        std::fs::create_dir_all(data_dir)?;
+        let port = addr.rsplit(':').next().unwrap_or("0").to_string();
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let log = data_dir.join(format!("control-{port}-{started}.log"));
         let child = Command::new(binary("trellis-control")?)
             .arg("--data-dir")
             .arg(data_dir)

@@ -76,6 +76,8 @@ pub struct TrellisProxy {
     child: Child,
     pub outbound: String,
     pub admin: String,
+    /// Prometheus address.
+    pub metrics: String,
     pub node_id: String,
     pub log: PathBuf,
     _dir: tempfile::TempDir,
@@ -98,9 +100,10 @@ impl TrellisProxy {
         let outbound = format!("127.0.0.1:{}", free_port());
         let inbound = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
         let node_id = format!("sidecar~127.0.0.1~{name}.{namespace}~{namespace}.svc.cluster.local");
         let bootstrap = format!(
-            "xds: {xds}\nadmin: {admin}\nnode:\n  id: \"{node_id}\"\n  namespace: {namespace}\n  workloadName: {name}\n  labels: {{app: {name}}}\n  locality: \"{locality}\"\nlisteners:\n  outbound: {outbound}\n  inbound: {inbound}\n"
+            "xds: {xds}\nadmin: {admin}\nmetrics: {metrics}\nnode:\n  id: \"{node_id}\"\n  namespace: {namespace}\n  workloadName: {name}\n  labels: {{app: {name}}}\n  locality: \"{locality}\"\nlisteners:\n  outbound: {outbound}\n  inbound: {inbound}\n"
         );
         let config = dir.path().join("bootstrap.yaml");
         std::fs::write(&config, bootstrap)?;
@@ -113,7 +116,7 @@ impl TrellisProxy {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting trellis-proxy")?;
-        let mut p = TrellisProxy { child, outbound, admin, node_id, log, _dir: dir };
+        let mut p = TrellisProxy { child, outbound, admin, metrics, node_id, log, _dir: dir };
         let target = p.outbound.clone();
         await_listening(&mut p.child, &target, "trellis-proxy's outbound listener").with_context(|| p.log_text())?;
         Ok(p)

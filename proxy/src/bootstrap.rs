@@ -5,6 +5,8 @@
 //! ```yaml
 //! xds: 127.0.0.1:15010
 //! admin: 127.0.0.1:15000
+//! metrics: 0.0.0.0:15090       # Prometheus: /stats/prometheus
+//! accessLog: {format: text}     # off (default), text (Envoy's format) or json; path: FILE
 //! node:
 //!   namespace: bookinfo
 //!   workloadName: reviews-v1
@@ -34,6 +36,9 @@ pub struct Bootstrap {
     pub xds: String,
     /// The admin port; keep it on loopback.
     pub admin: String,
+    /// The Prometheus port.
+    pub metrics: String,
+    pub access_log: AccessLogConfig,
     pub node: NodeConfig,
     pub listeners: ListenerAddresses,
 }
@@ -43,6 +48,8 @@ impl Default for Bootstrap {
         Bootstrap {
             xds: "127.0.0.1:15010".into(),
             admin: "127.0.0.1:15000".into(),
+            metrics: "0.0.0.0:15090".into(),
+            access_log: AccessLogConfig::default(),
             node: NodeConfig::default(),
             listeners: ListenerAddresses::default(),
         }
@@ -84,6 +91,15 @@ impl Default for NodeConfig {
     }
 }
 
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    /// `off`, `text` or `json`.
+    pub format: String,
+    /// A file to append to; stdout when empty.
+    pub path: String,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ListenerAddresses {
@@ -109,6 +125,7 @@ impl Bootstrap {
         for (what, addr) in [
             ("xds", &self.xds),
             ("admin", &self.admin),
+            ("metrics", &self.metrics),
             ("listeners.outbound", &self.listeners.outbound),
             ("listeners.inbound", &self.listeners.inbound),
         ] {
@@ -121,6 +138,7 @@ impl Bootstrap {
         if !matches!(self.node.kind.as_str(), "sidecar" | "router") {
             return Err(format!("node.type: {:?} is neither sidecar nor router", self.node.kind));
         }
+        self.access_log.format.parse::<crate::access_log::Format>().map_err(|e| format!("accessLog.format: {e}"))?;
         if self.node.namespace.is_empty() {
             return Err("node.namespace: empty".into());
         }
@@ -135,6 +153,27 @@ impl Bootstrap {
         let ip = n.ips.first().map(String::as_str).unwrap_or("127.0.0.1");
         let name = if n.workload_name.is_empty() { "trellis-proxy" } else { n.workload_name.as_str() };
         format!("{}~{ip}~{name}.{ns}~{ns}.svc.cluster.local", n.kind, ns = n.namespace)
+    }
+
+    /// This workload, for the metrics' labels.
+    pub fn workload(&self) -> crate::metrics::Workload {
+        let n = &self.node;
+        crate::metrics::Workload {
+            name: n.workload_name.clone(),
+            namespace: n.namespace.clone(),
+            app: n.labels.get("app").cloned().unwrap_or_default(),
+            version: n.labels.get("version").cloned().unwrap_or_default(),
+            cluster: n.cluster.clone(),
+            principal: String::new(),
+        }
+    }
+
+    /// The access log it asks for.
+    pub fn access_log(&self) -> Result<crate::access_log::AccessLog, String> {
+        let format = self.access_log.format.parse()?;
+        let path = (!self.access_log.path.is_empty()).then(|| std::path::Path::new(&self.access_log.path));
+        crate::access_log::AccessLog::new(format, path)
+            .map_err(|e| format!("accessLog.path {:?}: {e}", self.access_log.path))
     }
 
     /// The xDS node, with Istio's metadata keys.

@@ -29,6 +29,35 @@ pub struct Outcome {
     pub cluster: Option<String>,
     pub upstream_host: Option<String>,
     pub route: Option<String>,
+    /// Request body bytes received from the client.
+    pub request_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// From sending upstream to the response headers.
+    pub upstream_ms: Option<u64>,
+}
+
+/// The request as it arrived, for the access log and metrics.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub method: http::Method,
+    pub path: String,
+    pub protocol: &'static str,
+    pub authority: String,
+    pub user_agent: Option<String>,
+    pub x_forwarded_for: Option<String>,
+    pub request_id: Option<String>,
+    pub grpc: bool,
+}
+
+/// A finished exchange, handed to [`Proxy::finish`].
+#[derive(Debug)]
+pub struct Finished {
+    pub info: Info,
+    pub outcome: Outcome,
+    pub peer: SocketAddr,
+    pub start: std::time::SystemTime,
+    pub started: Instant,
+    pub sent: u64,
+    pub grpc_status: Option<String>,
 }
 
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -62,7 +91,7 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(MAX_HEADER_BYTES.max(8192) * 2)
+        .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(100);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADER_BYTES as u32);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -88,13 +117,51 @@ fn local_reply(status: StatusCode, body: &str) -> Response<BoxBody> {
 }
 
 /// Handles one request; never fails (errors become local replies with Envoy's flags).
-pub async fn handle(proxy: Arc<Proxy>, listener: &str, peer: SocketAddr, req: Request<Incoming>) -> Response<BoxBody> {
+/// Metrics and the access log are recorded when the response body ends.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    listener: &str,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<BoxBody> {
+    let start = std::time::SystemTime::now();
     let started = Instant::now();
-    let method = req.method().clone();
-    let path_for_log = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    if !req.headers().contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(&new_request_id())
+    {
+        req.headers_mut().insert("x-request-id", v);
+    }
+    let h = req.headers();
+    let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(String::from);
+    let info = Info {
+        method: req.method().clone(),
+        path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        protocol: match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        authority: req.uri().authority().map(|a| a.to_string()).or_else(|| text("host")).unwrap_or_default(),
+        user_agent: text("user-agent"),
+        x_forwarded_for: text("x-forwarded-for"),
+        request_id: text("x-request-id"),
+        grpc: h.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+    };
     let (resp, outcome) = route_request(&proxy, listener, peer, req).await;
-    proxy.observe(listener, &method, &path_for_log, peer, &outcome, started.elapsed());
-    resp
+    let (parts, body) = resp.into_parts();
+    let header_grpc_status = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(String::from);
+    let body = crate::body::Finish::new(body, move |sent, trailer_grpc_status| {
+        proxy.finish(&Finished {
+            info,
+            outcome,
+            peer,
+            start,
+            started,
+            sent,
+            grpc_status: trailer_grpc_status.or(header_grpc_status),
+        });
+    });
+    Response::from_parts(parts, boxed(body))
 }
 
 async fn route_request(
@@ -412,11 +479,6 @@ async fn forward(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         parts.headers.insert("x-forwarded-for", v);
     }
-    if !parts.headers.contains_key("x-request-id")
-        && let Ok(v) = HeaderValue::from_str(&new_request_id())
-    {
-        parts.headers.insert("x-request-id", v);
-    }
     parts.headers.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
     let http2 = cluster.config.http2;
     parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
@@ -434,7 +496,9 @@ async fn forward(
     if http2 {
         parts.headers.remove(header::HOST);
     }
-    let mut upstream_req = Request::from_parts(parts, boxed(body));
+    let counted = crate::body::Counted::new(body, outcome.request_bytes.clone());
+    let mut upstream_req = Request::from_parts(parts, boxed(counted));
+    let sent_at = Instant::now();
 
     host.active_requests.fetch_add(1, Ordering::Relaxed);
     host.rq_total.fetch_add(1, Ordering::Relaxed);
@@ -465,6 +529,7 @@ async fn forward(
             fail(status, body, kind.flag(), outcome)
         }
         Ok(Ok(mut resp)) => {
+            outcome.upstream_ms = Some(sent_at.elapsed().as_millis() as u64);
             cluster.record(&host, Some(resp.status().as_u16()));
             let up_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS).then(|| hyper::upgrade::on(&mut resp));
             strip_hop_by_hop(resp.headers_mut(), up_upgrade.is_some());

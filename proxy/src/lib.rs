@@ -8,17 +8,19 @@
 //! request sees one configuration from start to end. Only the xDS client replaces it.
 //! Depends on envoy-types, hyper, tonic; nothing from the control plane.
 
+pub mod access_log;
 pub mod admin;
+pub mod body;
 pub mod bootstrap;
 pub mod config;
 pub mod http;
 pub mod listeners;
+pub mod metrics;
 pub mod tcp;
 pub mod upstream;
 pub mod xds;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -97,10 +99,12 @@ pub struct Proxy {
     pub connections: Arc<ConnectionTracker>,
     pub stats: Stats,
     pub node_id: String,
+    pub metrics: metrics::Metrics,
+    pub access_log: access_log::AccessLog,
 }
 
 impl Proxy {
-    pub fn new(node_id: &str) -> Arc<Proxy> {
+    pub fn new(node_id: &str, workload: metrics::Workload, access_log: access_log::AccessLog) -> Arc<Proxy> {
         Arc::new(Proxy {
             runtime: ArcSwap::from_pointee(Runtime::default()),
             listeners: tokio::sync::Mutex::new(listeners::Listeners::default()),
@@ -110,6 +114,8 @@ impl Proxy {
             connections: Arc::new(ConnectionTracker::default()),
             stats: Stats::default(),
             node_id: node_id.to_string(),
+            metrics: metrics::Metrics::new(workload),
+            access_log,
         })
     }
 
@@ -137,40 +143,76 @@ impl Proxy {
             && snap.rds_names().iter().all(|n| snap.routes.contains_key(n))
     }
 
-    /// One HTTP request finished.
-    pub fn observe(
-        &self,
-        listener: &str,
-        method: &::http::Method,
-        path: &str,
-        peer: SocketAddr,
-        outcome: &http::Outcome,
-        duration: Duration,
-    ) {
+    /// One HTTP exchange finished (the response body ended, or the client went away).
+    pub fn finish(&self, r: &http::Finished) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        if outcome.status >= 500 {
+        if r.outcome.status >= 500 {
             self.stats.responses_5xx.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::debug!(
-            target: "access",
-            listener,
-            %method,
-            path,
-            %peer,
-            status = outcome.status,
-            flags = outcome.flags,
-            cluster = outcome.cluster.as_deref().unwrap_or("-"),
-            upstream = outcome.upstream_host.as_deref().unwrap_or("-"),
-            duration_ms = duration.as_millis() as u64,
-        );
+        let duration = r.started.elapsed();
+        let exchange = metrics::Exchange {
+            cluster: r.outcome.cluster.as_deref(),
+            authority: &r.info.authority,
+            grpc: r.info.grpc,
+            status: r.outcome.status,
+            grpc_status: r.grpc_status.as_deref(),
+            flags: r.outcome.flags,
+        };
+        let received = r.outcome.request_bytes.load(Ordering::Relaxed);
+        self.metrics.record_request(&exchange, duration.as_secs_f64() * 1000.0, received, r.sent);
+        if self.access_log.enabled() {
+            self.access_log.write(&access_log::Entry {
+                start: Some(r.start),
+                method: r.info.method.as_str(),
+                path: &r.info.path,
+                protocol: r.info.protocol,
+                status: r.outcome.status,
+                flags: r.outcome.flags,
+                bytes_received: received,
+                bytes_sent: r.sent,
+                duration_ms: duration.as_millis() as u64,
+                upstream_service_time_ms: r.outcome.upstream_ms,
+                x_forwarded_for: r.info.x_forwarded_for.as_deref(),
+                user_agent: r.info.user_agent.as_deref(),
+                request_id: r.info.request_id.as_deref(),
+                authority: &r.info.authority,
+                upstream_host: r.outcome.upstream_host.as_deref(),
+                upstream_cluster: r.outcome.cluster.as_deref(),
+                route_name: r.outcome.route.as_deref(),
+                downstream_remote: Some(r.peer),
+            });
+        }
     }
 
-    pub fn tcp_opened(&self, _listener: &str, _cluster: &str) {
+    /// A TCP connection to `cluster` opened (through listener `listener`).
+    pub fn tcp_opened(&self, cluster: &str) {
         self.stats.tcp_opened.fetch_add(1, Ordering::Relaxed);
+        let l = self.tcp_labels(cluster, "-");
+        self.metrics.tcp_opened.get_or_create(&l).inc();
     }
 
-    pub fn tcp_closed(&self, _listener: &str, _cluster: &str, _flags: &str) {
+    /// A TCP connection closed with `flags`, after `sent` bytes to the client and `received`
+    /// from it.
+    pub fn tcp_closed(&self, cluster: &str, flags: &str, sent: u64, received: u64) {
         self.stats.tcp_closed.fetch_add(1, Ordering::Relaxed);
+        let l = self.tcp_labels(cluster, flags);
+        self.metrics.tcp_closed.get_or_create(&l).inc();
+        self.metrics.tcp_sent.get_or_create(&l).inc_by(sent);
+        self.metrics.tcp_received.get_or_create(&l).inc_by(received);
+    }
+
+    fn tcp_labels(&self, cluster: &str, flags: &str) -> metrics::Labels {
+        let mut l = self.metrics.labels(&metrics::Exchange {
+            cluster: Some(cluster),
+            authority: "",
+            grpc: false,
+            status: 0,
+            grpc_status: None,
+            flags,
+        });
+        l.request_protocol = "tcp".into();
+        l.response_code = String::new();
+        l
     }
 
     /// Stops accepting, lets in-flight requests finish (at most `grace`), then returns.

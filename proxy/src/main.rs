@@ -23,6 +23,15 @@ struct Args {
     /// Admin address (loopback only).
     #[arg(long)]
     admin: Option<String>,
+    /// Prometheus address (/stats/prometheus).
+    #[arg(long)]
+    metrics: Option<String>,
+    /// Access log: off, text (Envoy's default format) or json.
+    #[arg(long)]
+    access_log: Option<String>,
+    /// Access log file (default: stdout).
+    #[arg(long)]
+    access_log_path: Option<String>,
     #[arg(long)]
     namespace: Option<String>,
     #[arg(long)]
@@ -74,6 +83,9 @@ fn bootstrap(args: &Args) -> Result<Bootstrap, String> {
     };
     set(&mut b.xds, &args.xds);
     set(&mut b.admin, &args.admin);
+    set(&mut b.metrics, &args.metrics);
+    set(&mut b.access_log.format, &args.access_log);
+    set(&mut b.access_log.path, &args.access_log_path);
     set(&mut b.node.namespace, &args.namespace);
     set(&mut b.node.workload_name, &args.workload_name);
     set(&mut b.node.service_account, &args.service_account);
@@ -112,14 +124,17 @@ fn main() -> anyhow::Result<()> {
         rt.worker_threads(args.concurrency);
     }
     rt.enable_all().build()?.block_on(async move {
-        let proxy = Proxy::new(&b.node_id());
+        let access_log = b.access_log().map_err(|e| anyhow::anyhow!(e))?;
+        let proxy = Proxy::new(&b.node_id(), b.workload(), access_log);
         let set_level: trellis_proxy::admin::SetLogLevel = Arc::new(move |level: &str| {
             let f = EnvFilter::try_new(level).map_err(|e| format!("level {level:?}: {e}"))?;
             reload.reload(f).map_err(|e| e.to_string())
         });
         let admin = b.admin.parse().map_err(|e| anyhow::anyhow!("admin: {e}"))?;
         trellis_proxy::admin::serve(proxy.clone(), admin, set_level).await.map_err(|e| anyhow::anyhow!(e))?;
-        tracing::info!(node = %b.node_id(), xds = %b.xds, admin = %b.admin, "trellis-proxy starting");
+        let metrics = b.metrics.parse().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+        trellis_proxy::metrics::serve(proxy.clone(), metrics).await.map_err(|e| anyhow::anyhow!(e))?;
+        tracing::info!(node = %b.node_id(), xds = %b.xds, admin = %b.admin, metrics = %b.metrics, "trellis-proxy starting");
         tokio::spawn(trellis_proxy::xds::run(proxy.clone(), b.xds.clone(), b.node()));
         shutdown_signal().await;
         tracing::info!("shutting down: draining listeners");

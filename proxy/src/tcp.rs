@@ -70,16 +70,16 @@ pub async fn serve(
     let limits = cluster.config.limits;
     if cluster.connections.load(Ordering::SeqCst) >= limits.max_connections {
         cluster.stats.upstream_cx_overflow.fetch_add(1, Ordering::Relaxed);
-        proxy.tcp_closed(&listener, &name, "UO");
+        proxy.tcp_closed(&name, "UO", 0, 0);
         return;
     }
     let Some(host) = cluster.pick(None) else {
-        proxy.tcp_closed(&listener, &name, "UH");
+        proxy.tcp_closed(&name, "UH", 0, 0);
         return;
     };
     cluster.connections.fetch_add(1, Ordering::SeqCst);
     cluster.stats.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
-    proxy.tcp_opened(&listener, &name);
+    proxy.tcp_opened(&name);
     let connect = async {
         match host.socket {
             Some(a) => TcpStream::connect(a).await,
@@ -92,19 +92,23 @@ pub async fn serve(
             let _ = up.set_nodelay(true);
             let _ = down.set_nodelay(true);
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut down, &mut up) => r.map(|_| "-").unwrap_or("UC"),
+                r = tokio::io::copy_bidirectional(&mut down, &mut up) => match r {
+                    Ok((from_client, to_client)) => ("-", to_client, from_client),
+                    Err(_) => ("UC", 0, 0),
+                },
                 // Draining: existing TCP streams get the drain period, then close.
-                _ = async { let _ = drain.wait_for(|d| *d).await; tokio::time::sleep(crate::listeners::DRAIN_TIME).await } => "DC",
+                _ = async { let _ = drain.wait_for(|d| *d).await; tokio::time::sleep(crate::listeners::DRAIN_TIME).await } => ("DC", 0, 0),
             }
         }
         _ => {
             cluster.stats.upstream_cx_connect_fail.fetch_add(1, Ordering::Relaxed);
             cluster.record(&host, None);
-            "UF"
+            ("UF", 0, 0)
         }
     };
     cluster.connections.fetch_sub(1, Ordering::SeqCst);
-    proxy.tcp_closed(&listener, &name, result);
+    let (flags, sent, received) = result;
+    proxy.tcp_closed(&name, flags, sent, received);
 }
 
 /// Reads (without consuming) the TLS ClientHello and returns its server name.
