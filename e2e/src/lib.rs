@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod bench;
 pub mod echo;
 pub mod envoy;
 pub mod http;

@@ -108,8 +108,10 @@ impl TrellisProxy {
         let config = dir.path().join("bootstrap.yaml");
         std::fs::write(&config, bootstrap)?;
         let log = dir.path().join("trellis-proxy.log");
+        let concurrency: &[&str] = if extra.contains(&"--concurrency") { &[] } else { &["--concurrency", "2"] };
         let child = Command::new(binary("trellis-proxy")?)
-            .args(["--concurrency", "2", "--log", "info", "-c"])
+            .args(concurrency)
+            .args(["--log", "info", "-c"])
             .arg(&config)
             .args(extra)
             .stdout(Stdio::null())

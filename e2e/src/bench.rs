@@ -1,0 +1,523 @@
+//! The proxy benchmark, as docs/benchmarking describes the method: an nginx upstream serving
+//! 1 KiB, fixed-rate load over keep-alive connections with latency measured from each
+//! request's scheduled time (no coordinated omission), the proxy pinned to CPU 0 and load +
+//! upstream to CPU 1 under SCHED_FIFO, a fresh proxy per repetition, direct / Envoy /
+//! trellis-proxy alternating, both proxies configured by the same control plane with their
+//! shipped defaults (access log off, metrics on), and every repetition printed.
+//!
+//! The load generator is `oha -q RATE --latency-correction` when installed (the published
+//! figures); otherwise a built-in fixed-rate generator with the same correction (smoke runs).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use serde_json::json;
+
+use crate::envoy::AdsApi;
+use crate::proxies::{Sidecar, TrellisProxy, Under};
+use crate::{ControlPlane, free_port};
+
+pub const HOST: &str = "bench.default.svc.cluster.local:8080";
+
+/// What is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    Envoy,
+    Trellis,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Envoy => "envoy",
+            Mode::Trellis => "trellis-proxy",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub rates: Vec<u32>,
+    pub repetitions: usize,
+    pub warmup: Duration,
+    pub measure: Duration,
+    pub connections: usize,
+    /// Pin and raise priority (needs root, taskset and chrt).
+    pub pin: bool,
+}
+
+/// One measurement.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub mode: Mode,
+    pub rate: u32,
+    pub repetition: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub sent: u64,
+    pub failed: u64,
+    /// Proxy CPU in vCPU over the measurement (None for direct).
+    pub cpu: Option<f64>,
+    pub rss_start_mb: Option<f64>,
+    pub rss_peak_mb: Option<f64>,
+    /// Requests the proxy says it handled (warm-up included) vs what was sent to it.
+    pub proxy_counted: Option<(u64, u64)>,
+    /// Busy share of CPU 0 during the measurement.
+    pub cpu0_busy: f64,
+    pub exe: String,
+}
+
+/// Result of one load run.
+#[derive(Debug, Clone, Default)]
+pub struct Load {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub sent: u64,
+    pub failed: u64,
+}
+
+pub fn oha() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    [home.join(".cargo/bin/oha"), PathBuf::from("/usr/local/bin/oha"), PathBuf::from("/usr/bin/oha")]
+        .into_iter()
+        .find(|p| p.exists())
+}
+
+fn pinned(cpu: u32, pin: bool, program: &Path) -> Command {
+    if pin {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(cpu.to_string()).arg("chrt").args(["-f", "10"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Pins every thread of a running process to `cpu` with SCHED_FIFO 10.
+fn pin_process(pid: u32, cpu: u32) -> anyhow::Result<()> {
+    let p = pid.to_string();
+    let ok =
+        Command::new("taskset").args(["-a", "-cp", &cpu.to_string(), &p]).stdout(Stdio::null()).status()?.success()
+            && Command::new("chrt").args(["-a", "-f", "-p", "10", &p]).stdout(Stdio::null()).status()?.success();
+    if !ok {
+        bail!("could not pin process {pid} (taskset/chrt need root)");
+    }
+    Ok(())
+}
+
+/// nginx with one worker serving 1 KiB on a free loopback port.
+#[derive(Debug)]
+pub struct Nginx {
+    child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub fn start(pin: bool) -> anyhow::Result<Nginx> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        std::fs::write(dir.path().join("index.html"), vec![b'a'; 1024])?;
+        let d = dir.path().display();
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n  client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n  server {{ listen {addr}; root {d}; location / {{ }} }}\n}}\n"
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .context("nginx not found (scripts/setup.sh installs nginx-light)")?;
+        let mut child = pinned(1, pin, &nginx)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        crate::await_listening(&mut child, &addr, "nginx")?;
+        Ok(Nginx { child, addr, _dir: dir })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-QUIT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// utime + stime of a process in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// (busy, total) jiffies of CPU 0.
+fn cpu0() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = s.lines().find(|l| l.starts_with("cpu0 ")) else { return (0, 0) };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Fixed-rate load on `url` (with `Host: host` when given) for `duration`.
+pub async fn load(
+    url: &str,
+    host: Option<&str>,
+    rate: u32,
+    connections: usize,
+    duration: Duration,
+    pin: bool,
+) -> anyhow::Result<Load> {
+    match oha() {
+        Some(oha) => {
+            let mut c = pinned(1, pin, &oha);
+            c.args(["-q", &rate.to_string(), "-c", &connections.to_string(), "-z"])
+                .arg(format!("{}ms", duration.as_millis()))
+                .args(["--latency-correction", "--no-tui", "--output-format", "json"]);
+            if let Some(h) = host {
+                c.args(["-H", &format!("Host: {h}")]);
+            }
+            c.arg(url);
+            let out = tokio::task::spawn_blocking(move || c.output()).await??;
+            if !out.status.success() {
+                bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("oha output")?;
+            let p = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+            let codes = v["statusCodeDistribution"].as_object().cloned().unwrap_or_default();
+            let ok = codes.get("200").and_then(|x| x.as_u64()).unwrap_or(0);
+            let all_codes: u64 = codes.values().filter_map(|x| x.as_u64()).sum();
+            let errors: u64 =
+                v["errorDistribution"].as_object().map(|m| m.values().filter_map(|x| x.as_u64()).sum()).unwrap_or(0);
+            Ok(Load {
+                p50_ms: p("p50"),
+                p90_ms: p("p90"),
+                p99_ms: p("p99"),
+                sent: all_codes + errors,
+                failed: all_codes - ok + errors,
+            })
+        }
+        None => builtin_load(url, host, rate, connections, duration).await,
+    }
+}
+
+/// The built-in generator: request i is due at start + i/rate; its latency counts from then.
+async fn builtin_load(
+    url: &str,
+    host: Option<&str>,
+    rate: u32,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<Load> {
+    let uri: http::Uri = url.parse()?;
+    let addr = uri.authority().context("url without authority")?.to_string();
+    let host = host.map(String::from).unwrap_or_else(|| addr.clone());
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now() + Duration::from_millis(50);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (next, failed, addr, host, path) =
+            (next.clone(), failed.clone(), addr.clone(), host.clone(), uri.path().to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut sender = None;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return lat;
+                }
+                let due = start + interval.mul_f64(i as f64);
+                tokio::time::sleep_until(due.into()).await;
+                if sender.is_none() {
+                    let Ok(tcp) = tokio::net::TcpStream::connect(&addr).await else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    let Ok((s, conn)) =
+                        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+                            .await
+                    else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    tokio::spawn(conn);
+                    sender = Some(s);
+                }
+                let Some(s) = sender.as_mut() else { continue };
+                let req = http::Request::get(path.as_str()).header("host", host.as_str()).body(Empty::new());
+                let ok = match req {
+                    Ok(req) => match tokio::time::timeout(Duration::from_secs(10), s.send_request(req)).await {
+                        Ok(Ok(resp)) => resp.status() == 200 && resp.into_body().collect().await.is_ok(),
+                        _ => false,
+                    },
+                    Err(_) => false,
+                };
+                if ok {
+                    lat.push(due.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    sender = None;
+                }
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
+    };
+    Ok(Load {
+        p50_ms: pct(0.50),
+        p90_ms: pct(0.90),
+        p99_ms: pct(0.99),
+        sent: total,
+        failed: failed.load(Ordering::Relaxed),
+    })
+}
+
+async fn proxy_count(mode: Mode, sidecar: &Sidecar) -> Option<u64> {
+    let client = crate::http::ProxyClient::new(sidecar.admin());
+    match (mode, sidecar) {
+        (Mode::Trellis, Sidecar::Trellis(t)) => {
+            let text =
+                crate::http::ProxyClient::new(&t.metrics).get(&t.metrics, "/stats/prometheus", &[]).await.ok()?.body;
+            Some(
+                text.lines()
+                    .filter(|l| l.starts_with("istio_requests_total{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>() as u64,
+            )
+        }
+        (Mode::Envoy, _) => {
+            let text =
+                client.get(sidecar.admin(), "/stats?filter=http.outbound.downstream_rq_total", &[]).await.ok()?.body;
+            text.lines().find_map(|l| l.strip_prefix("http.outbound.downstream_rq_total: ")?.trim().parse().ok())
+        }
+        _ => None,
+    }
+}
+
+/// Runs everything; prints each repetition as it completes.
+pub async fn run(cfg: &Config) -> anyhow::Result<Vec<Sample>> {
+    let dir = tempfile::tempdir()?;
+    let nginx = Nginx::start(cfg.pin)?;
+    let cp = ControlPlane::start(&dir.path().join("cp"), &[])?;
+    let (_, nginx_port) = nginx.addr.rsplit_once(':').context("nginx addr")?;
+    cp.client()?
+        .apply(
+            vec![json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "bench", "namespace": "default"},
+                "spec": {"hosts": ["bench.default.svc.cluster.local"], "ports": [{"number": 8080, "name": "http", "protocol": "HTTP", "targetPort": nginx_port.parse::<u16>()?}],
+                         "location": "MESH_INTERNAL", "resolution": "STATIC", "endpoints": [{"address": "127.0.0.1"}]}})],
+            None,
+            false,
+        )
+        .await?;
+    let mut samples = Vec::new();
+    for rate in &cfg.rates {
+        for rep in 1..=cfg.repetitions {
+            // Alternate the order between repetitions.
+            let mut modes = vec![Mode::Direct, Mode::Envoy, Mode::Trellis];
+            if rep % 2 == 0 {
+                modes.reverse();
+            }
+            for mode in modes {
+                let s = measure(cfg, &cp, &nginx, mode, *rate, rep).await?;
+                println!(
+                    "rep {rep} {rate} rps {:<13} p50 {:.3} p90 {:.3} p99 {:.3} ms  sent {} failed {}  cpu {}  rss {}/{} MB  counted {:?}  cpu0 busy {:.0}%  {}",
+                    mode.name(),
+                    s.p50_ms,
+                    s.p90_ms,
+                    s.p99_ms,
+                    s.sent,
+                    s.failed,
+                    s.cpu.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into()),
+                    s.rss_start_mb.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
+                    s.rss_peak_mb.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
+                    s.proxy_counted,
+                    s.cpu0_busy * 100.0,
+                    s.exe,
+                );
+                samples.push(s);
+            }
+        }
+    }
+    Ok(samples)
+}
+
+async fn measure(
+    cfg: &Config,
+    cp: &ControlPlane,
+    nginx: &Nginx,
+    mode: Mode,
+    rate: u32,
+    rep: usize,
+) -> anyhow::Result<Sample> {
+    let sidecar = match mode {
+        Mode::Direct => None,
+        Mode::Envoy => Some(Sidecar::start(Under::Envoy(AdsApi::Delta), &cp.xds_addr, "bench-client", "default", "")?),
+        Mode::Trellis => Some(Sidecar::Trellis(TrellisProxy::start_with(
+            &cp.xds_addr,
+            "bench-client",
+            "default",
+            "",
+            &["--concurrency", "1"],
+        )?)),
+    };
+    let (url, host) = match &sidecar {
+        None => (format!("http://{}/", nginx.addr), None),
+        Some(s) => (format!("http://{}/", s.outbound()), Some(HOST)),
+    };
+    // Routed before measuring.
+    if let Some(s) = &sidecar {
+        let c = crate::http::ProxyClient::new(s.outbound());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.get(HOST, "/", &[]).await.map(|a| a.status != 200).unwrap_or(true) {
+            if Instant::now() > deadline {
+                bail!("{} never routed to the upstream:\n{}", mode.name(), s.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if cfg.pin {
+            pin_process(s.pid(), 0)?;
+        }
+    }
+    let pid = sidecar.as_ref().map(|s| s.pid());
+    let before_count = match &sidecar {
+        Some(s) => proxy_count(mode, s).await,
+        None => None,
+    };
+    let rss_start_mb = pid.and_then(|p| status_kib(p, "VmRSS:")).map(|k| k / 1024.0);
+    let warm = load(&url, host, rate, cfg.connections, cfg.warmup, cfg.pin).await?;
+    let cpu_before = pid.and_then(cpu_seconds);
+    let busy_before = cpu0();
+    let t = Instant::now();
+    let l = load(&url, host, rate, cfg.connections, cfg.measure, cfg.pin).await?;
+    let wall = t.elapsed().as_secs_f64();
+    let busy_after = cpu0();
+    let cpu = match (cpu_before, pid.and_then(cpu_seconds)) {
+        (Some(a), Some(b)) => Some((b - a) / wall),
+        _ => None,
+    };
+    let rss_peak_mb = pid.and_then(|p| status_kib(p, "VmHWM:")).map(|k| k / 1024.0);
+    let counted = match (&sidecar, before_count) {
+        (Some(s), Some(b)) => proxy_count(mode, s).await.map(|a| (a - b, warm.sent + l.sent)),
+        _ => None,
+    };
+    let exe = match pid {
+        Some(p) => std::fs::read_link(format!("/proc/{p}/exe")).map(|e| e.display().to_string()).unwrap_or_default(),
+        None => "nginx direct".into(),
+    };
+    let busy = {
+        let (b, t) = (busy_after.0.saturating_sub(busy_before.0), busy_after.1.saturating_sub(busy_before.1));
+        if t == 0 { 0.0 } else { b as f64 / t as f64 }
+    };
+    drop(sidecar);
+    Ok(Sample {
+        mode,
+        rate,
+        repetition: rep,
+        p50_ms: l.p50_ms,
+        p90_ms: l.p90_ms,
+        p99_ms: l.p99_ms,
+        sent: l.sent,
+        failed: l.failed,
+        cpu,
+        rss_start_mb,
+        rss_peak_mb,
+        proxy_counted: counted,
+        cpu0_busy: busy,
+        exe,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// The summary table: medians (min–max) per mode and rate, and the proxied/direct ratio of
+/// each repetition's p50 and p99 (median).
+pub fn table(samples: &[Sample]) -> String {
+    let mut out = String::from(
+        "| rate | mode | p50 ms | p90 ms | p99 ms | p50 / direct | p99 / direct | proxy vCPU | RSS start / peak MB |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut rates: Vec<u32> = samples.iter().map(|s| s.rate).collect();
+    rates.sort();
+    rates.dedup();
+    for rate in rates {
+        for mode in [Mode::Direct, Mode::Envoy, Mode::Trellis] {
+            let these: Vec<&Sample> = samples.iter().filter(|s| s.rate == rate && s.mode == mode).collect();
+            if these.is_empty() {
+                continue;
+            }
+            let f = |g: fn(&Sample) -> f64| {
+                let (m, lo, hi) = median(these.iter().map(|s| g(s)).collect());
+                format!("{m:.3} ({lo:.3}–{hi:.3})")
+            };
+            let ratio = |g: fn(&Sample) -> f64| {
+                let r: Vec<f64> = these
+                    .iter()
+                    .filter_map(|s| {
+                        let d = samples
+                            .iter()
+                            .find(|d| d.mode == Mode::Direct && d.rate == rate && d.repetition == s.repetition)?;
+                        Some(g(s) / g(d))
+                    })
+                    .collect();
+                let (m, _, _) = median(r);
+                format!("{m:.2}")
+            };
+            let cpu = median(these.iter().filter_map(|s| s.cpu).collect());
+            let rss = median(these.iter().filter_map(|s| s.rss_start_mb).collect());
+            let hwm = median(these.iter().filter_map(|s| s.rss_peak_mb).collect());
+            out.push_str(&format!(
+                "| {rate} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                mode.name(),
+                f(|s| s.p50_ms),
+                f(|s| s.p90_ms),
+                f(|s| s.p99_ms),
+                if mode == Mode::Direct { "1.00".into() } else { ratio(|s| s.p50_ms) },
+                if mode == Mode::Direct { "1.00".into() } else { ratio(|s| s.p99_ms) },
+                if mode == Mode::Direct { "-".into() } else { format!("{:.3}", cpu.0) },
+                if mode == Mode::Direct { "-".into() } else { format!("{:.0} / {:.0}", rss.0, hwm.0) },
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,34 @@
+//! A seconds-long run of the proxy benchmark so it cannot rot: one repetition at a low rate,
+//! every mode, the table printed. No timing assertions (figures come from the full run);
+//! it checks that every mode was measured, nothing failed, and each proxy counted exactly the
+//! requests it was sent.
+
+#![allow(clippy::print_stdout)]
+
+use std::time::Duration;
+
+use trellis_e2e::bench::{Config, Mode, run, table};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_benchmark_runs_and_counts_every_request() {
+    let cfg = Config {
+        rates: vec![200],
+        repetitions: 1,
+        warmup: Duration::from_millis(500),
+        measure: Duration::from_secs(2),
+        connections: 8,
+        pin: false,
+    };
+    let samples = run(&cfg).await.unwrap();
+    println!("{}", table(&samples));
+    for mode in [Mode::Direct, Mode::Envoy, Mode::Trellis] {
+        let s = samples.iter().find(|s| s.mode == mode).unwrap_or_else(|| panic!("{mode:?} not measured"));
+        assert_eq!(s.failed, 0, "{mode:?}: {s:?}");
+        assert!(s.sent >= 300 && s.p50_ms.is_finite(), "{mode:?}: {s:?}");
+        if mode != Mode::Direct {
+            let (counted, sent) = s.proxy_counted.unwrap_or_else(|| panic!("{mode:?} reported no request count"));
+            assert_eq!(counted, sent, "{mode:?} counted {counted} of {sent} requests");
+            assert!(s.cpu.is_some() && s.rss_peak_mb.is_some(), "{s:?}");
+        }
+    }
+}
