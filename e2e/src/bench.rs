@@ -8,6 +8,8 @@
 //! The load generator is `oha -q RATE --latency-correction` when installed (the published
 //! figures); otherwise a built-in fixed-rate generator with the same correction (smoke runs).
 
+#![allow(clippy::print_stdout)] // the benchmark prints every repetition as it goes
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
