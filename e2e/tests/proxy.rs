@@ -154,6 +154,37 @@ async fn metric_value(p: &TrellisProxy, name: &str, labels: &[&str]) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let s = setup(|_| Vec::new(), &[]).await;
+    let stat = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with("cluster.outbound|8080||web.default.svc.cluster.local.") && l.contains(name))
+            .and_then(|l| l.rsplit(": ").next()?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let admin = ProxyClient::new(&s.proxy.admin);
+    let before = admin.get(&s.proxy.admin, "/stats", &[]).await.unwrap().body;
+    // 200 requests, 4 at a time, keep-alive downstream.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let c = s.client.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                assert_eq!(c.get(WEB, "/", &[]).await.unwrap().status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = admin.get(&s.proxy.admin, "/stats", &[]).await.unwrap().body;
+    let requests = stat(&after, "upstream_rq_total") - stat(&before, "upstream_rq_total");
+    let connections = stat(&after, "upstream_cx_total") - stat(&before, "upstream_cx_total");
+    assert_eq!(requests, 200);
+    assert!(connections <= 8, "{connections} upstream connections for 200 requests at concurrency 4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_json_access_log_has_one_line_per_request_with_flags() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");

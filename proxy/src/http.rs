@@ -132,16 +132,27 @@ pub async fn handle(
         req.headers_mut().insert("x-request-id", v);
     }
     let h = req.headers();
-    let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(String::from);
+    // What only the access log reads is copied only when it is on.
+    let logging = proxy.access_log.enabled();
+    let text = |n: &str| if logging { h.get(n).and_then(|v| v.to_str().ok()).map(String::from) } else { None };
     let info = Info {
         method: req.method().clone(),
-        path: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        path: if logging {
+            req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        },
         protocol: match req.version() {
             Version::HTTP_2 => "HTTP/2",
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         },
-        authority: req.uri().authority().map(|a| a.to_string()).or_else(|| text("host")).unwrap_or_default(),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| h.get(header::HOST).and_then(|v| v.to_str().ok()).map(String::from))
+            .unwrap_or_default(),
         user_agent: text("user-agent"),
         x_forwarded_for: text("x-forwarded-for"),
         request_id: text("x-request-id"),
@@ -372,19 +383,21 @@ fn hash_key(
     key
 }
 
+/// A random UUID v4.
 fn new_request_id() -> String {
-    let b: [u8; 16] = rand::rng().random();
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    // UUID v4 layout.
-    format!(
-        "{}-{}-4{}-{:x}{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        (u8::from_str_radix(&h[16..17], 16).unwrap_or(0) & 0x3) | 0x8,
-        &h[17..20],
-        &h[20..32]
-    )
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut b: [u8; 16] = rand::rng().random();
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let mut out = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(HEX[(x >> 4) as usize] as char);
+        out.push(HEX[(x & 0xf) as usize] as char);
+    }
+    out
 }
 
 type ForwardResult = ((Response<BoxBody>, Option<hyper::upgrade::OnUpgrade>), Outcome);

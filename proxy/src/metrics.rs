@@ -70,6 +70,24 @@ pub struct Workload {
 
 type Hist = Family<Labels, Histogram, fn() -> Histogram>;
 
+#[derive(Debug, Clone)]
+struct CacheKey {
+    cluster: String,
+    authority: String,
+    grpc: bool,
+    status: u16,
+    grpc_status: String,
+    flags: String,
+}
+
+#[derive(Debug)]
+struct Handles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -82,6 +100,8 @@ pub struct Metrics {
     pub tcp_sent: Family<Labels, Counter>,
     pub tcp_received: Family<Labels, Counter>,
     pub workload: Workload,
+    /// By a hash of the key's parts, so a lookup allocates nothing.
+    cache: std::sync::RwLock<std::collections::HashMap<u64, Vec<(CacheKey, Arc<Handles>)>>>,
 }
 
 fn durations() -> Histogram {
@@ -135,6 +155,7 @@ impl Metrics {
             tcp_sent,
             tcp_received,
             workload,
+            cache: Default::default(),
         }
     }
 
@@ -194,11 +215,60 @@ impl Metrics {
     }
 
     pub fn record_request(&self, e: &Exchange<'_>, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        let h = self.handles(e);
+        h.requests.inc();
+        h.duration.observe(duration_ms);
+        h.request_bytes.observe(request_bytes as f64);
+        h.response_bytes.observe(response_bytes as f64);
+    }
+
+    /// The four series of an exchange, looked up by a short key (building Istio's 21 labels
+    /// and hashing them four times per request would cost more than the request).
+    fn handles(&self, e: &Exchange<'_>) -> Arc<Handles> {
+        let cluster = e.cluster.unwrap_or("");
+        // The authority only matters when the cluster does not name the service.
+        let authority = if cluster.starts_with("outbound|") { "" } else { e.authority };
+        let grpc_status = e.grpc_status.unwrap_or("");
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (cluster, authority, e.grpc, e.status, grpc_status, e.flags).hash(&mut h);
+            h.finish()
+        };
+        let same = |k: &CacheKey| {
+            k.cluster == cluster
+                && k.authority == authority
+                && k.grpc == e.grpc
+                && k.status == e.status
+                && k.grpc_status == grpc_status
+                && k.flags == e.flags
+        };
+        if let Some(bucket) = self.cache.read().unwrap_or_else(|p| p.into_inner()).get(&hash)
+            && let Some((_, h)) = bucket.iter().find(|(k, _)| same(k))
+        {
+            return h.clone();
+        }
+        let key = CacheKey {
+            cluster: cluster.to_string(),
+            authority: authority.to_string(),
+            grpc: e.grpc,
+            status: e.status,
+            grpc_status: grpc_status.to_string(),
+            flags: e.flags.to_string(),
+        };
         let l = self.labels(e);
-        self.requests.get_or_create(&l).inc();
-        self.duration.get_or_create(&l).observe(duration_ms);
-        self.request_bytes.get_or_create(&l).observe(request_bytes as f64);
-        self.response_bytes.get_or_create(&l).observe(response_bytes as f64);
+        let h = Arc::new(Handles {
+            requests: self.requests.get_or_create_owned(&l),
+            duration: self.duration.get_or_create_owned(&l),
+            request_bytes: self.request_bytes.get_or_create_owned(&l),
+            response_bytes: self.response_bytes.get_or_create_owned(&l),
+        });
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 10_000 {
+            cache.clear(); // bounded: label sets are bounded by config, but authorities are not
+        }
+        cache.entry(hash).or_default().push((key, h.clone()));
+        h
     }
 
     pub fn encode(&self) -> String {

@@ -73,7 +73,20 @@ pub struct Host {
     pub rq_total: AtomicU64,
     pub rq_error: AtomicU64,
     pub outlier: std::sync::Mutex<OutlierState>,
+    /// Until when the host is ejected, in nanoseconds since [`epoch`] (0: not ejected); read
+    /// on every host selection without taking the outlier lock.
+    ejected_until: AtomicU64,
     pub(crate) pool: pool::HostPool,
+}
+
+/// The process's time origin for atomically stored instants.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
 impl Host {
@@ -87,6 +100,7 @@ impl Host {
             rq_total: AtomicU64::new(0),
             rq_error: AtomicU64::new(0),
             outlier: std::sync::Mutex::new(OutlierState::default()),
+            ejected_until: AtomicU64::new(0),
             pool: pool::HostPool::default(),
         }
     }
@@ -97,7 +111,8 @@ impl Host {
     }
 
     pub fn ejected(&self, now: Instant) -> bool {
-        self.outlier.lock().unwrap_or_else(|p| p.into_inner()).ejected(now)
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && nanos(now) < until
     }
 }
 
@@ -222,6 +237,7 @@ impl Cluster {
         let ejected_now = self.hosts.load().all.iter().filter(|h| h.ejected(now)).count();
         let mut st = host.outlier.lock().unwrap_or_else(|p| p.into_inner());
         if st.observe(od, five_xx, gateway, now, ejected_now, total) {
+            host.ejected_until.store(st.ejected_until.map(nanos).unwrap_or(0).max(1), Ordering::Relaxed);
             self.stats.outlier_detection_ejections_total.fetch_add(1, Ordering::Relaxed);
             tracing::info!(cluster = %self.config.name, host = %host.address, "outlier detection ejected a host");
         }

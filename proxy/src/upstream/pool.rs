@@ -227,9 +227,14 @@ impl Body for PooledBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if r.is_none()
-            && let Some(c) = self.conn.take()
-        {
+        // The end of the body: nothing more (None), or the last data frame of a body of known
+        // length — after which hyper's server stops polling and drops the body.
+        let ended = match &r {
+            None => true,
+            Some(Ok(_)) => self.inner.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if ended && let Some(c) = self.conn.take() {
             give_back(c);
         }
         Poll::Ready(r)
@@ -241,6 +246,17 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Read to the end but never polled past it: still reusable.
+        if self.inner.is_end_stream()
+            && let Some(c) = self.conn.take()
+        {
+            give_back(c);
+        }
     }
 }
 
