@@ -80,6 +80,8 @@ struct CacheKey {
     flags: String,
 }
 
+type HandleCache = std::collections::HashMap<u64, Vec<(CacheKey, Arc<Handles>)>>;
+
 #[derive(Debug)]
 struct Handles {
     requests: Counter,
@@ -101,7 +103,7 @@ pub struct Metrics {
     pub tcp_received: Family<Labels, Counter>,
     pub workload: Workload,
     /// By a hash of the key's parts, so a lookup allocates nothing.
-    cache: std::sync::RwLock<std::collections::HashMap<u64, Vec<(CacheKey, Arc<Handles>)>>>,
+    cache: std::sync::RwLock<HandleCache>,
 }
 
 fn durations() -> Histogram {
