@@ -41,6 +41,14 @@ impl Envoy {
 
     /// As [`Envoy::start`], in `locality` (`region/zone/subzone`, Istio's form).
     pub fn start_in(xds: &str, api: AdsApi, name: &str, namespace: &str, locality: &str) -> anyhow::Result<Envoy> {
+        Envoy::start_node(xds, api, &crate::proxies::NodeSpec::sidecar(name, namespace, locality))
+    }
+
+    /// Starts Envoy as the node `spec` describes and waits for its first listener.
+    pub fn start_node(xds: &str, api: AdsApi, spec: &crate::proxies::NodeSpec) -> anyhow::Result<Envoy> {
+        let (name, namespace, locality) = (spec.name.as_str(), spec.namespace.as_str(), spec.locality.as_str());
+        let kind = spec.kind();
+        let labels = spec.labels_yaml();
         let mut parts = locality.splitn(3, '/');
         let (region, zone, sub_zone) =
             (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
@@ -49,7 +57,7 @@ impl Envoy {
         let inbound = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let (xds_host, xds_port) = xds.rsplit_once(':').context("xds address")?;
-        let node_id = format!("sidecar~127.0.0.1~{name}.{namespace}~{namespace}.svc.cluster.local");
+        let node_id = format!("{kind}~127.0.0.1~{name}.{namespace}~{namespace}.svc.cluster.local");
         let api_type = match api {
             AdsApi::Sotw => "GRPC",
             AdsApi::Delta => "DELTA_GRPC",
@@ -63,7 +71,8 @@ impl Envoy {
   metadata:
     NAMESPACE: "{namespace}"
     WORKLOAD_NAME: "{name}"
-    LABELS: {{app: "{name}"}}
+    LABELS: {labels}
+    TRELLIS_PROXY_TYPE: "{kind}"
     TRELLIS_OUTBOUND_LISTENER: "{outbound}"
     TRELLIS_INBOUND_LISTENER: "{inbound}"
 dynamic_resources:
@@ -103,8 +112,8 @@ admin:
             .spawn()
             .context("starting Envoy (run scripts/setup.sh, or set TRELLIS_ENVOY)")?;
         let mut envoy = Envoy { child, outbound, admin, node_id, log, _dir: dir };
-        let target = envoy.outbound.clone();
-        await_listening(&mut envoy.child, &target, "Envoy's outbound listener").with_context(|| envoy.log_text())?;
+        let target = spec.wait_for.clone().unwrap_or_else(|| envoy.outbound.clone());
+        await_listening(&mut envoy.child, &target, "Envoy's first listener").with_context(|| envoy.log_text())?;
         Ok(envoy)
     }
 

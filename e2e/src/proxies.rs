@@ -17,6 +17,55 @@ pub enum Under {
     Trellis,
 }
 
+/// Who a proxy under test is.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub name: String,
+    pub namespace: String,
+    pub locality: String,
+    /// A gateway (`router`) rather than a sidecar.
+    pub router: bool,
+    pub labels: Vec<(String, String)>,
+    /// The address to wait for (default: the outbound listener).
+    pub wait_for: Option<String>,
+}
+
+impl NodeSpec {
+    /// A sidecar labelled `app: NAME`.
+    pub fn sidecar(name: &str, namespace: &str, locality: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            locality: locality.into(),
+            router: false,
+            labels: vec![("app".into(), name.into())],
+            wait_for: None,
+        }
+    }
+
+    /// A gateway with `labels`, ready once `port` on 127.0.0.1 accepts connections.
+    pub fn gateway(name: &str, namespace: &str, labels: &[(&str, &str)], port: u16) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            locality: String::new(),
+            router: true,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            wait_for: Some(format!("127.0.0.1:{port}")),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        if self.router { "router" } else { "sidecar" }
+    }
+
+    /// `{k: "v", ...}`
+    pub fn labels_yaml(&self) -> String {
+        let items: Vec<String> = self.labels.iter().map(|(k, v)| format!("\"{k}\": \"{v}\"")).collect();
+        format!("{{{}}}", items.join(", "))
+    }
+}
+
 /// A running sidecar under test.
 #[derive(Debug)]
 pub enum Sidecar {
@@ -28,9 +77,13 @@ impl Sidecar {
     /// Starts a sidecar named `name` in `namespace` (labels `app: NAME`) in `locality`, and
     /// waits until its outbound listener accepts connections.
     pub fn start(under: Under, xds: &str, name: &str, namespace: &str, locality: &str) -> anyhow::Result<Sidecar> {
+        Sidecar::start_node(under, xds, &NodeSpec::sidecar(name, namespace, locality))
+    }
+
+    pub fn start_node(under: Under, xds: &str, spec: &NodeSpec) -> anyhow::Result<Sidecar> {
         Ok(match under {
-            Under::Envoy(api) => Sidecar::Envoy(Envoy::start_in(xds, api, name, namespace, locality)?),
-            Under::Trellis => Sidecar::Trellis(TrellisProxy::start(xds, name, namespace, locality)?),
+            Under::Envoy(api) => Sidecar::Envoy(Envoy::start_node(xds, api, spec)?),
+            Under::Trellis => Sidecar::Trellis(TrellisProxy::start_node(xds, spec, &[])?),
         })
     }
 
@@ -96,14 +149,21 @@ impl TrellisProxy {
         locality: &str,
         extra: &[&str],
     ) -> anyhow::Result<TrellisProxy> {
+        TrellisProxy::start_node(xds, &NodeSpec::sidecar(name, namespace, locality), extra)
+    }
+
+    /// Starts trellis-proxy as the node `spec` describes, with extra flags.
+    pub fn start_node(xds: &str, spec: &NodeSpec, extra: &[&str]) -> anyhow::Result<TrellisProxy> {
+        let (name, namespace, locality) = (spec.name.as_str(), spec.namespace.as_str(), spec.locality.as_str());
+        let (kind, labels) = (spec.kind(), spec.labels_yaml());
         let dir = tempfile::tempdir()?;
         let outbound = format!("127.0.0.1:{}", free_port());
         let inbound = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
-        let node_id = format!("sidecar~127.0.0.1~{name}.{namespace}~{namespace}.svc.cluster.local");
+        let node_id = format!("{kind}~127.0.0.1~{name}.{namespace}~{namespace}.svc.cluster.local");
         let bootstrap = format!(
-            "xds: {xds}\nadmin: {admin}\nmetrics: {metrics}\nnode:\n  id: \"{node_id}\"\n  namespace: {namespace}\n  workloadName: {name}\n  labels: {{app: {name}}}\n  locality: \"{locality}\"\nlisteners:\n  outbound: {outbound}\n  inbound: {inbound}\n"
+            "xds: {xds}\nadmin: {admin}\nmetrics: {metrics}\nnode:\n  id: \"{node_id}\"\n  namespace: {namespace}\n  workloadName: {name}\n  type: {kind}\n  labels: {labels}\n  locality: \"{locality}\"\nlisteners:\n  outbound: {outbound}\n  inbound: {inbound}\n"
         );
         let config = dir.path().join("bootstrap.yaml");
         std::fs::write(&config, bootstrap)?;
@@ -119,8 +179,8 @@ impl TrellisProxy {
             .spawn()
             .context("starting trellis-proxy")?;
         let mut p = TrellisProxy { child, outbound, admin, metrics, node_id, log, _dir: dir };
-        let target = p.outbound.clone();
-        await_listening(&mut p.child, &target, "trellis-proxy's outbound listener").with_context(|| p.log_text())?;
+        let target = spec.wait_for.clone().unwrap_or_else(|| p.outbound.clone());
+        await_listening(&mut p.child, &target, "trellis-proxy's first listener").with_context(|| p.log_text())?;
         Ok(p)
     }
 

@@ -15,7 +15,7 @@ use trellis_e2e::ControlPlane;
 use trellis_e2e::echo::{Echo, TcpEcho, tcp_exchange};
 use trellis_e2e::envoy::AdsApi;
 use trellis_e2e::http::ProxyClient;
-use trellis_e2e::proxies::{Sidecar, Under};
+use trellis_e2e::proxies::{NodeSpec, Sidecar, Under};
 use trellis_model::{Kind, Resource};
 
 const REVIEWS: &str = "reviews.bookinfo.svc.cluster.local:9080";
@@ -471,6 +471,41 @@ async fn tcp_through_sidecar_port_listeners_is_weighted(under: Under) {
     assert!(app1.connections.load(Ordering::SeqCst) >= v1 as u64, "v1 is reached only through its sidecar");
 }
 
+async fn an_ingress_gateway_routes_by_host_and_path(under: Under) {
+    // A router proxy selected by a Gateway serves the VirtualService bound to it; the mesh's
+    // own routes (the 90/10 canary) do not apply there.
+    let port = trellis_e2e::free_port();
+    let m = mesh_with(under, |_, _| {
+        vec![
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway", "metadata": {"name": "edge", "namespace": "bookinfo"},
+                "spec": {"selector": {"istio": "ingressgateway"}, "servers": [{"port": {"number": port, "name": "http", "protocol": "HTTP"}, "hosts": ["*/bookinfo.example.com"]}]}}),
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "edge-routes", "namespace": "bookinfo"},
+                "spec": {"hosts": ["bookinfo.example.com"], "gateways": ["edge"], "http": [
+                    {"match": [{"uri": {"prefix": "/v2/"}}], "rewrite": {"uri": "/"}, "route": to("v2")},
+                    {"route": to("v1")}]}}),
+        ]
+    })
+    .await;
+    let gw = Sidecar::start_node(
+        under,
+        &m.cp.xds_addr,
+        &NodeSpec::gateway("ingressgateway", "bookinfo", &[("istio", "ingressgateway")], port),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let client = ProxyClient::new(&addr);
+    let host = format!("bookinfo.example.com:{port}");
+    for _ in 0..20 {
+        assert_eq!(client.get(&host, "/", &[]).await.unwrap().body, "v1", "{}", gw.log_text());
+        // /v2/headers reaches v2 as /headers (the prefix rewritten).
+        let a = client.get(&host, "/v2/headers", &[]).await.unwrap();
+        assert_eq!((a.status, a.headers.get("x-echo").map(|v| v.to_str().unwrap_or(""))), (200, Some("v2")));
+        let seen: Value = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(seen[":path"], "/headers");
+        assert_eq!(client.get("other.example.com", "/", &[]).await.unwrap().status, 404);
+    }
+}
+
 async fn a_rejected_resource_is_nacked_and_routing_keeps_working(under: Under) {
     let m = mesh(under).await;
     let (bad, expected): (Value, &[&str]) = match under {
@@ -554,5 +589,6 @@ for_each_proxy!(
     outlier_detection_ejects_a_failing_endpoint,
     locality_failover_prefers_the_local_zone,
     tcp_through_sidecar_port_listeners_is_weighted,
+    an_ingress_gateway_routes_by_host_and_path,
     a_rejected_resource_is_nacked_and_routing_keeps_working,
 );

@@ -590,6 +590,104 @@ spec:
     envoy_validates(&t, &proxy.id);
 }
 
+#[test]
+fn gateways_serve_the_virtual_services_bound_to_them() {
+    let yaml = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.5}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db.shop.svc.cluster.local]
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.6}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: shop}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: [\"shop/*.example.com\"]
+  - port: {number: 8081, name: http-redirect, protocol: HTTP}
+    hosts: [\"*\"]
+    tls: {httpsRedirect: true}
+  - port: {number: 443, name: tls, protocol: TLS}
+    hosts: [\"*\"]
+    tls: {mode: PASSTHROUGH}
+  - port: {number: 5432, name: tcp, protocol: TCP}
+    hosts: [\"*\"]
+  - port: {number: 8443, name: https, protocol: HTTPS}
+    hosts: [\"*\"]
+    tls: {mode: SIMPLE, credentialName: shop-cert}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: store, namespace: shop}
+spec:
+  hosts: [store.example.com]
+  gateways: [edge]
+  http:
+  - match: [{uri: {prefix: /api}}]
+    route: [{destination: {host: web.shop.svc.cluster.local}}]
+  tls:
+  - match: [{sniHosts: [store.example.com]}]
+    route: [{destination: {host: web.shop.svc.cluster.local}}]
+  tcp:
+  - route: [{destination: {host: db.shop.svc.cluster.local}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: mesh-only, namespace: shop}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  http:
+  - route: [{destination: {host: web.shop.svc.cluster.local}}]
+";
+    let cfg = snapshot(yaml);
+    let reg = registry::build(&cfg.items, &[], "Kubernetes");
+    let gw = ProxyInfo {
+        kind: trellis_xds::proxy::ProxyKind::Router,
+        namespace: "istio-system".into(),
+        id: "router~127.0.0.9~ingressgateway.istio-system~istio-system.svc.cluster.local".into(),
+        labels: [("istio".to_string(), "ingressgateway".to_string())].into(),
+        ..Default::default()
+    };
+    let t = translate(&cfg, &reg, &gw);
+    let names: Vec<&str> = t.listeners.keys().map(String::as_str).collect();
+    // No sidecar listeners; the TLS-terminating server waits for the CA.
+    assert_eq!(names, ["0.0.0.0_443", "0.0.0.0_5432", "0.0.0.0_80", "0.0.0.0_8081"]);
+    let http = &t.routes["http.80"];
+    assert_eq!(http.virtual_hosts.len(), 1, "only the gateway-bound VirtualService: {http:?}");
+    let vh = &http.virtual_hosts[0];
+    assert_eq!(vh.domains, ["store.example.com", "store.example.com:80"]);
+    assert_eq!(
+        action(&vh.routes[0]).cluster_specifier,
+        Some(ClusterSpecifier::Cluster("outbound|8080||web.shop.svc.cluster.local".into()))
+    );
+    let redirect = &t.routes["http.8081"].virtual_hosts[0].routes[0];
+    assert!(matches!(redirect.action, Some(Action::Redirect(_))), "{redirect:?}");
+    assert_eq!(
+        filter_names(&t, "0.0.0.0_443"),
+        [(vec!["store.example.com".to_string()], "envoy.filters.network.tcp_proxy".to_string())]
+    );
+    assert_eq!(tcp_clusters(&t, "0.0.0.0_5432", 0), [("outbound|5432||db.shop.svc.cluster.local".to_string(), 100)]);
+    // A sidecar with the same labels gets no gateway listener.
+    let sidecar = ProxyInfo { kind: trellis_xds::proxy::ProxyKind::Sidecar, ..gw.clone() };
+    assert!(!translate(&cfg, &reg, &sidecar).listeners.contains_key("0.0.0.0_80"));
+    envoy_validates(&t, &gw.id);
+}
+
 fn envoy() -> PathBuf {
     std::env::var_os("TRELLIS_ENVOY").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/envoy"))
 }

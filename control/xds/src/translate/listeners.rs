@@ -37,7 +37,7 @@ use trellis_model::registry::{Protocol, Service, ServicePort};
 use trellis_model::spec::{IstioEgressListener, Labels, RouteDestination};
 
 use super::clusters::{InboundPort, inbound_ports, socket};
-use super::routes::{FAULT_FILTER, inbound_route_name, route_config};
+use super::routes::{FAULT_FILTER, destination_cluster, inbound_route_name, route_config};
 use super::{INBOUND_ROUTE, OUTBOUND_ROUTE, Scope, Translated, cluster_name, selects};
 
 pub const OUTBOUND_LISTENER: &str = "outbound";
@@ -61,7 +61,7 @@ fn http_filters() -> Vec<HttpFilter> {
     ]
 }
 
-fn hcm(stat_prefix: &str, route: &str) -> Filter {
+pub(crate) fn hcm(stat_prefix: &str, route: &str) -> Filter {
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: CodecType::Auto as i32,
@@ -81,7 +81,7 @@ fn hcm(stat_prefix: &str, route: &str) -> Filter {
 }
 
 /// A TCP proxy to one cluster, or weighted over several.
-fn tcp_proxy(stat_prefix: &str, mut clusters: Vec<(String, u32)>) -> Filter {
+pub(crate) fn tcp_proxy(stat_prefix: &str, mut clusters: Vec<(String, u32)>) -> Filter {
     let specifier = if clusters.len() == 1 {
         ClusterSpecifier::Cluster(clusters.remove(0).0)
     } else {
@@ -97,11 +97,11 @@ fn tcp_proxy(stat_prefix: &str, mut clusters: Vec<(String, u32)>) -> Filter {
     Filter { name: TCP_PROXY.into(), config_type: Some(filter::ConfigType::TypedConfig(pack_any(proxy))) }
 }
 
-fn listener(name: &str, (ip, port): (&str, u32), filter_chains: Vec<FilterChain>) -> Listener {
+pub(crate) fn listener(name: &str, (ip, port): (&str, u32), filter_chains: Vec<FilterChain>) -> Listener {
     Listener { name: name.to_string(), address: Some(socket(ip, port)), filter_chains, ..Default::default() }
 }
 
-fn chain(filter: Filter) -> FilterChain {
+pub(crate) fn chain(filter: Filter) -> FilterChain {
     FilterChain { filters: vec![filter], ..Default::default() }
 }
 
@@ -125,14 +125,12 @@ pub(crate) fn outbound(scope: &Scope<'_>, out: &mut Translated) {
 }
 
 /// (cluster, weight) pairs of L4 route destinations; a single destination takes all.
-fn weighted(route: &[RouteDestination], vs_ns: &str, port: u32) -> Vec<(String, u32)> {
+pub(crate) fn weighted(scope: &Scope<'_>, route: &[RouteDestination], vs_ns: &str, port: u32) -> Vec<(String, u32)> {
     let n = route.len() as u32;
     route
         .iter()
         .filter_map(|r| {
             let d = r.destination.as_ref()?;
-            let host = fqdn(&d.host, vs_ns);
-            let p = d.port.as_ref().map(|p| p.number).unwrap_or(port);
             let weight = if r.weight > 0 {
                 r.weight as u32
             } else if n == 1 {
@@ -140,7 +138,7 @@ fn weighted(route: &[RouteDestination], vs_ns: &str, port: u32) -> Vec<(String, 
             } else {
                 0
             };
-            Some((cluster_name("outbound", p, &d.subset, &host), weight))
+            Some((destination_cluster(scope, d, vs_ns, port), weight))
         })
         .filter(|(_, w)| *w > 0)
         .collect()
@@ -174,28 +172,38 @@ fn egress_listener(scope: &Scope<'_>, e: &IstioEgressListener, port: u32, protoc
     }
     let mut l = listener(&name, (bind, port), chains);
     if matches!(protocol, Protocol::Tls | Protocol::Https) {
-        l.listener_filters = vec![ListenerFilter {
-            name: TLS_INSPECTOR.into(),
-            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(TlsInspector::default()))),
-            ..Default::default()
-        }];
+        l.listener_filters = vec![tls_inspector()];
     }
     out.listeners.insert(name, l);
 }
 
+/// The listener filter that reads the TLS ClientHello, so chains can match on SNI.
+pub(crate) fn tls_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: TLS_INSPECTOR.into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(TlsInspector::default()))),
+        ..Default::default()
+    }
+}
+
 /// The L4 match conditions (port, destination subnets, source labels, source namespace,
 /// gateways) of a `tcp` or `tls` route.
-type L4Match<'m> = (Option<u32>, &'m [String], &'m Labels, &'m str, &'m [String]);
+pub(crate) type L4Match<'m> = (Option<u32>, &'m [String], &'m Labels, &'m str, &'m [String]);
 
 /// Whether an L4 match applies to traffic from this proxy on `port`. Listeners here are bound
 /// explicitly, with no original destination address to compare, so a match that names
 /// `destinationSubnets` never applies (traffic falls through to the next route).
-fn l4_applies(scope: &Scope<'_>, port: u32, (m_port, subnets, labels, ns, gateways): L4Match<'_>) -> bool {
+pub(crate) fn l4_applies(
+    scope: &Scope<'_>,
+    port: u32,
+    vs_ns: &str,
+    (m_port, subnets, labels, ns, gateways): L4Match<'_>,
+) -> bool {
     m_port.is_none_or(|p| p == port)
         && subnets.is_empty()
         && (labels.is_empty() || selects(labels, &scope.proxy.labels))
         && (ns.is_empty() || ns == scope.proxy.namespace)
-        && (gateways.is_empty() || gateways.iter().any(|g| g == "mesh"))
+        && scope.gateways_apply(gateways, vs_ns)
 }
 
 /// Where TCP traffic for `svc:port` goes: the first VirtualService `tcp` route that applies
@@ -208,11 +216,12 @@ fn tcp_destinations(scope: &Scope<'_>, svc: &Service, port: u32) -> Vec<(String,
                     l4_applies(
                         scope,
                         port,
+                        &key.namespace,
                         (m.port, &m.destination_subnets, &m.source_labels, &m.source_namespace, &m.gateways),
                     )
                 });
             if applies {
-                let clusters = weighted(&r.route, &key.namespace, port);
+                let clusters = weighted(scope, &r.route, &key.namespace, port);
                 if !clusters.is_empty() {
                     return clusters;
                 }
@@ -244,11 +253,12 @@ fn tls_chains(scope: &Scope<'_>, services: &[(&Service, &ServicePort)], port: u3
                     l4_applies(
                         scope,
                         port,
+                        &key.namespace,
                         (m.port, &m.destination_subnets, &m.source_labels, &m.source_namespace, &m.gateways),
                     )
                 }) {
                     let names = m.sni_hosts.iter().map(|h| fqdn(h, &key.namespace)).collect();
-                    add(names, weighted(&r.route, &key.namespace, port), &svc.hostname);
+                    add(names, weighted(scope, &r.route, &key.namespace, port), &svc.hostname);
                 }
             }
         }

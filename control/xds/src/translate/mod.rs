@@ -7,6 +7,7 @@
 //! visible to its namespace; the DestinationRule of each host.
 
 mod clusters;
+mod gateway;
 mod listeners;
 mod locality;
 mod routes;
@@ -24,7 +25,7 @@ use trellis_model::analyze::{ROOT_NAMESPACE, fqdn, sidecar_host_matches};
 use trellis_model::registry::{RegistrySnapshot, Service};
 use trellis_model::spec::{DestinationRule, Labels, Sidecar, Spec, VirtualService};
 
-use crate::proxy::ProxyInfo;
+use crate::proxy::{ProxyInfo, ProxyKind};
 
 /// Validated configuration, in key order.
 #[derive(Debug, Clone, Default)]
@@ -65,11 +66,14 @@ fn selects(selector: &Labels, labels: &Labels) -> bool {
 }
 
 /// What applies to one proxy.
+#[derive(Clone)]
 pub(crate) struct Scope<'a> {
     pub proxy: &'a ProxyInfo,
     pub config: &'a ConfigSnapshot,
     pub registry: &'a RegistrySnapshot,
     sidecar: Option<&'a Sidecar>,
+    /// Routes are built for the mesh (`None`) or for this gateway (namespace, name).
+    pub gateway: Option<(&'a str, &'a str)>,
 }
 
 impl<'a> Scope<'a> {
@@ -93,7 +97,7 @@ impl<'a> Scope<'a> {
         let root_default =
             || sidecars.iter().find(|(k, sc)| k.namespace == ROOT_NAMESPACE && sc.workload_selector.is_none());
         let sidecar = by_selector.or_else(ns_default).or_else(root_default).map(|(_, sc)| *sc);
-        Scope { proxy, config, registry, sidecar }
+        Scope { proxy, config, registry, sidecar, gateway: None }
     }
 
     /// Services this proxy may reach, in hostname order.
@@ -112,6 +116,18 @@ impl<'a> Scope<'a> {
     /// Whether a Sidecar egress `hosts` list (`NAMESPACE/HOST` entries) names `svc`.
     pub fn hosts_match(&self, hosts: &[String], svc: &Service) -> bool {
         hosts.iter().any(|h| sidecar_host_matches(h, &self.proxy.namespace, &svc.namespace, &svc.hostname))
+    }
+
+    /// Whether a match's `gateways` (resolved against the VirtualService's namespace) lets it
+    /// apply where routes are being built: empty inherits the VirtualService's binding.
+    pub fn gateways_apply(&self, gateways: &[String], vs_ns: &str) -> bool {
+        if gateways.is_empty() {
+            return true;
+        }
+        match self.gateway {
+            None => gateways.iter().any(|g| g == "mesh"),
+            Some(gw) => gateways.iter().any(|g| gateway_ref(g, vs_ns) == gw),
+        }
     }
 
     /// The Sidecar that applies to this proxy, if any.
@@ -178,6 +194,12 @@ impl<'a> Scope<'a> {
     }
 }
 
+/// A VirtualService's reference to a Gateway: `ns/name`, or `name` in the VirtualService's
+/// namespace.
+pub(crate) fn gateway_ref<'g>(g: &'g str, vs_ns: &'g str) -> (&'g str, &'g str) {
+    g.split_once('/').unwrap_or((vs_ns, g))
+}
+
 /// Translates everything one proxy needs.
 pub fn translate(config: &ConfigSnapshot, registry: &RegistrySnapshot, proxy: &ProxyInfo) -> Translated {
     let mut out = translate_outbound(config, registry, proxy);
@@ -195,6 +217,10 @@ pub fn translate_outbound(config: &ConfigSnapshot, registry: &RegistrySnapshot, 
     let scope = Scope::new(config, registry, proxy);
     let mut out = Translated::default();
     clusters::outbound(&scope, &mut out);
+    if proxy.kind == ProxyKind::Router {
+        gateway::listeners(&scope, &mut out);
+        return out;
+    }
     routes::outbound(&scope, &mut out);
     listeners::outbound(&scope, &mut out);
     out
@@ -204,6 +230,9 @@ pub fn translate_outbound(config: &ConfigSnapshot, registry: &RegistrySnapshot, 
 pub fn translate_inbound(config: &ConfigSnapshot, registry: &RegistrySnapshot, proxy: &ProxyInfo) -> Translated {
     let scope = Scope::new(config, registry, proxy);
     let mut out = Translated::default();
+    if proxy.kind == ProxyKind::Router {
+        return out; // gateways have no workload of their own behind them
+    }
     clusters::inbound(&scope, &mut out);
     routes::inbound(&scope, &mut out);
     listeners::inbound(&scope, &mut out);
@@ -220,5 +249,5 @@ pub fn outbound_key(p: &ProxyInfo) -> String {
 
 /// Everything about a proxy the inbound translation reads.
 pub fn inbound_key(p: &ProxyInfo) -> String {
-    format!("{}|{}|{:?}|{:?}|{:?}", p.namespace, p.workload_name, p.ips, p.inbound_listener, p.labels)
+    format!("{:?}|{}|{}|{:?}|{:?}|{:?}", p.kind, p.namespace, p.workload_name, p.ips, p.inbound_listener, p.labels)
 }

@@ -155,10 +155,10 @@ fn header_matcher(name: &str, m: &StringMatch, invert: bool) -> HeaderMatcher {
 }
 
 /// Whether an HTTPMatchRequest can apply to this proxy (source labels, namespace, gateways).
-fn applies(m: &HttpMatchRequest, scope: &Scope<'_>) -> bool {
+fn applies(m: &HttpMatchRequest, scope: &Scope<'_>, vs_ns: &str) -> bool {
     (m.source_labels.is_empty() || selects(&m.source_labels, &scope.proxy.labels))
         && (m.source_namespace.is_empty() || m.source_namespace == scope.proxy.namespace)
-        && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+        && scope.gateways_apply(&m.gateways, vs_ns)
 }
 
 fn route_match(m: Option<&HttpMatchRequest>) -> RouteMatch {
@@ -238,7 +238,7 @@ fn header_ops(h: Option<&Headers>) -> HeaderOps {
 }
 
 /// The cluster a destination means, seen from a VirtualService in `vs_ns` routing `port`.
-fn destination_cluster(scope: &Scope<'_>, d: &Destination, vs_ns: &str, default_port: u32) -> String {
+pub(crate) fn destination_cluster(scope: &Scope<'_>, d: &Destination, vs_ns: &str, default_port: u32) -> String {
     let host = fqdn(&d.host, vs_ns);
     let port = match &d.port {
         Some(p) => p.number,
@@ -421,13 +421,17 @@ fn decode_base64(s: &str) -> Vec<u8> {
 }
 
 /// Envoy routes for one VirtualService seen on one service port.
-fn vs_routes(scope: &Scope<'_>, key: &ResourceKey, vs: &VirtualService, port: u32) -> Vec<Route> {
+pub(crate) fn vs_routes(scope: &Scope<'_>, key: &ResourceKey, vs: &VirtualService, port: u32) -> Vec<Route> {
     let mut out = Vec::new();
     for (i, r) in vs.http.iter().enumerate() {
         let matches: Vec<Option<&HttpMatchRequest>> = if r.matches.is_empty() {
             vec![None]
         } else {
-            r.matches.iter().filter(|m| applies(m, scope) && m.port.is_none_or(|p| p == port)).map(Some).collect()
+            r.matches
+                .iter()
+                .filter(|m| applies(m, scope, &key.namespace) && m.port.is_none_or(|p| p == port))
+                .map(Some)
+                .collect()
         };
         for m in matches {
             let (req_add, req_rm, resp_add, resp_rm) = header_ops(r.headers.as_ref());
