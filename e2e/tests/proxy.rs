@@ -470,3 +470,139 @@ async fn without_the_control_plane_the_last_config_serves_and_a_restart_resyncs(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+fn sidecar(egress: Value) -> Value {
+    json!({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar", "metadata": {"name": "default", "namespace": "default"},
+        "spec": {"egress": egress}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_passed_through_by_sni() {
+    use std::sync::Arc;
+    // A TLS upstream for secure.example.com (a certificate made here), answering one line.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["secure.example.com".to_string()]).unwrap().self_signed(&key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_port = upstream.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = upstream.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut buf = [0u8; 64];
+                let n = tls.read(&mut buf).await.unwrap_or(0);
+                let _ = tls.write_all(format!("tls:{}", String::from_utf8_lossy(&buf[..n])).as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    let port = trellis_e2e::free_port();
+    let s = setup(
+        move |_| {
+            vec![
+                json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "secure", "namespace": "default"},
+                    "spec": {"hosts": ["secure.example.com"], "ports": [{"number": port, "name": "tls", "protocol": "TLS", "targetPort": upstream_port}],
+                             "location": "MESH_EXTERNAL", "resolution": "STATIC", "endpoints": [{"address": "127.0.0.1"}]}}),
+                sidecar(json!([{"hosts": ["*/*"]}, {"port": {"number": port, "protocol": "TLS", "name": "tls"}, "hosts": ["./secure.example.com"]}])),
+            ]
+        },
+        &[],
+    )
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client_config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    let through = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // End to end TLS: the client verifies the upstream's certificate through the proxy.
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(&through).await?;
+            let name = rustls::pki_types::ServerName::try_from("secure.example.com").unwrap();
+            let mut tls = connector.connect(name, tcp).await?;
+            tls.write_all(b"ping").await?;
+            let mut out = String::new();
+            tls.read_to_string(&mut out).await?;
+            Ok::<_, std::io::Error>(out)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(a)) => {
+                assert_eq!(a, "tls:ping");
+                break;
+            }
+            other => assert!(Instant::now() < deadline, "no TLS through the proxy: {other:?}\n{}", s.proxy.log_text()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another name has no chain: the connection is closed without reaching the upstream.
+    let tcp = tokio::net::TcpStream::connect(&through).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("other.example.com").unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await.unwrap();
+    assert!(r.is_err(), "a TLS handshake for an unknown name completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_listener_drains_in_flight_requests() {
+    let port = trellis_e2e::free_port();
+    let s = setup(
+        move |echo| {
+            vec![
+                service("slow", port, "HTTP", echo.port()),
+                sidecar(json!([{"hosts": ["*/*"]}, {"port": {"number": port, "protocol": "HTTP", "name": "http"}, "hosts": ["./slow.default.svc.cluster.local"]}])),
+            ]
+        },
+        &[],
+    )
+    .await;
+    let through = format!("127.0.0.1:{port}");
+    let host = format!("slow.default.svc.cluster.local:{port}");
+    let c = ProxyClient::new(&through);
+    assert_eq!(c.get(&host, "/", &[]).await.unwrap().status, 200);
+    s.echo.delay_ms.store(800, std::sync::atomic::Ordering::SeqCst);
+    let (c2, h2) = (c.clone(), host.clone());
+    let inflight = tokio::spawn(async move { c2.get(&h2, "/", &[]).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.echo.seen.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the request never reached the upstream");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Remove the port listener while the request is in flight.
+    let api = s.cp.client().unwrap();
+    let mut sc: trellis_model::Resource = serde_json::from_value(sidecar(json!([{"hosts": ["*/*"]}]))).unwrap();
+    sc.metadata.resource_version = api
+        .get(trellis_model::Kind::Sidecar, Some("default"), "default")
+        .await
+        .unwrap()
+        .unwrap()
+        .metadata
+        .resource_version;
+    api.replace(&sc).await.unwrap();
+    let a = inflight.await.unwrap().unwrap();
+    assert_eq!((a.status, a.body.as_str()), (200, "web"), "the in-flight request was cut");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(&through).await.is_ok() {
+        assert!(Instant::now() < deadline, "the removed listener still accepts connections");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The rest keeps working.
+    s.echo.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(s.client.get(WEB, "/", &[]).await.unwrap().status, 200);
+}

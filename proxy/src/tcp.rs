@@ -215,3 +215,66 @@ pub(crate) fn parse_sni(b: &[u8]) -> Sni {
         None => Sni::Incomplete,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rand::Rng;
+
+    use super::{Sni, parse_sni};
+
+    /// A real ClientHello, as rustls sends it for `server_name`.
+    fn client_hello(server_name: &str) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn the_server_name_is_read_from_a_real_client_hello() {
+        let hello = client_hello("API.example.com");
+        assert_eq!(parse_sni(&hello), Sni::Found("api.example.com".into()));
+        // Every truncation is incomplete, never a wrong answer or a panic.
+        for n in 0..hello.len() {
+            assert_eq!(parse_sni(&hello[..n]), Sni::Incomplete, "prefix of {n} bytes");
+        }
+        assert_eq!(parse_sni(b"GET / HTTP/1.1\r\n"), Sni::NotTls);
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic_the_parser() {
+        let hello = client_hello("example.com");
+        let mut rng = rand::rng();
+        // Bounded: 20,000 inputs — random bytes after a handshake record type, and the real
+        // hello with random bytes flipped.
+        let mut still_found = 0;
+        for i in 0..20_000 {
+            let input: Vec<u8> = if i % 2 == 0 {
+                let len = rng.random_range(0..600);
+                std::iter::once(0x16u8).chain((0..len).map(|_| rng.random())).collect()
+            } else {
+                let mut h = hello.clone();
+                for _ in 0..rng.random_range(1..8) {
+                    let at = rng.random_range(0..h.len());
+                    h[at] = rng.random();
+                }
+                h
+            };
+            if let Sni::Found(name) = parse_sni(&input) {
+                assert!(name.len() < 1 << 16 && name == name.to_ascii_lowercase(), "{name:?}");
+                still_found += usize::from(name == "example.com");
+            }
+        }
+        // Flips in the random, session id or cipher list leave the name readable.
+        assert!(still_found >= 100, "only {still_found} of 10,000 mutated hellos still parsed");
+    }
+}
