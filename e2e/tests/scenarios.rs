@@ -506,6 +506,60 @@ async fn an_ingress_gateway_routes_by_host_and_path(under: Under) {
     }
 }
 
+async fn route_actions_redirect_rewrite_and_edit_headers(under: Under) {
+    let m = mesh_with(under, |_, _| {
+        vec![vs(json!([
+            {"match": [{"queryParams": {"canary": {"exact": "1"}}}], "route": to("v2")},
+            {"match": [{"uri": {"prefix": "/old"}}], "redirect": {"uri": "/new", "authority": "new.example.com"}},
+            {"match": [{"uri": {"regex": "/items/[0-9]+"}}],
+             "rewrite": {"uriRegexRewrite": {"match": "/items/([0-9]+)", "rewrite": "/headers"}}, "route": to("v1")},
+            {"match": [{"uri": {"prefix": "/headers"}}],
+             "headers": {"request": {"set": {"x-added": "yes"}, "remove": ["x-secret"]}, "response": {"set": {"x-resp": "done"}}},
+             "route": to("v1")},
+            {"route": to("v1")}]))]
+    })
+    .await;
+    assert_eq!(m.client.get(REVIEWS, "/?canary=1", &[]).await.unwrap().body, "v2");
+    assert_eq!(m.client.get(REVIEWS, "/?canary=0", &[]).await.unwrap().body, "v1");
+    let a = m.client.get(REVIEWS, "/old/page", &[]).await.unwrap();
+    assert_eq!(a.status, 301);
+    assert_eq!(a.headers.get("location").and_then(|v| v.to_str().ok()), Some("http://new.example.com/new"));
+    let a = m.client.get(REVIEWS, "/items/42", &[]).await.unwrap();
+    let seen: Value = serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("{e}: {a:?}"));
+    assert_eq!(seen[":path"], "/headers", "regex rewrite");
+    let a = m.client.get(REVIEWS, "/headers", &[("x-secret", "s3cret")]).await.unwrap();
+    let seen: Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(seen["x-added"], "yes");
+    assert!(seen.get("x-secret").is_none(), "{seen}");
+    assert_eq!(a.headers.get("x-resp").and_then(|v| v.to_str().ok()), Some("done"));
+}
+
+async fn consistent_hashing_keeps_a_user_on_one_endpoint(under: Under) {
+    let m = mesh_with(under, |_, _| {
+        vec![
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "bookinfo"},
+                "spec": {"host": "reviews", "trafficPolicy": {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}},
+                         "subsets": [{"name": "all", "labels": {"app": "reviews"}}]}}),
+            vs(json!([{"route": to("all")}])),
+        ]
+    })
+    .await;
+    let mut seen_per_user = Vec::new();
+    for user in 0..16 {
+        let u = format!("user-{user}");
+        let first = m.client.get(REVIEWS, "/", &[("x-user", &u)]).await.unwrap().body;
+        for _ in 0..10 {
+            assert_eq!(m.client.get(REVIEWS, "/", &[("x-user", &u)]).await.unwrap().body, first, "{u} moved");
+        }
+        seen_per_user.push(first);
+    }
+    // 16 users over 2 endpoints: both get some (all on one has probability 2^-15).
+    assert!(
+        seen_per_user.contains(&"v1".to_string()) && seen_per_user.contains(&"v2".to_string()),
+        "{seen_per_user:?}"
+    );
+}
+
 async fn a_rejected_resource_is_nacked_and_routing_keeps_working(under: Under) {
     let m = mesh(under).await;
     let (bad, expected): (Value, &[&str]) = match under {
@@ -590,5 +644,7 @@ for_each_proxy!(
     locality_failover_prefers_the_local_zone,
     tcp_through_sidecar_port_listeners_is_weighted,
     an_ingress_gateway_routes_by_host_and_path,
+    route_actions_redirect_rewrite_and_edit_headers,
+    consistent_hashing_keeps_a_user_on_one_endpoint,
     a_rejected_resource_is_nacked_and_routing_keeps_working,
 );

@@ -276,8 +276,13 @@ fn redirect_location(rd: &Redirect, scheme: &str, authority: &str, path: &str, q
         Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => (h, Some(p)),
         _ => (authority, None),
     };
+    // As Envoy: a new host drops the request's port unless a port is given too.
+    let port = match (&rd.host, rd.port) {
+        (_, Some(p)) => Some(p.to_string()),
+        (Some(_), None) => None,
+        (None, None) => port.map(String::from),
+    };
     let host = rd.host.as_deref().unwrap_or(host);
-    let port = rd.port.map(|p| p.to_string()).or(port.map(String::from));
     let mut path = rd.path.clone().unwrap_or_else(|| path.to_string());
     if let Some(p) = &rd.prefix_rewrite {
         path = p.clone();
