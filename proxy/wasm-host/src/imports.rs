@@ -1,0 +1,662 @@
+//! The `env` imports of proxy-wasm ABI v0.2.1 (plus the 0.2.0 names modules built for older
+//! Envoys still import) and the WASI preview-1 functions wasip1 modules import. Every guest
+//! pointer is bounds-checked: a bad one is `BadArgument`, never a host fault. Values returned
+//! to the guest are allocated with its own allocator (`proxy_on_memory_allocate`, or
+//! `malloc` for modules built for `wasm32-unknown-unknown`).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use wasmtime::{Caller, Extern, Linker, Memory};
+
+use crate::abi::{
+    BufferType, LogLevel, MapType, MetricType, Pairs, Status, StreamType, deserialize_pairs, property_path,
+    serialize_pairs,
+};
+use crate::state::{Callout, LocalResponse, VmState};
+
+type C<'a> = Caller<'a, VmState>;
+type R = wasmtime::Result<i32>;
+
+const OK: R = Ok(Status::Ok as i32);
+
+fn st(s: Status) -> R {
+    Ok(s as i32)
+}
+
+fn memory(c: &mut C<'_>) -> Option<Memory> {
+    c.get_export("memory").and_then(Extern::into_memory)
+}
+
+/// Guest bytes at `ptr..ptr+len`, copied out.
+fn read(c: &mut C<'_>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let mem = memory(c)?;
+    let (start, len) = (ptr as u32 as usize, len as u32 as usize);
+    mem.data(&*c).get(start..start.checked_add(len)?).map(<[u8]>::to_vec)
+}
+
+fn read_str(c: &mut C<'_>, ptr: i32, len: i32) -> Option<String> {
+    read(c, ptr, len).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> bool {
+    let Some(mem) = memory(c) else { return false };
+    let start = ptr as u32 as usize;
+    match mem.data_mut(&mut *c).get_mut(start..start + bytes.len()) {
+        Some(dst) => {
+            dst.copy_from_slice(bytes);
+            true
+        }
+        None => false,
+    }
+}
+
+fn write_u32(c: &mut C<'_>, ptr: i32, v: u32) -> bool {
+    write(c, ptr, &v.to_le_bytes())
+}
+
+/// Copies `bytes` into memory the guest allocates, and stores its address and size at
+/// `ret_ptr` / `ret_size`.
+fn give(c: &mut C<'_>, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> wasmtime::Result<Status> {
+    let alloc = c
+        .get_export("proxy_on_memory_allocate")
+        .or_else(|| c.get_export("malloc"))
+        .and_then(Extern::into_func)
+        .ok_or_else(|| wasmtime::Error::msg("module exports no allocator"))?;
+    let alloc = alloc.typed::<i32, i32>(&*c)?;
+    let addr = if bytes.is_empty() { 0 } else { alloc.call(&mut *c, bytes.len() as i32)? };
+    if (!bytes.is_empty() && (addr == 0 || !write(c, addr, bytes)))
+        || !write_u32(c, ret_ptr, addr as u32)
+        || !write_u32(c, ret_size, bytes.len() as u32)
+    {
+        return Ok(Status::InternalFailure);
+    }
+    Ok(Status::Ok)
+}
+
+fn map_mut(s: &mut VmState, t: MapType) -> Option<&mut Pairs> {
+    if matches!(t, MapType::HttpCallResponseHeaders | MapType::HttpCallResponseTrailers) {
+        let (h, _, tr) = s.call_response.as_mut()?;
+        return Some(if t == MapType::HttpCallResponseHeaders { h } else { tr });
+    }
+    let stream = s.stream()?;
+    Some(match t {
+        MapType::HttpRequestHeaders => &mut stream.request_headers,
+        MapType::HttpRequestTrailers => &mut stream.request_trailers,
+        MapType::HttpResponseHeaders => &mut stream.response_headers,
+        MapType::HttpResponseTrailers => &mut stream.response_trailers,
+        _ => return None,
+    })
+}
+
+fn buffer(s: &mut VmState, t: BufferType) -> Option<Vec<u8>> {
+    Some(match t {
+        BufferType::PluginConfiguration => s.plugin.configuration.clone(),
+        BufferType::VmConfiguration => s.plugin.vm_configuration.clone(),
+        BufferType::HttpCallResponseBody => s.call_response.as_ref()?.1.clone(),
+        BufferType::CallData | BufferType::GrpcReceiveBuffer => s.call_data.clone(),
+        BufferType::HttpRequestBody => s.stream()?.request_body.clone(),
+        BufferType::HttpResponseBody => s.stream()?.response_body.clone(),
+        BufferType::DownstreamData | BufferType::UpstreamData => return None,
+    })
+}
+
+/// Properties the VM knows without a stream.
+fn vm_property(s: &VmState, path: &str) -> Option<Vec<u8>> {
+    Some(match path {
+        "plugin_name" => s.plugin.name.as_bytes().to_vec(),
+        "plugin_root_id" => s.plugin.root_id.as_bytes().to_vec(),
+        "plugin_vm_id" => s.plugin.vm_id.as_bytes().to_vec(),
+        _ => return None,
+    })
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// Defines every import on `linker`.
+pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
+    let env = "env";
+    linker.func_wrap(env, "proxy_log", |mut c: C<'_>, level: i32, ptr: i32, len: i32| -> R {
+        let Some(msg) = read_str(&mut c, ptr, len) else { return st(Status::BadArgument) };
+        c.data_mut().log(LogLevel::from_i32(level), msg);
+        OK
+    })?;
+    linker.func_wrap(env, "proxy_get_log_level", |mut c: C<'_>, ret: i32| -> R {
+        let level = c.data().log_level as u32;
+        st(if write_u32(&mut c, ret, level) { Status::Ok } else { Status::BadArgument })
+    })?;
+    linker.func_wrap(env, "proxy_get_current_time_nanoseconds", |mut c: C<'_>, ret: i32| -> R {
+        st(if write(&mut c, ret, &now_nanos().to_le_bytes()) { Status::Ok } else { Status::BadArgument })
+    })?;
+    linker.func_wrap(env, "proxy_set_tick_period_milliseconds", |mut c: C<'_>, period: i32| -> R {
+        c.data_mut().tick_period_ms = period as u32;
+        OK
+    })?;
+    linker.func_wrap(
+        env,
+        "proxy_get_buffer_bytes",
+        |mut c: C<'_>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_size: i32| -> R {
+            let Some(t) = BufferType::from_i32(kind) else { return st(Status::BadArgument) };
+            let Some(buf) = buffer(c.data_mut(), t) else { return st(Status::NotFound) };
+            let (start, max) = (start as u32 as usize, max as u32 as usize);
+            if start > buf.len() {
+                return st(Status::BadArgument);
+            }
+            let end = start.saturating_add(max).min(buf.len());
+            st(give(&mut c, &buf[start..end], ret_ptr, ret_size)?)
+        },
+    )?;
+    linker.func_wrap(
+        env,
+        "proxy_set_buffer_bytes",
+        |mut c: C<'_>, kind: i32, start: i32, size: i32, ptr: i32, len: i32| -> R {
+            let Some(t) = BufferType::from_i32(kind) else { return st(Status::BadArgument) };
+            let Some(data) = read(&mut c, ptr, len) else { return st(Status::BadArgument) };
+            let Some(stream) = c.data_mut().stream() else { return st(Status::NotFound) };
+            let buf = match t {
+                BufferType::HttpRequestBody => &mut stream.request_body,
+                BufferType::HttpResponseBody => &mut stream.response_body,
+                _ => return st(Status::BadArgument),
+            };
+            // Replace `size` bytes at `start` (Envoy: start 0 + size 0 prepends, start = len appends).
+            let start = (start as u32 as usize).min(buf.len());
+            let end = start.saturating_add(size as u32 as usize).min(buf.len());
+            buf.splice(start..end, data);
+            OK
+        },
+    )?;
+    linker.func_wrap(
+        env,
+        "proxy_get_header_map_pairs",
+        |mut c: C<'_>, kind: i32, ret_ptr: i32, ret_size: i32| -> R {
+            let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
+            let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+            let bytes = serialize_pairs(map);
+            st(give(&mut c, &bytes, ret_ptr, ret_size)?)
+        },
+    )?;
+    linker.func_wrap(env, "proxy_set_header_map_pairs", |mut c: C<'_>, kind: i32, ptr: i32, len: i32| -> R {
+        let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
+        let Some(bytes) = read(&mut c, ptr, len) else { return st(Status::BadArgument) };
+        let Some(pairs) = deserialize_pairs(&bytes) else { return st(Status::SerializationFailure) };
+        let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+        *map = pairs.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+        OK
+    })?;
+    linker.func_wrap(
+        env,
+        "proxy_get_header_map_value",
+        |mut c: C<'_>, kind: i32, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32| -> R {
+            let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
+            let Some(key) = read_str(&mut c, kp, kl) else { return st(Status::BadArgument) };
+            let key = key.to_ascii_lowercase();
+            let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+            // Repeated headers are joined with commas, as Envoy does.
+            let values: Vec<Vec<u8>> = map.iter().filter(|(k, _)| *k == key).map(|(_, v)| v.clone()).collect();
+            if values.is_empty() {
+                return st(Status::NotFound);
+            }
+            let joined = values.join(&b","[..]);
+            st(give(&mut c, &joined, ret_ptr, ret_size)?)
+        },
+    )?;
+    for (name, op) in [("proxy_replace_header_map_value", 0), ("proxy_add_header_map_value", 1)] {
+        linker.func_wrap(env, name, move |mut c: C<'_>, kind: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> R {
+            let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
+            let (Some(key), Some(value)) = (read_str(&mut c, kp, kl), read(&mut c, vp, vl)) else {
+                return st(Status::BadArgument);
+            };
+            let key = key.to_ascii_lowercase();
+            let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+            if op == 0 {
+                map.retain(|(k, _)| *k != key);
+            }
+            map.push((key, value));
+            OK
+        })?;
+    }
+    linker.func_wrap(env, "proxy_remove_header_map_value", |mut c: C<'_>, kind: i32, kp: i32, kl: i32| -> R {
+        let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
+        let Some(key) = read_str(&mut c, kp, kl) else { return st(Status::BadArgument) };
+        let key = key.to_ascii_lowercase();
+        let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+        map.retain(|(k, _)| *k != key);
+        OK
+    })?;
+    linker.func_wrap(env, "proxy_get_header_map_size", |mut c: C<'_>, kind: i32, ret: i32| -> R {
+        let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
+        let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+        let size = serialize_pairs(map).len() as u32;
+        st(if write_u32(&mut c, ret, size) { Status::Ok } else { Status::BadArgument })
+    })?;
+    linker.func_wrap(
+        env,
+        "proxy_get_property",
+        |mut c: C<'_>, pp: i32, pl: i32, ret_ptr: i32, ret_size: i32| -> R {
+            let Some(raw) = read(&mut c, pp, pl) else { return st(Status::BadArgument) };
+            let path = property_path(&raw);
+            let s = c.data_mut();
+            let value = s
+                .streams
+                .get(&s.effective_context)
+                .and_then(|st| st.properties.get(&path).cloned())
+                .or_else(|| vm_property(s, &path));
+            match value {
+                Some(v) => st(give(&mut c, &v, ret_ptr, ret_size)?),
+                None => st(Status::NotFound),
+            }
+        },
+    )?;
+    linker.func_wrap(env, "proxy_set_property", |mut c: C<'_>, pp: i32, pl: i32, vp: i32, vl: i32| -> R {
+        let (Some(raw), Some(value)) = (read(&mut c, pp, pl), read(&mut c, vp, vl)) else {
+            return st(Status::BadArgument);
+        };
+        let path = property_path(&raw);
+        match c.data_mut().stream() {
+            Some(s) => {
+                s.properties.insert(path, value);
+                OK
+            }
+            None => st(Status::NotFound),
+        }
+    })?;
+    linker.func_wrap(
+        env,
+        "proxy_get_shared_data",
+        |mut c: C<'_>, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32, ret_cas: i32| -> R {
+            let Some(key) = read_str(&mut c, kp, kl) else { return st(Status::BadArgument) };
+            let found = c.data().shared.data.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+            let Some((value, cas)) = found else { return st(Status::NotFound) };
+            if !write_u32(&mut c, ret_cas, cas) {
+                return st(Status::BadArgument);
+            }
+            st(give(&mut c, &value, ret_ptr, ret_size)?)
+        },
+    )?;
+    linker.func_wrap(
+        env,
+        "proxy_set_shared_data",
+        |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> R {
+            let (Some(key), Some(value)) = (read_str(&mut c, kp, kl), read(&mut c, vp, vl)) else {
+                return st(Status::BadArgument);
+            };
+            let shared = c.data().shared.clone();
+            let mut data = shared.data.lock().unwrap_or_else(|p| p.into_inner());
+            let current = data.get(&key).map(|(_, c)| *c).unwrap_or(0);
+            if cas != 0 && cas as u32 != current {
+                return st(Status::CasMismatch);
+            }
+            data.insert(key, (value, current.wrapping_add(1).max(1)));
+            OK
+        },
+    )?;
+    linker.func_wrap(env, "proxy_register_shared_queue", |mut c: C<'_>, np: i32, nl: i32, ret: i32| -> R {
+        let Some(name) = read_str(&mut c, np, nl) else { return st(Status::BadArgument) };
+        let root = c.data().root_context;
+        let shared = c.data().shared.clone();
+        let id = {
+            let mut queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
+            match queues.iter().position(|(n, _, _)| *n == name) {
+                Some(i) => {
+                    queues[i].2 = root;
+                    i
+                }
+                None => {
+                    queues.push((name, Default::default(), root));
+                    queues.len() - 1
+                }
+            }
+        };
+        st(if write_u32(&mut c, ret, id as u32) { Status::Ok } else { Status::BadArgument })
+    })?;
+    linker.func_wrap(
+        env,
+        "proxy_resolve_shared_queue",
+        |mut c: C<'_>, _vp: i32, _vl: i32, np: i32, nl: i32, ret: i32| -> R {
+            // Queues are resolved within this VM's vm_id group.
+            let Some(name) = read_str(&mut c, np, nl) else { return st(Status::BadArgument) };
+            let id = c
+                .data()
+                .shared
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .position(|(n, _, _)| *n == name);
+            match id {
+                Some(id) => st(if write_u32(&mut c, ret, id as u32) { Status::Ok } else { Status::BadArgument }),
+                None => st(Status::NotFound),
+            }
+        },
+    )?;
+    linker.func_wrap(env, "proxy_enqueue_shared_queue", |mut c: C<'_>, id: i32, vp: i32, vl: i32| -> R {
+        let Some(value) = read(&mut c, vp, vl) else { return st(Status::BadArgument) };
+        let shared = c.data().shared.clone();
+        let mut queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, items, owner)) = queues.get_mut(id as u32 as usize) else { return st(Status::NotFound) };
+        items.push_back(value);
+        let owner = *owner;
+        drop(queues);
+        c.data_mut().queue_ready.push((owner, id as u32));
+        OK
+    })?;
+    linker.func_wrap(env, "proxy_dequeue_shared_queue", |mut c: C<'_>, id: i32, ret_ptr: i32, ret_size: i32| -> R {
+        let shared = c.data().shared.clone();
+        let item = {
+            let mut queues = shared.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let Some((_, items, _)) = queues.get_mut(id as u32 as usize) else { return st(Status::NotFound) };
+            items.pop_front()
+        };
+        match item {
+            Some(v) => st(give(&mut c, &v, ret_ptr, ret_size)?),
+            None => st(Status::Empty),
+        }
+    })?;
+    for (name, op) in [
+        ("proxy_continue_stream", 0),
+        ("proxy_close_stream", 1),
+        ("proxy_continue_request", 2),
+        ("proxy_continue_response", 3),
+    ] {
+        let f = move |mut c: C<'_>, kind: i32| -> R {
+            let t = match op {
+                2 => StreamType::HttpRequest,
+                3 => StreamType::HttpResponse,
+                _ => match StreamType::from_i32(kind) {
+                    Some(t) => t,
+                    None => return st(Status::BadArgument),
+                },
+            };
+            let Some(s) = c.data_mut().stream() else { return st(Status::NotFound) };
+            if op == 1 {
+                s.closed.push(t)
+            } else {
+                s.resumed.push(t)
+            }
+            OK
+        };
+        if op >= 2 {
+            linker.func_wrap(env, name, move |c: C<'_>| -> R { f(c, 0) })?;
+        } else {
+            linker.func_wrap(env, name, f)?;
+        }
+    }
+    linker.func_wrap(env, "proxy_clear_route_cache", |_c: C<'_>| -> R { OK })?;
+    linker.func_wrap(
+        env,
+        "proxy_send_local_response",
+        |mut c: C<'_>, status: i32, dp: i32, dl: i32, bp: i32, bl: i32, hp: i32, hl: i32, grpc: i32| -> R {
+            let (Some(details), Some(body), Some(headers)) =
+                (read_str(&mut c, dp, dl), read(&mut c, bp, bl), read(&mut c, hp, hl))
+            else {
+                return st(Status::BadArgument);
+            };
+            let Some(headers) = deserialize_pairs(&headers) else { return st(Status::SerializationFailure) };
+            let Some(s) = c.data_mut().stream() else { return st(Status::NotFound) };
+            s.local_response = Some(LocalResponse { status: status as u32, details, body, headers, grpc_status: grpc });
+            OK
+        },
+    )?;
+    linker.func_wrap(
+        env,
+        "proxy_http_call",
+        |mut c: C<'_>,
+         up: i32,
+         ul: i32,
+         hp: i32,
+         hl: i32,
+         bp: i32,
+         bl: i32,
+         tp: i32,
+         tl: i32,
+         timeout: i32,
+         ret: i32|
+         -> R {
+            let (Some(upstream), Some(headers), Some(body), Some(trailers)) =
+                (read_str(&mut c, up, ul), read(&mut c, hp, hl), read(&mut c, bp, bl), read(&mut c, tp, tl))
+            else {
+                return st(Status::BadArgument);
+            };
+            let (Some(headers), Some(trailers)) = (deserialize_pairs(&headers), deserialize_pairs(&trailers)) else {
+                return st(Status::SerializationFailure);
+            };
+            let s = c.data_mut();
+            s.next_token += 1;
+            let token = s.next_token;
+            let context = s.effective_context;
+            s.callouts.push(Callout::Http {
+                token,
+                context,
+                upstream,
+                headers,
+                body,
+                trailers,
+                timeout_ms: timeout as u32,
+            });
+            st(if write_u32(&mut c, ret, token) { Status::Ok } else { Status::BadArgument })
+        },
+    )?;
+    linker.func_wrap(
+        env,
+        "proxy_grpc_call",
+        |mut c: C<'_>,
+         up: i32,
+         ul: i32,
+         sp: i32,
+         sl: i32,
+         mp: i32,
+         ml: i32,
+         ip: i32,
+         il: i32,
+         msgp: i32,
+         msgl: i32,
+         timeout: i32,
+         ret: i32|
+         -> R {
+            let (Some(upstream), Some(service), Some(method), Some(metadata), Some(message)) = (
+                read_str(&mut c, up, ul),
+                read_str(&mut c, sp, sl),
+                read_str(&mut c, mp, ml),
+                read(&mut c, ip, il),
+                read(&mut c, msgp, msgl),
+            ) else {
+                return st(Status::BadArgument);
+            };
+            let Some(metadata) = deserialize_pairs(&metadata) else { return st(Status::SerializationFailure) };
+            let s = c.data_mut();
+            s.next_token += 1;
+            let token = s.next_token;
+            let context = s.effective_context;
+            s.callouts.push(Callout::Grpc {
+                token,
+                context,
+                upstream,
+                service,
+                method,
+                metadata,
+                message,
+                timeout_ms: timeout as u32,
+            });
+            st(if write_u32(&mut c, ret, token) { Status::Ok } else { Status::BadArgument })
+        },
+    )?;
+    linker.func_wrap(
+        env,
+        "proxy_grpc_stream",
+        |mut c: C<'_>, up: i32, ul: i32, sp: i32, sl: i32, mp: i32, ml: i32, ip: i32, il: i32, ret: i32| -> R {
+            let (Some(upstream), Some(service), Some(method), Some(metadata)) =
+                (read_str(&mut c, up, ul), read_str(&mut c, sp, sl), read_str(&mut c, mp, ml), read(&mut c, ip, il))
+            else {
+                return st(Status::BadArgument);
+            };
+            let Some(metadata) = deserialize_pairs(&metadata) else { return st(Status::SerializationFailure) };
+            let s = c.data_mut();
+            s.next_token += 1;
+            let token = s.next_token;
+            let context = s.effective_context;
+            s.callouts.push(Callout::Grpc {
+                token,
+                context,
+                upstream,
+                service,
+                method,
+                metadata,
+                message: Vec::new(),
+                timeout_ms: 0,
+            });
+            st(if write_u32(&mut c, ret, token) { Status::Ok } else { Status::BadArgument })
+        },
+    )?;
+    linker.func_wrap(env, "proxy_grpc_send", |c: C<'_>, token: i32, _mp: i32, _ml: i32, _end: i32| -> R {
+        st(if c.data().callouts.iter().any(|k| matches!(k, Callout::Grpc { token: t, .. } if *t == token as u32)) {
+            Status::Ok
+        } else {
+            Status::NotFound
+        })
+    })?;
+    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
+        linker.func_wrap(env, name, |mut c: C<'_>, token: i32| -> R {
+            let s = c.data_mut();
+            let before = s.callouts.len();
+            s.callouts.retain(|k| !matches!(k, Callout::Grpc { token: t, .. } if *t == token as u32));
+            st(if s.callouts.len() < before { Status::Ok } else { Status::NotFound })
+        })?;
+    }
+    linker.func_wrap(env, "proxy_get_status", |mut c: C<'_>, ret_code: i32, ret_ptr: i32, ret_size: i32| -> R {
+        let (code, message) = c.data().grpc_status.clone();
+        if !write_u32(&mut c, ret_code, code) {
+            return st(Status::BadArgument);
+        }
+        st(give(&mut c, message.as_bytes(), ret_ptr, ret_size)?)
+    })?;
+    linker.func_wrap(env, "proxy_set_effective_context", |mut c: C<'_>, id: i32| -> R {
+        let s = c.data_mut();
+        let id = id as u32;
+        if id != s.root_context && !s.streams.contains_key(&id) {
+            return st(Status::BadArgument);
+        }
+        s.effective_context = id;
+        OK
+    })?;
+    linker.func_wrap(env, "proxy_done", |mut c: C<'_>| -> R {
+        let s = c.data_mut();
+        let id = s.effective_context;
+        s.done.push(id);
+        OK
+    })?;
+    linker.func_wrap(
+        env,
+        "proxy_call_foreign_function",
+        |mut c: C<'_>, np: i32, nl: i32, ap: i32, al: i32, ret_ptr: i32, ret_size: i32| -> R {
+            let (Some(name), Some(args)) = (read_str(&mut c, np, nl), read(&mut c, ap, al)) else {
+                return st(Status::BadArgument);
+            };
+            let Some(f) = c.data().foreign.get(&name).cloned() else { return st(Status::NotFound) };
+            match f(&args) {
+                Ok(result) => st(give(&mut c, &result, ret_ptr, ret_size)?),
+                Err(s) => st(s),
+            }
+        },
+    )?;
+    linker.func_wrap(env, "proxy_define_metric", |mut c: C<'_>, kind: i32, np: i32, nl: i32, ret: i32| -> R {
+        let Some(kind) = MetricType::from_i32(kind) else { return st(Status::BadArgument) };
+        let Some(name) = read_str(&mut c, np, nl) else { return st(Status::BadArgument) };
+        let id = c.data().metrics.define(kind, &name);
+        st(if write_u32(&mut c, ret, id) { Status::Ok } else { Status::BadArgument })
+    })?;
+    linker.func_wrap(env, "proxy_increment_metric", |c: C<'_>, id: i32, offset: i64| -> R {
+        let mut values = c.data().metrics.values.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(m) = values.get_mut(id as u32 as usize) else { return st(Status::NotFound) };
+        if m.1 == MetricType::Histogram {
+            return st(Status::BadArgument);
+        }
+        m.2 = m.2.saturating_add(offset);
+        OK
+    })?;
+    linker.func_wrap(env, "proxy_record_metric", |c: C<'_>, id: i32, value: i64| -> R {
+        let mut values = c.data().metrics.values.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(m) = values.get_mut(id as u32 as usize) else { return st(Status::NotFound) };
+        // Gauges take the value; histograms keep the last observation (and the embedder exports them).
+        m.2 = value;
+        OK
+    })?;
+    linker.func_wrap(env, "proxy_get_metric", |mut c: C<'_>, id: i32, ret: i32| -> R {
+        let value =
+            c.data().metrics.values.lock().unwrap_or_else(|p| p.into_inner()).get(id as u32 as usize).map(|m| m.2);
+        match value {
+            Some(v) => st(if write(&mut c, ret, &(v as u64).to_le_bytes()) { Status::Ok } else { Status::BadArgument }),
+            None => st(Status::NotFound),
+        }
+    })?;
+    wasi(linker)
+}
+
+/// WASI preview 1, as far as proxy-wasm modules use it: stdout / stderr become logs; no
+/// files, arguments or environment; clocks and randomness work; exiting traps.
+fn wasi(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
+    const W: &str = "wasi_snapshot_preview1";
+    const ESUCCESS: i32 = 0;
+    const EBADF: i32 = 8;
+    const EINVAL: i32 = 28;
+    const ENOTSUP: i32 = 58;
+    linker.func_wrap(W, "fd_write", |mut c: C<'_>, fd: i32, iovs: i32, n: i32, ret: i32| -> R {
+        if fd != 1 && fd != 2 {
+            return Ok(EBADF);
+        }
+        let mut out = Vec::new();
+        for i in 0..n.max(0) {
+            let Some(iov) = read(&mut c, iovs.wrapping_add(i * 8), 8) else { return Ok(EINVAL) };
+            let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+            let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+            let Some(b) = read(&mut c, ptr, len) else { return Ok(EINVAL) };
+            out.extend_from_slice(&b);
+            if out.len() > 64 * 1024 {
+                break;
+            }
+        }
+        let written = out.len() as u32;
+        let text = String::from_utf8_lossy(&out).trim_end().to_string();
+        if !text.is_empty() {
+            c.data_mut().log(if fd == 2 { LogLevel::Error } else { LogLevel::Info }, text);
+        }
+        Ok(if write_u32(&mut c, ret, written) { ESUCCESS } else { EINVAL })
+    })?;
+    linker.func_wrap(W, "fd_read", |_c: C<'_>, _fd: i32, _iovs: i32, _n: i32, _ret: i32| -> R { Ok(EBADF) })?;
+    linker.func_wrap(W, "fd_close", |_c: C<'_>, _fd: i32| -> R { Ok(EBADF) })?;
+    linker.func_wrap(W, "fd_seek", |_c: C<'_>, _fd: i32, _off: i64, _whence: i32, _ret: i32| -> R { Ok(EBADF) })?;
+    linker.func_wrap(W, "fd_fdstat_get", |_c: C<'_>, _fd: i32, _ret: i32| -> R { Ok(EBADF) })?;
+    linker.func_wrap(W, "fd_prestat_get", |_c: C<'_>, _fd: i32, _ret: i32| -> R { Ok(EBADF) })?;
+    linker.func_wrap(W, "fd_prestat_dir_name", |_c: C<'_>, _fd: i32, _p: i32, _l: i32| -> R { Ok(EBADF) })?;
+    for (name, _) in [("environ_sizes_get", 0), ("args_sizes_get", 1)] {
+        linker.func_wrap(W, name, |mut c: C<'_>, count: i32, size: i32| -> R {
+            Ok(if write_u32(&mut c, count, 0) && write_u32(&mut c, size, 0) { ESUCCESS } else { EINVAL })
+        })?;
+    }
+    for name in ["environ_get", "args_get"] {
+        linker.func_wrap(W, name, |_c: C<'_>, _a: i32, _b: i32| -> R { Ok(ESUCCESS) })?;
+    }
+    linker.func_wrap(W, "clock_time_get", |mut c: C<'_>, _id: i32, _precision: i64, ret: i32| -> R {
+        Ok(if write(&mut c, ret, &now_nanos().to_le_bytes()) { ESUCCESS } else { EINVAL })
+    })?;
+    linker.func_wrap(W, "clock_res_get", |mut c: C<'_>, _id: i32, ret: i32| -> R {
+        Ok(if write(&mut c, ret, &1u64.to_le_bytes()) { ESUCCESS } else { EINVAL })
+    })?;
+    linker.func_wrap(W, "random_get", |mut c: C<'_>, ptr: i32, len: i32| -> R {
+        let mut buf = vec![0u8; len.max(0) as usize];
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SplitMix64 seeded from the clock: filters use this for sampling, not secrets.
+            let mut z = now_nanos().wrapping_add((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            *b = (z ^ (z >> 31)) as u8;
+        }
+        Ok(if write(&mut c, ptr, &buf) { ESUCCESS } else { EINVAL })
+    })?;
+    linker.func_wrap(W, "sched_yield", |_c: C<'_>| -> R { Ok(ESUCCESS) })?;
+    linker.func_wrap(W, "poll_oneoff", |_c: C<'_>, _a: i32, _b: i32, _n: i32, _r: i32| -> R { Ok(ENOTSUP) })?;
+    linker.func_wrap(W, "proc_exit", |_c: C<'_>, code: i32| -> wasmtime::Result<()> {
+        Err(wasmtime::Error::msg(format!("the module called proc_exit({code})")))
+    })?;
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! What the host keeps for a VM: its plugin, per-stream data the imports read and write, and
+//! what is shared between VMs with the same `vm_id` (shared data, queues) or process-wide
+//! (metrics).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use wasmtime::StoreLimits;
+
+use crate::abi::{LogLevel, MetricType, Pairs, Status};
+
+/// A plugin: which module, as which root context, with what configuration.
+#[derive(Debug, Clone, Default)]
+pub struct PluginConfig {
+    /// `plugin_name` (Envoy's name; a WasmPlugin's `pluginName` or its resource name).
+    pub name: String,
+    /// `plugin_root_id`: selects the root context in modules that have several.
+    pub root_id: String,
+    /// VMs with the same id share shared data and queues.
+    pub vm_id: String,
+    /// The plugin configuration (`pluginConfig` as JSON bytes).
+    pub configuration: Vec<u8>,
+    pub vm_configuration: Vec<u8>,
+}
+
+/// A local reply a filter asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u32,
+    pub details: String,
+    pub body: Vec<u8>,
+    pub headers: Pairs,
+    /// -1 when not a gRPC reply.
+    pub grpc_status: i32,
+}
+
+/// One HTTP stream as a filter sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Stream {
+    pub request_headers: Pairs,
+    pub request_body: Vec<u8>,
+    pub request_trailers: Pairs,
+    pub response_headers: Pairs,
+    pub response_body: Vec<u8>,
+    pub response_trailers: Pairs,
+    /// Standard properties by dotted path (`request.path`, `source.address`, ...), in Envoy's
+    /// encodings; filters may set more.
+    pub properties: HashMap<String, Vec<u8>>,
+    pub local_response: Option<LocalResponse>,
+    /// Streams the filter resumed (`proxy_continue_stream`) or closed.
+    pub resumed: Vec<crate::abi::StreamType>,
+    pub closed: Vec<crate::abi::StreamType>,
+}
+
+/// An outgoing call a filter made (`proxy_http_call`, `proxy_grpc_call`); the embedder
+/// performs it and reports the response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Callout {
+    Http {
+        token: u32,
+        context: u32,
+        upstream: String,
+        headers: Pairs,
+        body: Vec<u8>,
+        trailers: Pairs,
+        timeout_ms: u32,
+    },
+    Grpc {
+        token: u32,
+        context: u32,
+        upstream: String,
+        service: String,
+        method: String,
+        metadata: Pairs,
+        message: Vec<u8>,
+        timeout_ms: u32,
+    },
+}
+
+/// A foreign function the host offers (`proxy_call_foreign_function`).
+pub type ForeignFunction = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, Status> + Send + Sync>;
+
+/// Metrics defined by filters, process-wide by name.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub by_name: Mutex<BTreeMap<String, u32>>,
+    pub values: Mutex<Vec<(String, MetricType, i64)>>,
+}
+
+impl Metrics {
+    pub fn define(&self, kind: MetricType, name: &str) -> u32 {
+        let mut by_name = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = by_name.get(name) {
+            return *id;
+        }
+        let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
+        values.push((name.to_string(), kind, 0));
+        let id = (values.len() - 1) as u32;
+        by_name.insert(name.to_string(), id);
+        id
+    }
+
+    pub fn get(&self, name: &str) -> Option<i64> {
+        let id = *self.by_name.lock().unwrap_or_else(|p| p.into_inner()).get(name)?;
+        self.values.lock().unwrap_or_else(|p| p.into_inner()).get(id as usize).map(|v| v.2)
+    }
+}
+
+/// A shared queue: name, items, the root context that registered it.
+pub type Queue = (String, VecDeque<Vec<u8>>, u32);
+
+/// Shared data and queues of one `vm_id`.
+#[derive(Debug, Default)]
+pub struct SharedSpace {
+    /// key → (value, cas).
+    pub data: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+    /// queue id → (name, items, registering root context).
+    pub queues: Mutex<Vec<Queue>>,
+}
+
+/// Everything a VM's imports reach.
+pub struct VmState {
+    pub(crate) limits: StoreLimits,
+    pub plugin: Arc<PluginConfig>,
+    pub shared: Arc<SharedSpace>,
+    pub metrics: Arc<Metrics>,
+    pub foreign: Arc<HashMap<String, ForeignFunction>>,
+    pub root_context: u32,
+    /// The context host calls act on.
+    pub effective_context: u32,
+    pub streams: HashMap<u32, Stream>,
+    pub log_level: LogLevel,
+    /// What the module logged (bounded), for tests and the testkit; also sent to tracing.
+    pub logs: VecDeque<(LogLevel, String)>,
+    pub tick_period_ms: u32,
+    pub callouts: Vec<Callout>,
+    pub(crate) next_token: u32,
+    /// The response of the http call being delivered.
+    pub call_response: Option<(Pairs, Vec<u8>, Pairs)>,
+    /// Arguments of the foreign function being delivered (buffer type 8).
+    pub call_data: Vec<u8>,
+    /// Status of the last gRPC call delivered (`proxy_get_status`).
+    pub grpc_status: (u32, String),
+    /// Contexts that called `proxy_done`.
+    pub done: Vec<u32>,
+    /// Queue ids with new items, for the embedder to deliver `proxy_on_queue_ready`.
+    pub queue_ready: Vec<(u32, u32)>,
+}
+
+impl std::fmt::Debug for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmState")
+            .field("plugin", &self.plugin.name)
+            .field("root_context", &self.root_context)
+            .field("streams", &self.streams.len())
+            .finish()
+    }
+}
+
+pub(crate) const MAX_LOGS: usize = 1000;
+
+impl VmState {
+    pub(crate) fn stream(&mut self) -> Option<&mut Stream> {
+        self.streams.get_mut(&self.effective_context)
+    }
+
+    pub(crate) fn log(&mut self, level: LogLevel, message: String) {
+        let plugin = &self.plugin.name;
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "wasm", plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "wasm", plugin, "{message}"),
+            LogLevel::Info => tracing::info!(target: "wasm", plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "wasm", plugin, "{message}"),
+            LogLevel::Error | LogLevel::Critical => tracing::error!(target: "wasm", plugin, "{message}"),
+        }
+        if self.logs.len() >= MAX_LOGS {
+            self.logs.pop_front();
+        }
+        self.logs.push_back((level, message));
+    }
+}

@@ -1,0 +1,363 @@
+//! A VM: one instance of a module with its root context and the stream contexts created in
+//! it. Callbacks run with a CPU deadline (epoch interruption) inside a memory limit; a trap,
+//! a timeout or a guest panic fails the callback with a [`VmError`] and poisons the VM (the
+//! embedder applies the plugin's fail strategy and makes a fresh one when it wants).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Instance, Store, StoreLimitsBuilder, TypedFunc};
+
+use crate::abi::{Action, LogLevel};
+use crate::host::{CompiledModule, Host};
+use crate::state::{Callout, PluginConfig, Stream, VmState};
+
+/// Why a VM call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VmError {
+    #[error("plugin {plugin}: {callback} exceeded its CPU deadline of {deadline:?}")]
+    Timeout { plugin: String, callback: &'static str, deadline: Duration },
+    #[error("plugin {plugin}: {callback} trapped: {message}")]
+    Trap { plugin: String, callback: &'static str, message: String },
+    #[error("plugin {plugin}: {reason}")]
+    Refused { plugin: String, reason: String },
+    #[error("plugin {plugin}: the VM failed earlier and must be replaced")]
+    Poisoned { plugin: String },
+    #[error("plugin {plugin}: no stream context {context}")]
+    NoSuchContext { plugin: String, context: u32 },
+}
+
+/// Limits a VM runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Linear memory, bytes.
+    pub memory: usize,
+    /// CPU time one callback may take.
+    pub deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { memory: 64 << 20, deadline: Duration::from_millis(100) }
+    }
+}
+
+type Ctx2 = TypedFunc<(i32, i32), ()>;
+type Cb2 = TypedFunc<(i32, i32), i32>;
+type Cb3 = TypedFunc<(i32, i32, i32), i32>;
+type Cb5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
+struct Exports {
+    on_context_create: Ctx2,
+    on_vm_start: Option<Cb2>,
+    on_configure: Option<Cb2>,
+    on_request_headers: Option<Cb3>,
+    on_request_body: Option<Cb3>,
+    on_response_headers: Option<Cb3>,
+    on_response_body: Option<Cb3>,
+    on_log: Option<TypedFunc<i32, ()>>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_delete: Option<TypedFunc<i32, ()>>,
+    on_tick: Option<TypedFunc<i32, ()>>,
+    on_http_call_response: Option<Cb5>,
+    on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
+}
+
+/// A running VM.
+pub struct Vm {
+    store: Store<VmState>,
+    instance: Instance,
+    exports: Exports,
+    limits: Limits,
+    host: Host,
+    next_context: u32,
+    poisoned: bool,
+    module: Arc<CompiledModule>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("plugin", &self.store.data().plugin.name).field("poisoned", &self.poisoned).finish()
+    }
+}
+
+/// Root context id of every VM (one plugin per VM).
+pub const ROOT_CONTEXT: u32 = 1;
+
+impl Vm {
+    /// Instantiates `module` for `plugin`, runs its initializer, creates the root context and
+    /// calls on_vm_start and on_configure (either returning false refuses the plugin).
+    pub fn start(
+        host: &Host,
+        module: Arc<CompiledModule>,
+        plugin: PluginConfig,
+        limits: Limits,
+    ) -> Result<Vm, VmError> {
+        let name = plugin.name.clone();
+        let refused = |reason: String| VmError::Refused { plugin: name.clone(), reason };
+        let state = VmState {
+            limits: StoreLimitsBuilder::new().memory_size(limits.memory).trap_on_grow_failure(true).build(),
+            shared: host.shared_space(&plugin.vm_id),
+            metrics: host.metrics(),
+            foreign: host.foreign_functions(),
+            plugin: Arc::new(plugin),
+            root_context: ROOT_CONTEXT,
+            effective_context: ROOT_CONTEXT,
+            streams: HashMap::new(),
+            log_level: LogLevel::Info,
+            logs: VecDeque::new(),
+            tick_period_ms: 0,
+            callouts: Vec::new(),
+            next_token: 0,
+            call_response: None,
+            call_data: Vec::new(),
+            grpc_status: (0, String::new()),
+            done: Vec::new(),
+            queue_ready: Vec::new(),
+        };
+        let mut store = Store::new(host.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(host.deadline_ticks(limits.deadline));
+        let instance = host
+            .linker()
+            .instantiate(&mut store, module.module())
+            .map_err(|e| refused(format!("cannot instantiate: {e:#}")))?;
+        let exports = exports(&mut store, &instance).map_err(refused)?;
+        let mut vm = Vm {
+            store,
+            instance,
+            exports,
+            limits,
+            host: host.clone(),
+            next_context: ROOT_CONTEXT + 1,
+            poisoned: false,
+            module,
+        };
+        // WASI reactors (and the proxy-wasm crate's main! macro) initialize in _initialize.
+        for init in ["_initialize", "_start"] {
+            if let Ok(f) = instance.get_typed_func::<(), ()>(&mut vm.store, init) {
+                vm.guard("_initialize", |s| f.call(s, ()))?;
+                break;
+            }
+        }
+        let create = vm.exports.on_context_create.clone();
+        vm.guard("proxy_on_context_create", |s| create.call(s, (ROOT_CONTEXT as i32, 0)))?;
+        let vm_config = vm.store.data().plugin.vm_configuration.len() as i32;
+        if let Some(f) = vm.exports.on_vm_start.clone()
+            && vm.guard("proxy_on_vm_start", |s| f.call(s, (ROOT_CONTEXT as i32, vm_config)))? == 0
+        {
+            return Err(refused("proxy_on_vm_start returned false".into()));
+        }
+        let config = vm.store.data().plugin.configuration.len() as i32;
+        if let Some(f) = vm.exports.on_configure.clone()
+            && vm.guard("proxy_on_configure", |s| f.call(s, (ROOT_CONTEXT as i32, config)))? == 0
+        {
+            let last = vm.store.data().logs.back().map(|(_, m)| format!(" (last log: {m})")).unwrap_or_default();
+            return Err(refused(format!(
+                "proxy_on_configure returned false: the plugin refused its configuration{last}"
+            )));
+        }
+        Ok(vm)
+    }
+
+    /// Runs one guest callback with a fresh deadline; traps and timeouts poison the VM.
+    fn guard<T>(
+        &mut self,
+        callback: &'static str,
+        f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<T>,
+    ) -> Result<T, VmError> {
+        let plugin = self.store.data().plugin.name.clone();
+        if self.poisoned {
+            return Err(VmError::Poisoned { plugin });
+        }
+        self.store.set_epoch_deadline(self.host.deadline_ticks(self.limits.deadline));
+        match f(&mut self.store) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.poisoned = true;
+                let interrupted = e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
+                if interrupted {
+                    Err(VmError::Timeout { plugin, callback, deadline: self.limits.deadline })
+                } else {
+                    Err(VmError::Trap { plugin, callback, message: format!("{e:#}") })
+                }
+            }
+        }
+    }
+
+    pub fn poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    pub fn module(&self) -> &Arc<CompiledModule> {
+        &self.module
+    }
+
+    pub fn state(&self) -> &VmState {
+        self.store.data()
+    }
+
+    pub fn state_mut(&mut self) -> &mut VmState {
+        self.store.data_mut()
+    }
+
+    /// Creates a stream context with `stream` as what the filter sees.
+    pub fn create_stream(&mut self, stream: Stream) -> Result<u32, VmError> {
+        let id = self.next_context;
+        self.next_context += 1;
+        self.store.data_mut().streams.insert(id, stream);
+        self.store.data_mut().effective_context = id;
+        let create = self.exports.on_context_create.clone();
+        self.guard("proxy_on_context_create", |s| create.call(s, (id as i32, ROOT_CONTEXT as i32)))?;
+        Ok(id)
+    }
+
+    pub fn stream(&self, id: u32) -> Option<&Stream> {
+        self.store.data().streams.get(&id)
+    }
+
+    pub fn stream_mut(&mut self, id: u32) -> Option<&mut Stream> {
+        self.store.data_mut().streams.get_mut(&id)
+    }
+
+    fn stream_call(
+        &mut self,
+        id: u32,
+        callback: &'static str,
+        f: Option<Cb3>,
+        a: i32,
+        end: bool,
+    ) -> Result<Action, VmError> {
+        if !self.store.data().streams.contains_key(&id) {
+            return Err(VmError::NoSuchContext { plugin: self.store.data().plugin.name.clone(), context: id });
+        }
+        let Some(f) = f else { return Ok(Action::Continue) };
+        self.store.data_mut().effective_context = id;
+        let r = self.guard(callback, |s| f.call(s, (id as i32, a, i32::from(end))))?;
+        Ok(Action::from_i32(r))
+    }
+
+    pub fn on_request_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
+        let n = self.store.data().streams.get(&id).map(|s| s.request_headers.len()).unwrap_or(0) as i32;
+        self.stream_call(id, "proxy_on_request_headers", self.exports.on_request_headers.clone(), n, end_of_stream)
+    }
+
+    pub fn on_request_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
+        let n = self.store.data().streams.get(&id).map(|s| s.request_body.len()).unwrap_or(0) as i32;
+        self.stream_call(id, "proxy_on_request_body", self.exports.on_request_body.clone(), n, end_of_stream)
+    }
+
+    pub fn on_response_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
+        let n = self.store.data().streams.get(&id).map(|s| s.response_headers.len()).unwrap_or(0) as i32;
+        self.stream_call(id, "proxy_on_response_headers", self.exports.on_response_headers.clone(), n, end_of_stream)
+    }
+
+    pub fn on_response_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
+        let n = self.store.data().streams.get(&id).map(|s| s.response_body.len()).unwrap_or(0) as i32;
+        self.stream_call(id, "proxy_on_response_body", self.exports.on_response_body.clone(), n, end_of_stream)
+    }
+
+    /// The end of a stream: on_log, on_done, on_delete; the context is gone afterwards.
+    pub fn finish_stream(&mut self, id: u32) -> Result<(), VmError> {
+        self.store.data_mut().effective_context = id;
+        if let Some(f) = self.exports.on_log.clone() {
+            self.guard("proxy_on_log", |s| f.call(s, id as i32))?;
+        }
+        if let Some(f) = self.exports.on_done.clone() {
+            self.guard("proxy_on_done", |s| f.call(s, id as i32))?;
+        }
+        if let Some(f) = self.exports.on_delete.clone() {
+            self.guard("proxy_on_delete", |s| f.call(s, id as i32))?;
+        }
+        self.store.data_mut().streams.remove(&id);
+        self.store.data_mut().effective_context = ROOT_CONTEXT;
+        Ok(())
+    }
+
+    pub fn on_tick(&mut self) -> Result<(), VmError> {
+        let Some(f) = self.exports.on_tick.clone() else { return Ok(()) };
+        self.store.data_mut().effective_context = ROOT_CONTEXT;
+        self.guard("proxy_on_tick", |s| f.call(s, ROOT_CONTEXT as i32))
+    }
+
+    /// Callouts the filter made since the last call, for the embedder to perform.
+    pub fn take_callouts(&mut self) -> Vec<Callout> {
+        std::mem::take(&mut self.store.data_mut().callouts)
+    }
+
+    /// Delivers the response of an http callout.
+    pub fn on_http_call_response(
+        &mut self,
+        context: u32,
+        token: u32,
+        response: Option<(crate::abi::Pairs, Vec<u8>, crate::abi::Pairs)>,
+    ) -> Result<(), VmError> {
+        let Some(f) = self.exports.on_http_call_response.clone() else { return Ok(()) };
+        let (h, b, t) = match &response {
+            Some((h, b, t)) => (h.len() as i32, b.len() as i32, t.len() as i32),
+            None => (0, 0, 0),
+        };
+        self.store.data_mut().call_response = response;
+        self.store.data_mut().effective_context = context;
+        let r = self.guard("proxy_on_http_call_response", |s| f.call(s, (context as i32, token as i32, h, b, t)));
+        self.store.data_mut().call_response = None;
+        r
+    }
+
+    /// Delivers pending `proxy_on_queue_ready` notifications.
+    pub fn deliver_queue_ready(&mut self) -> Result<(), VmError> {
+        let ready = std::mem::take(&mut self.store.data_mut().queue_ready);
+        let Some(f) = self.exports.on_queue_ready.clone() else { return Ok(()) };
+        for (context, queue) in ready {
+            self.store.data_mut().effective_context = context;
+            self.guard("proxy_on_queue_ready", |s| f.call(s, (context as i32, queue as i32)))?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of linear memory the VM uses.
+    pub fn memory_bytes(&mut self) -> usize {
+        let instance = self.instance;
+        instance.get_memory(&mut self.store, "memory").map(|m| m.data_size(&self.store)).unwrap_or(0)
+    }
+}
+
+fn exports(store: &mut Store<VmState>, instance: &Instance) -> Result<Exports, String> {
+    if instance.get_memory(&mut *store, "memory").is_none() {
+        return Err("the module exports no memory".into());
+    }
+    if instance.get_func(&mut *store, "proxy_on_memory_allocate").is_none()
+        && instance.get_func(&mut *store, "malloc").is_none()
+    {
+        return Err("the module exports neither proxy_on_memory_allocate nor malloc".into());
+    }
+    let abi = ["proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0"];
+    if !abi.iter().any(|n| instance.get_func(&mut *store, n).is_some()) {
+        return Err("the module does not declare proxy-wasm ABI 0.2.x (export proxy_abi_version_0_2_1)".into());
+    }
+    macro_rules! opt {
+        ($name:literal) => {
+            match instance.get_func(&mut *store, $name) {
+                Some(f) => Some(f.typed(&*store).map_err(|e| format!("export {} has the wrong type: {e}", $name))?),
+                None => None,
+            }
+        };
+    }
+    let on_context_create: Option<Ctx2> = opt!("proxy_on_context_create");
+    Ok(Exports {
+        on_context_create: on_context_create.ok_or("the module exports no proxy_on_context_create")?,
+        on_vm_start: opt!("proxy_on_vm_start"),
+        on_configure: opt!("proxy_on_configure"),
+        on_request_headers: opt!("proxy_on_request_headers"),
+        on_request_body: opt!("proxy_on_request_body"),
+        on_response_headers: opt!("proxy_on_response_headers"),
+        on_response_body: opt!("proxy_on_response_body"),
+        on_log: opt!("proxy_on_log"),
+        on_done: opt!("proxy_on_done"),
+        on_delete: opt!("proxy_on_delete"),
+        on_tick: opt!("proxy_on_tick"),
+        on_http_call_response: opt!("proxy_on_http_call_response"),
+        on_queue_ready: opt!("proxy_on_queue_ready"),
+    })
+}

@@ -1,0 +1,270 @@
+//! The host against a real module built with the upstream `proxy-wasm` crate (filters/abi-probe,
+//! compiled for wasm32-wasip1 once per test run), and against hostile modules written in WAT.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use trellis_wasm_host::abi::{LogLevel, StreamType};
+use trellis_wasm_host::{Action, Callout, Host, Limits, LoadError, PluginConfig, Stream, Vm, VmError};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds filters/abi-probe (its own workspace and target directory) once per test binary.
+fn probe() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| {
+        let manifest = root().join("filters/Cargo.toml");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "abi-probe",
+                "--target",
+                "wasm32-wasip1",
+                "--profile",
+                "wasm",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .output()
+            .expect("cargo");
+        assert!(
+            out.status.success(),
+            "building abi-probe failed (is the wasm32-wasip1 target installed? scripts/setup.sh adds it):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(root().join("filters/target/wasm32-wasip1/wasm/abi_probe.wasm")).expect("abi_probe.wasm")
+    })
+}
+
+fn host() -> Host {
+    Host::new().expect("host")
+}
+
+fn plugin(config: &str, vm_id: &str) -> PluginConfig {
+    PluginConfig {
+        name: "probe".into(),
+        root_id: String::new(),
+        vm_id: vm_id.into(),
+        configuration: config.as_bytes().to_vec(),
+        vm_configuration: Vec::new(),
+    }
+}
+
+const CONFIG: &str = r#"{"header": "x-probe-resp", "deny": "/deny"}"#;
+
+fn start(h: &Host, vm_id: &str) -> Vm {
+    let m = h.load(probe(), None).unwrap();
+    Vm::start(h, m, plugin(CONFIG, vm_id), Limits::default()).unwrap()
+}
+
+fn request(path: &str, headers: &[(&str, &str)]) -> Stream {
+    let mut s = Stream {
+        request_headers: vec![(":method".into(), b"GET".to_vec()), (":path".into(), path.as_bytes().to_vec())],
+        ..Default::default()
+    };
+    s.request_headers.extend(headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())));
+    s.properties.insert("request.path".into(), path.as_bytes().to_vec());
+    s
+}
+
+fn header<'a>(pairs: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+#[test]
+fn headers_properties_metrics_and_logs_work_through_the_upstream_sdk() {
+    let h = host();
+    let mut vm = start(&h, "a");
+    let id = vm.create_stream(request("/hello", &[("x-in", "42"), ("x-remove", "gone")])).unwrap();
+    assert_eq!(vm.on_request_headers(id, true).unwrap(), Action::Continue);
+    let s = vm.stream(id).unwrap();
+    assert_eq!(header(&s.request_headers, "x-probe"), Some("seen:42"));
+    assert_eq!(header(&s.request_headers, "x-remove"), None);
+    assert!(
+        vm.state().logs.iter().any(|(l, m)| *l == LogLevel::Info && m == "request /hello"),
+        "{:?}",
+        vm.state().logs
+    );
+    vm.stream_mut(id).unwrap().response_headers = vec![(":status".into(), b"200".to_vec())];
+    assert_eq!(vm.on_response_headers(id, true).unwrap(), Action::Continue);
+    assert_eq!(header(&vm.stream(id).unwrap().response_headers, "x-probe-resp"), Some("1"));
+    vm.finish_stream(id).unwrap();
+    assert!(vm.stream(id).is_none());
+    let id = vm.create_stream(request("/again", &[])).unwrap();
+    vm.on_request_headers(id, true).unwrap();
+    assert_eq!(h.metrics().get("probe_requests"), Some(2));
+}
+
+#[test]
+fn a_filter_can_answer_locally() {
+    let h = host();
+    let mut vm = start(&h, "a");
+    let id = vm.create_stream(request("/deny", &[])).unwrap();
+    assert_eq!(vm.on_request_headers(id, true).unwrap(), Action::Pause);
+    let local = vm.stream(id).unwrap().local_response.clone().expect("a local response");
+    assert_eq!((local.status, local.body.as_slice()), (403, &b"denied"[..]));
+    assert_eq!(header(&local.headers, "x-denied-by"), Some("probe"));
+}
+
+#[test]
+fn http_callouts_are_handed_to_the_embedder_and_their_response_resumes_the_stream() {
+    let h = host();
+    let mut vm = start(&h, "a");
+    let id = vm.create_stream(request("/callout", &[])).unwrap();
+    assert_eq!(vm.on_request_headers(id, true).unwrap(), Action::Pause);
+    let callouts = vm.take_callouts();
+    let [Callout::Http { token, context, upstream, headers, .. }] = callouts.as_slice() else { panic!("{callouts:?}") };
+    assert_eq!((upstream.as_str(), *context), ("auth", id));
+    assert_eq!(header(headers, ":path"), Some("/check"));
+    vm.on_http_call_response(
+        id,
+        *token,
+        Some((vec![(":status".into(), b"200".to_vec())], b"allowed".to_vec(), Vec::new())),
+    )
+    .unwrap();
+    let s = vm.stream(id).unwrap();
+    assert_eq!(header(&s.request_headers, "x-callout"), Some("200:allowed"));
+    assert_eq!(s.resumed, vec![StreamType::HttpRequest]);
+}
+
+#[test]
+fn bodies_can_be_read_and_rewritten() {
+    let h = host();
+    let mut vm = start(&h, "a");
+    let mut s = request("/upload", &[]);
+    s.request_body = b"hello body".to_vec();
+    let id = vm.create_stream(s).unwrap();
+    vm.on_request_headers(id, false).unwrap();
+    assert_eq!(vm.on_request_body(id, true).unwrap(), Action::Continue);
+    assert_eq!(vm.stream(id).unwrap().request_body, b"HELLO BODY");
+}
+
+#[test]
+fn shared_data_is_shared_between_vms_with_the_same_vm_id_only() {
+    let h = host();
+    let mut writer = start(&h, "group-1");
+    let id = writer.create_stream(request("/shared-set", &[])).unwrap();
+    writer.on_request_headers(id, true).unwrap();
+    for (vm_id, want) in [("group-1", "probe-value"), ("group-2", "none")] {
+        let mut reader = start(&h, vm_id);
+        let id = reader.create_stream(request("/shared-get", &[])).unwrap();
+        reader.on_request_headers(id, true).unwrap();
+        assert_eq!(header(&reader.stream(id).unwrap().request_headers, "x-shared"), Some(want), "vm_id {vm_id}");
+    }
+    // One module, compiled once, for all four VMs.
+    assert_eq!(h.compiled_modules(), 1);
+}
+
+#[test]
+fn a_bad_configuration_is_refused_with_the_filters_reason() {
+    let h = host();
+    let m = h.load(probe(), None).unwrap();
+    let err = Vm::start(&h, m, plugin(r#"{"header": 1}"#, "a"), Limits::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, VmError::Refused { .. }) && text.contains("proxy_on_configure returned false"), "{text}");
+    assert!(text.contains("bad configuration"), "the filter's own log line explains it: {text}");
+}
+
+#[test]
+fn a_guest_panic_is_contained_and_poisons_only_its_vm() {
+    let h = host();
+    let mut vm = start(&h, "a");
+    let id = vm.create_stream(request("/panic", &[])).unwrap();
+    let err = vm.on_request_headers(id, true).unwrap_err();
+    assert!(matches!(err, VmError::Trap { callback: "proxy_on_request_headers", .. }), "{err}");
+    assert!(vm.poisoned());
+    assert!(matches!(vm.create_stream(Stream::default()), Err(VmError::Poisoned { .. })));
+    // A fresh VM from the same module works.
+    let mut fresh = start(&h, "a");
+    let id = fresh.create_stream(request("/ok", &[])).unwrap();
+    assert_eq!(fresh.on_request_headers(id, true).unwrap(), Action::Continue);
+}
+
+#[test]
+fn an_endless_loop_is_stopped_at_the_cpu_deadline() {
+    let h = host();
+    let m = h.load(probe(), None).unwrap();
+    let limits = Limits { deadline: Duration::from_millis(50), ..Limits::default() };
+    let mut vm = Vm::start(&h, m, plugin(CONFIG, "a"), limits).unwrap();
+    let id = vm.create_stream(request("/loop", &[])).unwrap();
+    let t = Instant::now();
+    let err = vm.on_request_headers(id, true).unwrap_err();
+    assert!(matches!(err, VmError::Timeout { .. }), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(2), "stopped only after {:?}", t.elapsed());
+}
+
+/// A minimal proxy-wasm module in WAT whose request-headers callback runs `body`.
+fn wat_module(body: &str) -> Vec<u8> {
+    let wat = format!(
+        r#"(module
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32) (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $n))) (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) {body}))"#
+    );
+    wat::parse_str(wat).unwrap()
+}
+
+#[test]
+fn a_memory_bomb_hits_the_memory_limit() {
+    let h = host();
+    // Tries to grow by 1 GiB (16,384 pages).
+    let m = h.load(&wat_module("(drop (memory.grow (i32.const 16384))) (i32.const 0)"), None).unwrap();
+    let limits = Limits { memory: 16 << 20, ..Limits::default() };
+    let mut vm = Vm::start(&h, m, plugin("", "a"), limits).unwrap();
+    let id = vm.create_stream(Stream::default()).unwrap();
+    let err = vm.on_request_headers(id, true).unwrap_err();
+    assert!(matches!(err, VmError::Trap { .. }), "{err}");
+    assert!(vm.memory_bytes() <= 16 << 20);
+}
+
+#[test]
+fn bad_pointers_are_refused_not_followed() {
+    let h = host();
+    // proxy_log with a pointer far outside memory: the host answers BadArgument (2).
+    let body = r#"(if (i32.ne (call $log (i32.const 2) (i32.const 0x7fff0000) (i32.const 100)) (i32.const 2)) (then unreachable)) (i32.const 0)"#;
+    let wat = format!(
+        r#"(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) {body}))"#
+    );
+    let m = h.load(&wat::parse_str(wat).unwrap(), None).unwrap();
+    let mut vm = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap();
+    let id = vm.create_stream(Stream::default()).unwrap();
+    assert_eq!(vm.on_request_headers(id, true).unwrap(), Action::Continue);
+}
+
+#[test]
+fn modules_are_verified_and_compiled_once() {
+    let h = host();
+    let bytes = probe();
+    let sha = trellis_wasm_host::sha256_hex(bytes);
+    let a = h.load(bytes, Some(&sha)).unwrap();
+    let b = h.load(bytes, Some(&sha.to_uppercase())).unwrap();
+    assert!(Arc::ptr_eq(&a, &b), "the second load compiled again");
+    let wrong = "0".repeat(64);
+    assert!(matches!(h.load(bytes, Some(&wrong)), Err(LoadError::HashMismatch { .. })));
+    assert!(matches!(h.load(b"\0asm but not really", None), Err(LoadError::Invalid(_))));
+    // Valid wasm, but not a proxy-wasm module.
+    let m = h.load(&wat::parse_str("(module (memory (export \"memory\") 1))").unwrap(), None).unwrap();
+    let err = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap_err().to_string();
+    assert!(err.contains("proxy_on_memory_allocate"), "{err}");
+}
