@@ -7,8 +7,11 @@ bash scripts/setup.sh
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --all --manifest-path filters/Cargo.toml -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The filters and the SDK: their own workspace, built for wasm32-wasip1 only.
+cargo clippy --manifest-path filters/Cargo.toml --target wasm32-wasip1 --locked -- -D warnings
 echo "== cargo build (binaries for the end-to-end tests)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
