@@ -606,3 +606,43 @@ async fn a_removed_listener_drains_in_flight_requests() {
     s.echo.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(s.client.get(WEB, "/", &[]).await.unwrap().status, 200);
 }
+
+/// filters/abi-probe, built once per test run.
+fn probe_wasm() -> std::path::PathBuf {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
+        trellis_filter_testkit::build(manifest, "abi-probe").expect("build filters/abi-probe").canonicalize().unwrap()
+    })
+    .clone()
+}
+
+fn probe_plugin(strategy: &str) -> Value {
+    json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": "probe", "namespace": "default"},
+        "spec": {"url": format!("file://{}", probe_wasm().display()), "failStrategy": strategy,
+                 "pluginConfig": {"header": "x-probe-resp", "deny": "/deny"}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_filter_follows_its_fail_strategy() {
+    for (strategy, after_crash) in [("FAIL_OPEN", 200), ("FAIL_CLOSE", 503), ("FAIL_RELOAD", 200)] {
+        let s = setup(|_| vec![probe_plugin(strategy)], &[]).await;
+        // The filter works: it answers /deny itself.
+        assert_eq!(s.client.get(WEB, "/deny", &[]).await.unwrap().status, 403, "{strategy}");
+        // /panic makes the guest panic.
+        let crashed = s.client.get(WEB, "/panic", &[]).await.unwrap().status;
+        assert_eq!(crashed, if strategy == "FAIL_OPEN" { 200 } else { 503 }, "{strategy}: the crashing request");
+        // Afterwards: fail open skips nothing (a fresh VM runs), fail close stays failed, fail
+        // reload gets a fresh VM after its backoff (100 ms).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = s.client.get(WEB, "/deny", &[]).await.unwrap().status;
+            let want = if after_crash == 200 { 403 } else { 503 };
+            if status == want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{strategy}: later requests got {status}, want {want}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -449,7 +449,7 @@ async fn tcp_through_sidecar_port_listeners_is_weighted(under: Under) {
         }
         assert!(
             Instant::now() < deadline,
-            "no TCP path through the sidecars:\nclient:\n{}\nserver:\n{}",
+            "no TCP path through the sidecars (v1 seen: {seen1}, v2 seen: {seen2}):\nclient:\n{}\nserver:\n{}",
             client.log_text(),
             server.log_text()
         );
@@ -560,6 +560,40 @@ async fn consistent_hashing_keeps_a_user_on_one_endpoint(under: Under) {
     );
 }
 
+/// filters/hello, built once per test run.
+fn hello_wasm() -> std::path::PathBuf {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
+        trellis_filter_testkit::build(manifest, "hello").expect("build filters/hello").canonicalize().unwrap()
+    })
+    .clone()
+}
+
+async fn a_wasm_plugin_runs_in_the_proxy(under: Under) {
+    // The same module (built with the Trellis SDK over the upstream proxy-wasm crate) and the
+    // same xDS: Envoy runs it in V8, trellis-proxy in wasmtime.
+    let path = hello_wasm();
+    let sha = trellis_wasm_host::sha256_hex(&std::fs::read(&path).unwrap());
+    let m = mesh_with(under, |_, _| {
+        vec![json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": "hello", "namespace": "default"},
+            "spec": {"url": format!("file://{}", path.display()), "sha256": sha, "phase": "AUTHZ", "failStrategy": "FAIL_CLOSE",
+                     "match": [{"mode": "CLIENT"}],
+                     "pluginConfig": {"header": "x-hello", "value": "world", "denyPrefix": "/admin"}}})]
+    })
+    .await;
+    let a = m.client.get(REVIEWS, "/headers", &[]).await.unwrap();
+    assert_eq!(a.status, 200, "{a:?}\n{}", m.proxy.log_text());
+    let seen: Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(seen["x-hello"], "world", "the filter stamped the request: {seen}");
+    assert_eq!(a.headers.get("x-hello-seen").and_then(|v| v.to_str().ok()), Some("200"), "{a:?}");
+    let before = m.v1.requests() + m.v2.requests();
+    let a = m.client.get(REVIEWS, "/admin/users", &[]).await.unwrap();
+    assert_eq!((a.status, a.body.as_str()), (403, "anonymous may not"));
+    assert_eq!(a.headers.get("x-denied-by").and_then(|v| v.to_str().ok()), Some("hello"));
+    assert_eq!(m.v1.requests() + m.v2.requests(), before, "a denied request reached the upstream");
+}
+
 async fn a_rejected_resource_is_nacked_and_routing_keeps_working(under: Under) {
     let m = mesh(under).await;
     let (bad, expected): (Value, &[&str]) = match under {
@@ -646,5 +680,6 @@ for_each_proxy!(
     an_ingress_gateway_routes_by_host_and_path,
     route_actions_redirect_rewrite_and_edit_headers,
     consistent_hashing_keeps_a_user_on_one_endpoint,
+    a_wasm_plugin_runs_in_the_proxy,
     a_rejected_resource_is_nacked_and_routing_keeps_working,
 );

@@ -109,7 +109,7 @@ pub async fn serve(
     let _ = conn.await;
 }
 
-fn local_reply(status: StatusCode, body: &str) -> Response<BoxBody> {
+pub(crate) fn local_reply(status: StatusCode, body: &str) -> Response<BoxBody> {
     let mut r = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -158,7 +158,13 @@ pub async fn handle(
         request_id: text("x-request-id"),
         grpc: h.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
     };
-    let (resp, outcome) = route_request(&proxy, listener, peer, req).await;
+    let rt = proxy.runtime.load_full();
+    let chain = rt.filters.get(listener).cloned().unwrap_or_default();
+    let (resp, outcome) = if chain.is_empty() {
+        route_request(&rt, listener, peer, req).await
+    } else {
+        crate::wasm_chain::run(&rt, &chain, listener, peer, req).await
+    };
     let (parts, body) = resp.into_parts();
     let header_grpc_status = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(String::from);
     let body = crate::body::Finish::new(body, move |sent, trailer_grpc_status| {
@@ -175,13 +181,12 @@ pub async fn handle(
     Response::from_parts(parts, boxed(body))
 }
 
-async fn route_request(
-    proxy: &Arc<Proxy>,
+pub(crate) async fn route_request(
+    rt: &Arc<crate::Runtime>,
     listener: &str,
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> (Response<BoxBody>, Outcome) {
-    let rt = proxy.runtime.load_full();
     let mut outcome = Outcome::default();
     let reply = |status: StatusCode, body: &str, flags: &'static str, mut o: Outcome| {
         o.status = status.as_u16();
@@ -238,7 +243,7 @@ async fn route_request(
             let upgrade = is_upgrade(&req);
             let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
             let (resp, o) =
-                forward(&rt, fwd, &route.headers, &route.matcher.path, peer, req, &path, query.as_deref(), outcome)
+                forward(rt, fwd, &route.headers, &route.matcher.path, peer, req, &path, query.as_deref(), outcome)
                     .await;
             if let (Some(down), true) = (downstream_upgrade, resp.0.status() == StatusCode::SWITCHING_PROTOCOLS) {
                 let (mut resp, up) = resp;

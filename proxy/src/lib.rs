@@ -18,6 +18,8 @@ pub mod listeners;
 pub mod metrics;
 pub mod tcp;
 pub mod upstream;
+pub mod wasm;
+pub mod wasm_chain;
 pub mod xds;
 
 use std::collections::BTreeSet;
@@ -50,6 +52,8 @@ where
 pub struct Runtime {
     pub snapshot: Arc<Snapshot>,
     pub clusters: Clusters,
+    /// Wasm filter chains by listener.
+    pub filters: wasm::Chains,
 }
 
 /// Counts open downstream connections (for draining on shutdown).
@@ -101,6 +105,8 @@ pub struct Proxy {
     pub node_id: String,
     pub metrics: metrics::Metrics,
     pub access_log: access_log::AccessLog,
+    /// The wasm host, made when the first wasm filter arrives.
+    wasm_host: std::sync::OnceLock<trellis_wasm_host::Host>,
 }
 
 impl Proxy {
@@ -116,7 +122,17 @@ impl Proxy {
             node_id: node_id.to_string(),
             metrics: metrics::Metrics::new(workload),
             access_log,
+            wasm_host: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The wasm host (started on first use).
+    pub fn wasm_host(&self) -> Result<trellis_wasm_host::Host, String> {
+        if let Some(h) = self.wasm_host.get() {
+            return Ok(h.clone());
+        }
+        let h = trellis_wasm_host::Host::new().map_err(|e| format!("cannot start the wasm host: {e}"))?;
+        Ok(self.wasm_host.get_or_init(|| h).clone())
     }
 
     pub(crate) fn set_xds(&self, f: impl FnOnce(&mut xds::XdsStatus)) {

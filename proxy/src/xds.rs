@@ -246,10 +246,11 @@ impl Proxy {
         check_listener_addresses(&snap)?;
         snap.version = current.snapshot.version + 1;
         let snap = Arc::new(snap);
+        let filters = crate::wasm::rebuild(|| self.wasm_host(), &current.filters, &snap)?;
         let mut listeners = self.listeners.lock().await;
         let prepared = listeners.prepare(&snap).await?;
         let clusters = crate::upstream::rebuild(&current.clusters, &snap);
-        self.runtime.store(Arc::new(Runtime { snapshot: snap.clone(), clusters }));
+        self.runtime.store(Arc::new(Runtime { snapshot: snap.clone(), clusters, filters }));
         listeners.commit(self, prepared);
         self.mark_received(type_url);
         Ok(snap)

@@ -38,7 +38,18 @@ pub fn etcd_binary() -> Result<PathBuf, String> {
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+    // The kernel may hand the same port to two binds in a row once the first is released;
+    // never give one out twice in this process (tests start many servers concurrently).
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0);
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if port != 0 && !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    0
 }
 
 impl EtcdServer {

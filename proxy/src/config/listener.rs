@@ -31,7 +31,7 @@ pub struct ListenerConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ListenerKind {
-    Http { stat_prefix: String, route: String },
+    Http { stat_prefix: String, route: String, filters: Vec<WasmFilterConfig> },
     Tcp { chains: Vec<TcpChain>, sni: bool },
 }
 
@@ -131,20 +131,128 @@ pub fn convert(l: &pb::Listener) -> Result<ListenerConfig, ConvertError> {
         }
     }
     let kind = match http {
-        Some((stat_prefix, route)) => ListenerKind::Http { stat_prefix, route },
+        Some((stat_prefix, route, filters)) => ListenerKind::Http { stat_prefix, route, filters },
         None => ListenerKind::Tcp { chains, sni },
     };
     Ok(ListenerConfig { name: l.name.clone(), address, kind })
 }
 
-/// (stat prefix, RDS route name).
-fn http_connection_manager(hcm: &HttpConnectionManager, what: &str) -> Result<(String, String), ConvertError> {
+/// A proxy-wasm HTTP filter (Envoy's `envoy.filters.http.wasm`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WasmFilterConfig {
+    pub name: String,
+    pub root_id: String,
+    pub vm_id: String,
+    /// A file on this host (`vm_config.code.local.filename`) or inline bytes.
+    pub code: WasmCode,
+    /// Expected sha256 (hex), from the VM environment variable `TRELLIS_MODULE_SHA256`.
+    pub sha256: Option<String>,
+    pub configuration: Vec<u8>,
+    pub policy: FailPolicy,
+}
+
+/// What a failing filter means for requests (Istio's failStrategy, Envoy's failure_policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPolicy {
+    /// Skip the filter.
+    Open,
+    /// 503 for every request from the first failure on, until the configuration changes.
+    Closed,
+    /// 503 for the failing request; later ones get a fresh VM (after a growing backoff).
+    Reload,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum WasmCode {
+    File(String),
+    Inline(Vec<u8>),
+}
+
+const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+
+fn wasm_filter(
+    name: &str,
+    any: &envoy_types::pb::google::protobuf::Any,
+    what: &str,
+) -> Result<WasmFilterConfig, ConvertError> {
+    use envoy_types::pb::envoy::config::core::v3::{async_data_source, data_source};
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    use envoy_types::pb::envoy::extensions::wasm::v3::{FailurePolicy, plugin_config};
+    let what = format!("{what}, wasm filter {name}");
+    let wasm = Wasm::decode(any.value.as_slice()).map_err(|e| ConvertError::invalid(&what, e.to_string()))?;
+    let config = wasm.config.ok_or_else(|| ConvertError::invalid(&what, "no config"))?;
+    let Some(plugin_config::Vm::VmConfig(vm)) = config.vm else {
+        return Err(ConvertError::unsupported(&what, "a VM other than an inline vm_config"));
+    };
+    if !matches!(vm.runtime.as_str(), "envoy.wasm.runtime.v8" | "envoy.wasm.runtime.wasmtime" | "") {
+        return Err(ConvertError::unsupported(
+            &what,
+            format!("runtime {} (trellis-proxy runs modules on wasmtime)", vm.runtime),
+        ));
+    }
+    let code = match vm.code.and_then(|c| c.specifier) {
+        Some(async_data_source::Specifier::Local(ds)) => match ds.specifier {
+            Some(data_source::Specifier::Filename(f)) => WasmCode::File(f),
+            Some(data_source::Specifier::InlineBytes(b)) => WasmCode::Inline(b),
+            other => return Err(ConvertError::unsupported(&what, format!("module source {other:?}"))),
+        },
+        Some(async_data_source::Specifier::Remote(_)) => {
+            return Err(ConvertError::unsupported(&what, "remote modules (module delivery arrives with issue #5)"));
+        }
+        None => return Err(ConvertError::invalid(&what, "no module code")),
+    };
+    let configuration = match config.configuration {
+        Some(a) if a.type_url.ends_with("google.protobuf.StringValue") => {
+            envoy_types::pb::google::protobuf::StringValue::decode(a.value.as_slice())
+                .map_err(|e| ConvertError::invalid(&what, e.to_string()))?
+                .value
+                .into_bytes()
+        }
+        Some(a) if a.type_url.ends_with("google.protobuf.BytesValue") => {
+            envoy_types::pb::google::protobuf::BytesValue::decode(a.value.as_slice())
+                .map_err(|e| ConvertError::invalid(&what, e.to_string()))?
+                .value
+        }
+        Some(a) => return Err(ConvertError::unsupported(&what, format!("configuration of type {}", a.type_url))),
+        None => Vec::new(),
+    };
+    #[allow(deprecated)] // fail_open is Envoy's older switch; both are honoured.
+    let policy = if config.fail_open || config.failure_policy == FailurePolicy::FailOpen as i32 {
+        FailPolicy::Open
+    } else if config.failure_policy == FailurePolicy::FailReload as i32 {
+        FailPolicy::Reload
+    } else {
+        FailPolicy::Closed
+    };
+    Ok(WasmFilterConfig {
+        name: config.name,
+        root_id: config.root_id,
+        vm_id: vm.vm_id,
+        code,
+        sha256: vm.environment_variables.and_then(|e| e.key_values.get("TRELLIS_MODULE_SHA256").cloned()),
+        configuration,
+        policy,
+    })
+}
+
+/// (stat prefix, RDS route name, wasm filters in order).
+fn http_connection_manager(
+    hcm: &HttpConnectionManager,
+    what: &str,
+) -> Result<(String, String, Vec<WasmFilterConfig>), ConvertError> {
     let route = match &hcm.route_specifier {
         Some(RouteSpecifier::Rds(rds)) => rds.route_config_name.clone(),
         _ => return Err(ConvertError::unsupported(what, "routes other than by RDS")),
     };
     let mut saw_router = false;
+    let mut filters = Vec::new();
     for f in &hcm.http_filters {
+        if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type
+            && any.type_url == WASM_TYPE
+        {
+            filters.push(wasm_filter(&f.name, any, what)?);
+            continue;
+        }
         match f.name.as_str() {
             ROUTER => saw_router = true,
             FAULT => {
@@ -172,5 +280,5 @@ fn http_connection_manager(hcm: &HttpConnectionManager, what: &str) -> Result<(S
     if !saw_router {
         return Err(ConvertError::invalid(what, "no router filter"));
     }
-    Ok((hcm.stat_prefix.clone(), route))
+    Ok((hcm.stat_prefix.clone(), route, filters))
 }

@@ -26,8 +26,11 @@ use trellis_model::analyze::fqdn;
 use trellis_model::registry::Protocol;
 use trellis_model::spec::{Gateway, Server, ServerTlsMode, Spec, VirtualService};
 
-use super::listeners::{chain, hcm, l4_applies, listener, port_listener_name, tcp_proxy, tls_inspector, weighted};
+use super::listeners::{
+    chain, hcm, http_filters, l4_applies, listener, port_listener_name, tcp_proxy, tls_inspector, weighted,
+};
 use super::routes::vs_routes;
+use super::wasm::Side;
 use super::{Scope, Translated, gateway_ref, selects};
 
 /// One gateway server with the gateway it belongs to.
@@ -111,7 +114,7 @@ pub(crate) fn listeners(scope: &Scope<'_>, out: &mut Translated) {
         let chains = if protocol.is_http() {
             let route_name = format!("http.{port}");
             out.routes.insert(route_name.clone(), route_config(scope, &route_name, port, &servers));
-            vec![chain(hcm(&name, &route_name))]
+            vec![chain(hcm(&name, &route_name, http_filters(scope, Side::Client, Some(port))))]
         } else if protocol == Protocol::Tls {
             if servers.iter().any(|b| b.server.tls.as_ref().is_some_and(|t| t.mode == ServerTlsMode::AUTO_PASSTHROUGH))
             {

@@ -38,6 +38,7 @@ use trellis_model::spec::{IstioEgressListener, Labels, RouteDestination};
 
 use super::clusters::{InboundPort, inbound_ports, socket};
 use super::routes::{FAULT_FILTER, destination_cluster, inbound_route_name, route_config};
+use super::wasm::{self, Side};
 use super::{INBOUND_ROUTE, OUTBOUND_ROUTE, Scope, Translated, cluster_name, selects};
 
 pub const OUTBOUND_LISTENER: &str = "outbound";
@@ -46,22 +47,26 @@ const HCM: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 
-fn http_filters() -> Vec<HttpFilter> {
-    vec![
-        HttpFilter {
-            name: FAULT_FILTER.into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(HttpFault::default()))),
-            ..Default::default()
-        },
-        HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
-            ..Default::default()
-        },
-    ]
+/// The HTTP filter chain: WasmPlugins by phase around the fault filter, then the router.
+pub(crate) fn http_filters(scope: &Scope<'_>, side: Side, port: Option<u32>) -> Vec<HttpFilter> {
+    let fault = HttpFilter {
+        name: FAULT_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(HttpFault::default()))),
+        ..Default::default()
+    };
+    let mut chain: Vec<(u8, HttpFilter)> = wasm::filters(scope, side, port);
+    let at = chain.iter().position(|(rank, _)| *rank > wasm::FAULT_RANK).unwrap_or(chain.len());
+    chain.insert(at, (wasm::FAULT_RANK, fault));
+    let mut filters: Vec<HttpFilter> = chain.into_iter().map(|(_, f)| f).collect();
+    filters.push(HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+        ..Default::default()
+    });
+    filters
 }
 
-pub(crate) fn hcm(stat_prefix: &str, route: &str) -> Filter {
+pub(crate) fn hcm(stat_prefix: &str, route: &str, filters: Vec<HttpFilter>) -> Filter {
     let hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         codec_type: CodecType::Auto as i32,
@@ -73,7 +78,7 @@ pub(crate) fn hcm(stat_prefix: &str, route: &str) -> Filter {
             }),
             route_config_name: route.to_string(),
         })),
-        http_filters: http_filters(),
+        http_filters: filters,
         use_remote_address: Some(BoolValue { value: false }),
         ..Default::default()
     };
@@ -114,7 +119,11 @@ pub(crate) fn outbound(scope: &Scope<'_>, out: &mut Translated) {
     let (ip, port) = &scope.proxy.outbound_listener;
     out.listeners.insert(
         OUTBOUND_LISTENER.into(),
-        listener(OUTBOUND_LISTENER, (ip, *port), vec![chain(hcm(OUTBOUND_LISTENER, OUTBOUND_ROUTE))]),
+        listener(
+            OUTBOUND_LISTENER,
+            (ip, *port),
+            vec![chain(hcm(OUTBOUND_LISTENER, OUTBOUND_ROUTE, http_filters(scope, Side::Client, None)))],
+        ),
     );
     let egress = scope.sidecar().map(|s| s.egress.as_slice()).unwrap_or_default();
     for e in egress {
@@ -157,7 +166,7 @@ fn egress_listener(scope: &Scope<'_>, e: &IstioEgressListener, port: u32, protoc
     let name = port_listener_name(bind, port);
     let chains = if protocol.is_http() {
         out.routes.insert(name.clone(), route_config(scope, &name, services.iter().copied(), true));
-        vec![chain(hcm(&name, &name))]
+        vec![chain(hcm(&name, &name, http_filters(scope, Side::Client, Some(port))))]
     } else if matches!(protocol, Protocol::Tls | Protocol::Https) {
         tls_chains(scope, &services, port)
     } else {
@@ -271,19 +280,23 @@ pub(crate) fn inbound(scope: &Scope<'_>, out: &mut Translated) {
     let (ip, port) = &scope.proxy.inbound_listener;
     out.listeners.insert(
         INBOUND_LISTENER.into(),
-        listener(INBOUND_LISTENER, (ip, *port), vec![chain(hcm(INBOUND_LISTENER, INBOUND_ROUTE))]),
+        listener(
+            INBOUND_LISTENER,
+            (ip, *port),
+            vec![chain(hcm(INBOUND_LISTENER, INBOUND_ROUTE, http_filters(scope, Side::Server, None)))],
+        ),
     );
     for p in inbound_ports(scope) {
         let Some(bind) = &p.bind else { continue };
         let name = port_listener_name(bind, p.number);
-        let filter = ingress_filter(&p, &name);
+        let filter = ingress_filter(scope, &p, &name);
         out.listeners.insert(name.clone(), listener(&name, (bind, p.number), vec![chain(filter)]));
     }
 }
 
-fn ingress_filter(p: &InboundPort, name: &str) -> Filter {
+fn ingress_filter(scope: &Scope<'_>, p: &InboundPort, name: &str) -> Filter {
     if p.protocol.is_http() {
-        hcm(name, &inbound_route_name(p.number))
+        hcm(name, &inbound_route_name(p.number), http_filters(scope, Side::Server, Some(p.number)))
     } else {
         tcp_proxy(name, vec![(p.cluster(), 100)])
     }

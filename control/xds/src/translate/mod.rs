@@ -12,6 +12,7 @@ mod listeners;
 mod locality;
 mod routes;
 pub mod tls;
+mod wasm;
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,125 @@
+//! Wasm HTTP filters at run time: for each listener, its chain of proxy-wasm filters, each a
+//! compiled module (trellis-wasm-host) with a pool of VMs. A stream borrows one VM per filter
+//! for its lifetime and gives it back (a VM is never created per request; the pool grows to
+//! the concurrency). Filters are built — module read, sha256 verified, compiled once, a first
+//! VM started so on_configure runs — while a configuration is applied: a bad module or a
+//! refused configuration NACKs the update and the old chain keeps serving. A chain whose
+//! configuration did not change is kept (VMs, shared data and all).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use trellis_wasm_host::{CompiledModule, Host, Limits, PluginConfig, Vm, VmError};
+
+use crate::config::listener::{FailPolicy, WasmCode, WasmFilterConfig};
+use crate::config::{ListenerKind, Snapshot};
+
+/// VMs kept per filter beyond those in use.
+const POOL: usize = 64;
+
+/// A filter ready to run.
+pub struct WasmFilter {
+    pub config: WasmFilterConfig,
+    host: Host,
+    module: Arc<CompiledModule>,
+    plugin: PluginConfig,
+    pool: Mutex<Vec<Vm>>,
+    /// Failures: (when the filter may try a fresh VM again, the next backoff). Fail-closed
+    /// filters never do once failed.
+    failed: Mutex<Option<(Instant, Duration)>>,
+}
+
+impl std::fmt::Debug for WasmFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmFilter").field("name", &self.config.name).field("sha256", &self.module.sha256).finish()
+    }
+}
+
+impl WasmFilter {
+    /// Loads, verifies and compiles the module and starts a first VM.
+    pub fn build(host: &Host, config: &WasmFilterConfig) -> Result<WasmFilter, String> {
+        let what = format!("wasm filter {}", config.name);
+        let bytes = match &config.code {
+            WasmCode::File(path) => std::fs::read(path).map_err(|e| format!("{what}: cannot read {path}: {e}"))?,
+            WasmCode::Inline(b) => b.clone(),
+        };
+        let module = host.load(&bytes, config.sha256.as_deref()).map_err(|e| format!("{what}: {e}"))?;
+        let plugin = PluginConfig {
+            name: config.name.clone(),
+            root_id: config.root_id.clone(),
+            vm_id: config.vm_id.clone(),
+            configuration: config.configuration.clone(),
+            vm_configuration: Vec::new(),
+        };
+        let first =
+            Vm::start(host, module.clone(), plugin.clone(), Limits::default()).map_err(|e| format!("{what}: {e}"))?;
+        Ok(WasmFilter {
+            config: config.clone(),
+            host: host.clone(),
+            module,
+            plugin,
+            pool: Mutex::new(vec![first]),
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// A VM for one stream.
+    pub fn take(&self) -> Result<Vm, VmError> {
+        if let Some((retry_at, _)) = *self.failed.lock().unwrap_or_else(|p| p.into_inner())
+            && (self.config.policy == FailPolicy::Closed || Instant::now() < retry_at)
+        {
+            return Err(VmError::Poisoned { plugin: self.config.name.clone() });
+        }
+        if let Some(vm) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(vm);
+        }
+        Vm::start(&self.host, self.module.clone(), self.plugin.clone(), Limits::default())
+    }
+
+    /// Gives a VM back. A failed one is dropped and the failure recorded: fail-closed filters
+    /// stay failed; fail-reload ones wait 100 ms, doubling to 10 s, before a fresh VM.
+    pub fn give_back(&self, vm: Vm) {
+        if vm.poisoned() {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            let backoff =
+                failed.map(|(_, b)| (b * 2).min(Duration::from_secs(10))).unwrap_or(Duration::from_millis(100));
+            *failed = Some((Instant::now() + backoff, backoff));
+            return;
+        }
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL {
+            pool.push(vm);
+        }
+    }
+
+    pub fn sha256(&self) -> &str {
+        &self.module.sha256
+    }
+}
+
+/// Filter chains by listener name.
+pub type Chains = HashMap<String, Vec<Arc<WasmFilter>>>;
+
+/// The chains of `snap`, reusing unchanged filters of `old`.
+pub fn rebuild(host: impl Fn() -> Result<Host, String>, old: &Chains, snap: &Snapshot) -> Result<Chains, String> {
+    let mut out = Chains::new();
+    for (name, l) in &snap.listeners {
+        let ListenerKind::Http { filters, .. } = &l.kind else { continue };
+        if filters.is_empty() {
+            continue;
+        }
+        let mut chain = Vec::new();
+        for f in filters {
+            let reused = old.values().flatten().find(|w| w.config == *f).cloned();
+            let w = match reused {
+                Some(w) => w,
+                None => Arc::new(WasmFilter::build(&host()?, f).map_err(|e| format!("listener {name}: {e}"))?),
+            };
+            chain.push(w);
+        }
+        out.insert(name.clone(), chain);
+    }
+    Ok(out)
+}
