@@ -305,11 +305,12 @@ fn redirect_location(rd: &Redirect, scheme: &str, authority: &str, path: &str, q
     out
 }
 
-fn apply_request_ops(h: &mut HeaderMap, ops: &HeaderOps) {
-    for n in &ops.request_remove {
+/// Envoy's order: removals, then additions (appended, or replacing).
+fn edit_headers(h: &mut HeaderMap, remove: &[HeaderName], add: &[(HeaderName, HeaderValue, bool)]) {
+    for n in remove {
         h.remove(n);
     }
-    for (n, v, append) in &ops.request_add {
+    for (n, v, append) in add {
         if *append {
             h.append(n.clone(), v.clone());
         } else {
@@ -318,17 +319,12 @@ fn apply_request_ops(h: &mut HeaderMap, ops: &HeaderOps) {
     }
 }
 
+fn apply_request_ops(h: &mut HeaderMap, ops: &HeaderOps) {
+    edit_headers(h, &ops.request_remove, &ops.request_add);
+}
+
 fn apply_response_ops(h: &mut HeaderMap, ops: &HeaderOps) {
-    for n in &ops.response_remove {
-        h.remove(n);
-    }
-    for (n, v, append) in &ops.response_add {
-        if *append {
-            h.append(n.clone(), v.clone());
-        } else {
-            h.insert(n.clone(), v.clone());
-        }
-    }
+    edit_headers(h, &ops.response_remove, &ops.response_add);
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {

@@ -114,6 +114,41 @@ fn now_nanos() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// A gRPC call (`message` given) or stream (none): recorded for the embedder to perform; the
+/// token goes to `ret`. `strings` holds (pointer, length) of upstream, service, method and
+/// initial metadata.
+fn grpc_callout(mut c: C<'_>, strings: [i32; 8], message: Option<(i32, i32)>, timeout: i32, ret: i32) -> R {
+    let [up, ul, sp, sl, mp, ml, ip, il] = strings;
+    let (Some(upstream), Some(service), Some(method), Some(metadata)) =
+        (read_str(&mut c, up, ul), read_str(&mut c, sp, sl), read_str(&mut c, mp, ml), read(&mut c, ip, il))
+    else {
+        return st(Status::BadArgument);
+    };
+    let message = match message {
+        Some((p, l)) => match read(&mut c, p, l) {
+            Some(m) => m,
+            None => return st(Status::BadArgument),
+        },
+        None => Vec::new(),
+    };
+    let Some(metadata) = deserialize_pairs(&metadata) else { return st(Status::SerializationFailure) };
+    let s = c.data_mut();
+    s.next_token += 1;
+    let token = s.next_token;
+    let context = s.effective_context;
+    s.callouts.push(Callout::Grpc {
+        token,
+        context,
+        upstream,
+        service,
+        method,
+        metadata,
+        message,
+        timeout_ms: timeout as u32,
+    });
+    st(if write_u32(&mut c, ret, token) { Status::Ok } else { Status::BadArgument })
+}
+
 /// Defines every import on `linker`.
 pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     let env = "env";
@@ -440,7 +475,7 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     linker.func_wrap(
         env,
         "proxy_grpc_call",
-        |mut c: C<'_>,
+        |c: C<'_>,
          up: i32,
          ul: i32,
          sp: i32,
@@ -453,59 +488,13 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          msgl: i32,
          timeout: i32,
          ret: i32|
-         -> R {
-            let (Some(upstream), Some(service), Some(method), Some(metadata), Some(message)) = (
-                read_str(&mut c, up, ul),
-                read_str(&mut c, sp, sl),
-                read_str(&mut c, mp, ml),
-                read(&mut c, ip, il),
-                read(&mut c, msgp, msgl),
-            ) else {
-                return st(Status::BadArgument);
-            };
-            let Some(metadata) = deserialize_pairs(&metadata) else { return st(Status::SerializationFailure) };
-            let s = c.data_mut();
-            s.next_token += 1;
-            let token = s.next_token;
-            let context = s.effective_context;
-            s.callouts.push(Callout::Grpc {
-                token,
-                context,
-                upstream,
-                service,
-                method,
-                metadata,
-                message,
-                timeout_ms: timeout as u32,
-            });
-            st(if write_u32(&mut c, ret, token) { Status::Ok } else { Status::BadArgument })
-        },
+         -> R { grpc_callout(c, [up, ul, sp, sl, mp, ml, ip, il], Some((msgp, msgl)), timeout, ret) },
     )?;
     linker.func_wrap(
         env,
         "proxy_grpc_stream",
-        |mut c: C<'_>, up: i32, ul: i32, sp: i32, sl: i32, mp: i32, ml: i32, ip: i32, il: i32, ret: i32| -> R {
-            let (Some(upstream), Some(service), Some(method), Some(metadata)) =
-                (read_str(&mut c, up, ul), read_str(&mut c, sp, sl), read_str(&mut c, mp, ml), read(&mut c, ip, il))
-            else {
-                return st(Status::BadArgument);
-            };
-            let Some(metadata) = deserialize_pairs(&metadata) else { return st(Status::SerializationFailure) };
-            let s = c.data_mut();
-            s.next_token += 1;
-            let token = s.next_token;
-            let context = s.effective_context;
-            s.callouts.push(Callout::Grpc {
-                token,
-                context,
-                upstream,
-                service,
-                method,
-                metadata,
-                message: Vec::new(),
-                timeout_ms: 0,
-            });
-            st(if write_u32(&mut c, ret, token) { Status::Ok } else { Status::BadArgument })
+        |c: C<'_>, up: i32, ul: i32, sp: i32, sl: i32, mp: i32, ml: i32, ip: i32, il: i32, ret: i32| -> R {
+            grpc_callout(c, [up, ul, sp, sl, mp, ml, ip, il], None, 0, ret)
         },
     )?;
     linker.func_wrap(env, "proxy_grpc_send", |c: C<'_>, token: i32, _mp: i32, _ml: i32, _end: i32| -> R {
