@@ -73,6 +73,8 @@ pub struct Sample {
     pub rss_peak_mb: Option<f64>,
     /// Requests the proxy says it handled (warm-up included) vs what was sent to it.
     pub proxy_counted: Option<(u64, u64)>,
+    /// Requests the load generator cut at the ends of the runs (the proxy may have counted them).
+    pub aborted: u64,
     /// Busy share of CPU 0 during the measurement.
     pub cpu0_busy: f64,
     pub exe: String,
@@ -86,6 +88,9 @@ pub struct Load {
     pub p99_ms: f64,
     pub sent: u64,
     pub failed: u64,
+    /// Requests the load generator cut itself at the end of the run (oha's "aborted due to
+    /// deadline"): the proxy may or may not have seen them.
+    pub aborted: u64,
 }
 
 pub fn oha() -> Option<PathBuf> {
@@ -215,13 +220,23 @@ pub async fn load(
             let ok = codes.get("200").and_then(|x| x.as_u64()).unwrap_or(0);
             let all_codes: u64 = codes.values().filter_map(|x| x.as_u64()).sum();
             let errors: u64 =
-                v["errorDistribution"].as_object().map(|m| m.values().filter_map(|x| x.as_u64()).sum()).unwrap_or(0);
+                // Requests still in flight when the duration ends are cut by oha itself
+                // ("aborted due to deadline"): neither sent in full nor failed by the proxy.
+                v["errorDistribution"]
+                    .as_object()
+                    .map(|m| m.iter().filter(|(k, _)| !k.contains("deadline")).filter_map(|(_, x)| x.as_u64()).sum())
+                    .unwrap_or(0);
+            let aborted: u64 = v["errorDistribution"]
+                .as_object()
+                .map(|m| m.iter().filter(|(k, _)| k.contains("deadline")).filter_map(|(_, x)| x.as_u64()).sum())
+                .unwrap_or(0);
             Ok(Load {
                 p50_ms: p("p50"),
                 p90_ms: p("p90"),
                 p99_ms: p("p99"),
                 sent: all_codes + errors,
                 failed: all_codes - ok + errors,
+                aborted,
             })
         }
         None => builtin_load(url, host, rate, connections, duration).await,
@@ -306,6 +321,7 @@ async fn builtin_load(
         p99_ms: pct(0.99),
         sent: total,
         failed: failed.load(Ordering::Relaxed),
+        aborted: 0,
     })
 }
 
@@ -459,6 +475,7 @@ async fn measure(
         rss_start_mb,
         rss_peak_mb,
         proxy_counted: counted,
+        aborted: warm.aborted + l.aborted,
         cpu0_busy: busy,
         exe,
     })

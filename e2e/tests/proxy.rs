@@ -646,3 +646,84 @@ async fn a_crashing_filter_follows_its_fail_strategy() {
         }
     }
 }
+
+fn hello_plugin(value: &str) -> Value {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
+    let path = trellis_filter_testkit::build(manifest, "hello").expect("build filters/hello").canonicalize().unwrap();
+    json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": "hello", "namespace": "default"},
+        "spec": {"url": format!("file://{}", path.display()), "pluginConfig": {"header": "x-hello", "value": value}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_is_swapped_under_load_without_a_failed_request() {
+    let s = setup(|_| vec![hello_plugin("before")], &[]).await;
+    let stamp =
+        |body: &str| serde_json::from_str::<Value>(body).ok().and_then(|v| v["x-hello"].as_str().map(String::from));
+    assert_eq!(stamp(&s.client.get(WEB, "/headers", &[]).await.unwrap().body).as_deref(), Some("before"));
+    // Steady load: 4 clients, at most 1,500 requests each, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (c, stop, done) = (s.client.clone(), stop.clone(), done.clone());
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut seen_after) = (0u32, 0u32, 0u32);
+            for _ in 0..1500 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = c.get(WEB, "/headers", &[]).await;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match r {
+                    Ok(a) if a.status == 200 => {
+                        ok += 1;
+                        if a.body.contains("\"x-hello\":\"after\"") {
+                            seen_after += 1;
+                        }
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed, seen_after)
+        }));
+    }
+    // The load runs on the old filter first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.load(std::sync::atomic::Ordering::Relaxed) < 100 {
+        assert!(Instant::now() < deadline, "the load did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let api = s.cp.client().unwrap();
+    let mut p: trellis_model::Resource = serde_json::from_value(hello_plugin("after")).unwrap();
+    p.metadata.resource_version = api
+        .get(trellis_model::Kind::WasmPlugin, Some("default"), "hello")
+        .await
+        .unwrap()
+        .unwrap()
+        .metadata
+        .resource_version;
+    api.replace(&p).await.unwrap();
+    // Every request from some point on sees the new filter.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = s.client.get(WEB, "/headers", &[]).await.unwrap();
+        if stamp(&a.body).as_deref() == Some("after") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new filter never served: {}", a.body);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..50 {
+        let a = s.client.get(WEB, "/headers", &[]).await.unwrap();
+        assert_eq!(stamp(&a.body).as_deref(), Some("after"), "an old filter served after the swap");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed, mut after) = (0, 0, 0);
+    for t in load {
+        let (o, f, a) = t.await.unwrap();
+        (ok, failed, after) = (ok + o, failed + f, after + a);
+    }
+    println!("swap under load: {ok} requests ok, {failed} failed, {after} served by the new filter");
+    assert_eq!(failed, 0, "requests failed during the swap");
+    assert!(ok > 0 && after > 0, "the load ran across the swap: ok {ok}, after {after}");
+}

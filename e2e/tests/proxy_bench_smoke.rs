@@ -27,7 +27,12 @@ async fn the_proxy_benchmark_runs_and_counts_every_request() {
         assert!(s.sent >= 300 && s.p50_ms.is_finite(), "{mode:?}: {s:?}");
         if mode != Mode::Direct {
             let (counted, sent) = s.proxy_counted.unwrap_or_else(|| panic!("{mode:?} reported no request count"));
-            assert_eq!(counted, sent, "{mode:?} counted {counted} of {sent} requests");
+            // Requests oha cut at the end of a run may or may not have reached the proxy.
+            assert!(
+                (sent..=sent + s.aborted).contains(&counted),
+                "{mode:?} counted {counted} of {sent} requests (+{} cut by the load generator)",
+                s.aborted
+            );
             assert!(s.cpu.is_some() && s.rss_peak_mb.is_some(), "{s:?}");
         }
     }
