@@ -644,6 +644,16 @@ async fn a_crashing_filter_follows_its_fail_strategy() {
             assert!(Instant::now() < deadline, "{strategy}: later requests got {status}, want {want}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Per-plugin metrics saw the calls, the failure and the VMs.
+        let plugin = ["plugin=\"default.probe\""];
+        let calls = metric_value(&s.proxy, "trellis_wasm_calls_total", &plugin).await;
+        let errors = metric_value(&s.proxy, "trellis_wasm_errors_total", &plugin).await;
+        let starts = metric_value(&s.proxy, "trellis_wasm_vm_starts_total", &plugin).await;
+        let time = metric_value(&s.proxy, "trellis_wasm_time_seconds_total", &plugin).await;
+        assert!(calls >= 3.0 && errors >= 1.0 && time > 0.0, "{strategy}: calls {calls}, errors {errors}, time {time}");
+        if strategy != "FAIL_CLOSE" {
+            assert!(starts >= 2.0, "{strategy}: a fresh VM replaced the crashed one ({starts} started)");
+        }
     }
 }
 

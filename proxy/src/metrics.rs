@@ -104,6 +104,28 @@ pub struct Metrics {
     pub workload: Workload,
     /// By a hash of the key's parts, so a lookup allocates nothing.
     cache: std::sync::RwLock<HandleCache>,
+    pub wasm: WasmMetrics,
+}
+
+/// A wasm plugin, by the name its filter has (`namespace.name` of the WasmPlugin).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    pub plugin: String,
+}
+
+/// Per-plugin metrics of the wasm filters.
+#[derive(Debug, Default, Clone)]
+pub struct WasmMetrics {
+    /// Callbacks into the plugin.
+    pub calls: Family<PluginLabel, Counter>,
+    /// Callbacks that failed (trap, panic, deadline, bad result).
+    pub errors: Family<PluginLabel, Counter>,
+    /// VMs started (the first, the pool growing, fresh ones after failures).
+    pub vm_starts: Family<PluginLabel, Counter>,
+    /// Time spent in the plugin's callbacks.
+    pub time: Family<PluginLabel, Counter<f64>>,
+    /// Linear memory of the plugin's pooled VMs.
+    pub memory: Family<PluginLabel, prometheus_client::metrics::gauge::Gauge>,
 }
 
 fn durations() -> Histogram {
@@ -146,6 +168,16 @@ impl Metrics {
         registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the peer on TCP connections", tcp_sent.clone());
         registry.register("istio_tcp_received_bytes", "Bytes received on TCP connections", tcp_received.clone());
+        let wasm = WasmMetrics::default();
+        registry.register("trellis_wasm_calls", "Callbacks into a wasm plugin", wasm.calls.clone());
+        registry.register("trellis_wasm_errors", "Failed callbacks of a wasm plugin", wasm.errors.clone());
+        registry.register("trellis_wasm_vm_starts", "VMs started for a wasm plugin", wasm.vm_starts.clone());
+        registry.register("trellis_wasm_time_seconds", "Time spent in a wasm plugin's callbacks", wasm.time.clone());
+        registry.register(
+            "trellis_wasm_memory_bytes",
+            "Linear memory of a wasm plugin's pooled VMs",
+            wasm.memory.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -158,6 +190,7 @@ impl Metrics {
             tcp_received,
             workload,
             cache: Default::default(),
+            wasm,
         }
     }
 

@@ -14,6 +14,7 @@ use trellis_wasm_host::{CompiledModule, Host, Limits, PluginConfig, Vm, VmError}
 
 use crate::config::listener::{FailPolicy, WasmCode, WasmFilterConfig};
 use crate::config::{ListenerKind, Snapshot};
+use crate::metrics::{PluginLabel, WasmMetrics};
 
 /// VMs kept per filter beyond those in use.
 const POOL: usize = 64;
@@ -28,6 +29,8 @@ pub struct WasmFilter {
     /// Failures: (when the filter may try a fresh VM again, the next backoff). Fail-closed
     /// filters never do once failed.
     failed: Mutex<Option<(Instant, Duration)>>,
+    metrics: WasmMetrics,
+    label: PluginLabel,
 }
 
 impl std::fmt::Debug for WasmFilter {
@@ -38,7 +41,7 @@ impl std::fmt::Debug for WasmFilter {
 
 impl WasmFilter {
     /// Loads, verifies and compiles the module and starts a first VM.
-    pub fn build(host: &Host, config: &WasmFilterConfig) -> Result<WasmFilter, String> {
+    pub fn build(host: &Host, config: &WasmFilterConfig, metrics: &WasmMetrics) -> Result<WasmFilter, String> {
         let what = format!("wasm filter {}", config.name);
         let bytes = match &config.code {
             WasmCode::File(path) => std::fs::read(path).map_err(|e| format!("{what}: cannot read {path}: {e}"))?,
@@ -54,6 +57,8 @@ impl WasmFilter {
         };
         let first =
             Vm::start(host, module.clone(), plugin.clone(), Limits::default()).map_err(|e| format!("{what}: {e}"))?;
+        let label = PluginLabel { plugin: config.name.clone() };
+        metrics.vm_starts.get_or_create(&label).inc();
         Ok(WasmFilter {
             config: config.clone(),
             host: host.clone(),
@@ -61,6 +66,8 @@ impl WasmFilter {
             plugin,
             pool: Mutex::new(vec![first]),
             failed: Mutex::new(None),
+            metrics: metrics.clone(),
+            label,
         })
     }
 
@@ -74,7 +81,20 @@ impl WasmFilter {
         if let Some(vm) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(vm);
         }
+        self.metrics.vm_starts.get_or_create(&self.label).inc();
         Vm::start(&self.host, self.module.clone(), self.plugin.clone(), Limits::default())
+    }
+
+    /// Runs one callback, counting it, its time and its failure.
+    pub fn call<T>(&self, f: impl FnOnce() -> Result<T, VmError>) -> Result<T, VmError> {
+        let t = Instant::now();
+        let r = f();
+        self.metrics.calls.get_or_create(&self.label).inc();
+        self.metrics.time.get_or_create(&self.label).inc_by(t.elapsed().as_secs_f64());
+        if r.is_err() {
+            self.metrics.errors.get_or_create(&self.label).inc();
+        }
+        r
     }
 
     /// Gives a VM back. A failed one is dropped and the failure recorded: fail-closed filters
@@ -88,9 +108,13 @@ impl WasmFilter {
             return;
         }
         *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut vm = vm;
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < POOL {
+            let bytes = vm.memory_bytes() as i64;
             pool.push(vm);
+            let total: i64 = bytes.max(0) * pool.len() as i64;
+            self.metrics.memory.get_or_create(&self.label).set(total);
         }
     }
 
@@ -103,7 +127,12 @@ impl WasmFilter {
 pub type Chains = HashMap<String, Vec<Arc<WasmFilter>>>;
 
 /// The chains of `snap`, reusing unchanged filters of `old`.
-pub fn rebuild(host: impl Fn() -> Result<Host, String>, old: &Chains, snap: &Snapshot) -> Result<Chains, String> {
+pub fn rebuild(
+    host: impl Fn() -> Result<Host, String>,
+    old: &Chains,
+    snap: &Snapshot,
+    metrics: &WasmMetrics,
+) -> Result<Chains, String> {
     let mut out = Chains::new();
     for (name, l) in &snap.listeners {
         let ListenerKind::Http { filters, .. } = &l.kind else { continue };
@@ -115,7 +144,7 @@ pub fn rebuild(host: impl Fn() -> Result<Host, String>, old: &Chains, snap: &Sna
             let reused = old.values().flatten().find(|w| w.config == *f).cloned();
             let w = match reused {
                 Some(w) => w,
-                None => Arc::new(WasmFilter::build(&host()?, f).map_err(|e| format!("listener {name}: {e}"))?),
+                None => Arc::new(WasmFilter::build(&host()?, f, metrics).map_err(|e| format!("listener {name}: {e}"))?),
             };
             chain.push(w);
         }

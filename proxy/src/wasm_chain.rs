@@ -140,7 +140,8 @@ fn failed(filter: &WasmFilter, why: &str, mut outcome: Outcome) -> (Response<Box
 
 fn done(active: Vec<Active>) {
     for mut a in active {
-        let _ = a.vm.finish_stream(a.id);
+        let (vm, id) = (&mut a.vm, a.id);
+        let _ = a.filter.call(|| vm.finish_stream(id));
         a.filter.give_back(a.vm);
     }
 }
@@ -166,8 +167,10 @@ pub async fn run(
                 return failed(filter, &e.to_string(), Outcome::default());
             }
         };
-        let result =
-            vm.create_stream(request_stream(&req, peer)).and_then(|id| Ok((id, vm.on_request_headers(id, true)?)));
+        let result = filter.call(|| {
+            let id = vm.create_stream(request_stream(&req, peer))?;
+            Ok((id, vm.on_request_headers(id, true)?))
+        });
         let (id, action) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -212,7 +215,8 @@ pub async fn run(
         if let Some(s) = a.vm.stream_mut(a.id) {
             s.response_headers = response_pairs(&resp);
         }
-        match a.vm.on_response_headers(a.id, false) {
+        let (filter, vm, id) = (&a.filter, &mut a.vm, a.id);
+        match filter.call(|| vm.on_response_headers(id, false)) {
             Ok(_) => {
                 let s = a.vm.stream(a.id).cloned().unwrap_or_default();
                 if let Some(l) = &s.local_response {

@@ -246,7 +246,7 @@ impl Proxy {
         check_listener_addresses(&snap)?;
         snap.version = current.snapshot.version + 1;
         let snap = Arc::new(snap);
-        let filters = crate::wasm::rebuild(|| self.wasm_host(), &current.filters, &snap)?;
+        let filters = crate::wasm::rebuild(|| self.wasm_host(), &current.filters, &snap, &self.metrics.wasm)?;
         let mut listeners = self.listeners.lock().await;
         let prepared = listeners.prepare(&snap).await?;
         let clusters = crate::upstream::rebuild(&current.clusters, &snap);
