@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 mod output;
+mod scaffold;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -99,6 +100,25 @@ enum Command {
     Token {
         #[command(subcommand)]
         action: TokenCommand,
+    },
+    /// Write proxy-wasm filters.
+    Filter {
+        #[command(subcommand)]
+        action: FilterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FilterCommand {
+    /// Scaffold a filter crate (filter + host-side tests) that builds, tests and loads.
+    New {
+        name: String,
+        /// Where to write it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// A Trellis checkout (the SDK and testkit are path dependencies).
+        #[arg(long)]
+        repo: Option<std::path::PathBuf>,
     },
 }
 
@@ -226,6 +246,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Analyze { .. } => analyze_server(&client(&cli)?).await,
         Command::Token { action } => token(&client(&cli)?, action).await,
         Command::ProxyStatus => proxy_status(&client(&cli)?).await,
+        Command::Filter { action: FilterCommand::New { name, dir, repo } } => {
+            let dir = scaffold::new_filter(name, dir.as_deref(), repo.as_deref())?;
+            println!("wrote {}", dir.display());
+            println!("  cd {} && cargo build -p {name} --target wasm32-wasip1 --profile wasm", dir.display());
+            println!("  cargo test -p {name}-tests");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("trellis {}", env!("CARGO_PKG_VERSION"));
             match client(&cli)?.version().await {
