@@ -246,7 +246,15 @@ impl Proxy {
         check_listener_addresses(&snap)?;
         snap.version = current.snapshot.version + 1;
         let snap = Arc::new(snap);
-        let filters = crate::wasm::rebuild(|| self.wasm_host(), &current.filters, &snap, &self.metrics.wasm)?;
+        // Reading and compiling modules is CPU work: off the (possibly single) worker thread.
+        let filters = {
+            let (proxy, old, snap) = (self.clone(), current.filters.clone(), snap.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::wasm::rebuild(|| proxy.wasm_host(), &old, &snap, &proxy.metrics.wasm)
+            })
+            .await
+            .map_err(|e| format!("building wasm filters: {e}"))??
+        };
         let mut listeners = self.listeners.lock().await;
         let prepared = listeners.prepare(&snap).await?;
         let clusters = crate::upstream::rebuild(&current.clusters, &snap);
