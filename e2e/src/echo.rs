@@ -2,7 +2,7 @@
 //! record what they received (path, Host, headers) and can be told to fail or stall. A few
 //! paths do more: `/headers` answers the request headers as JSON, `/count` reads the request
 //! body as it streams and answers its size, `/trailers` answers with gRPC-style trailers,
-//! `/big?n=BYTES` streams a body of that size.
+//! `/big?n=BYTES` streams a body of that size, `/echo-body` answers the request body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -127,6 +127,10 @@ async fn special(name: &str, req: Request<Incoming>) -> Option<Response<EchoBody
             map.insert(":path".into(), req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default().into());
             map.insert(":version".into(), format!("{:?}", req.version()).into());
             Some(ok(Full::new(Bytes::from(serde_json::Value::Object(map).to_string())).map_err(|e| match e {}).boxed()))
+        }
+        "/echo-body" => {
+            let body = req.into_body().collect().await.ok()?.to_bytes();
+            Some(ok(Full::new(body).map_err(|e| match e {}).boxed()))
         }
         "/count" => {
             let mut body = req.into_body();

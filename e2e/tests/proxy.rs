@@ -737,3 +737,26 @@ async fn a_filter_is_swapped_under_load_without_a_failed_request() {
     assert_eq!(failed, 0, "requests failed during the swap");
     assert!(ok > 0 && after > 0, "the load ran across the swap: ok {ok}, after {after}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_pass_through_the_filters_body_callbacks() {
+    let s = setup(|_| vec![probe_plugin("FAIL_CLOSE")], &[]).await;
+    // Three frames: the probe holds them back (Pause) until the end, then upper-cases all.
+    let tcp = tokio::net::TcpStream::connect(&s.proxy.outbound).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, StreamBody<_>>(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let frames = futures::stream::iter(
+        ["hello ", "wasm ", "body"]
+            .map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(c)))),
+    );
+    let req = http::Request::post("/echo-body").header("host", WEB).body(StreamBody::new(frames)).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "HELLO WASM BODY", "proxy log:\n{}", s.proxy.log_text());
+    // The streams finished and their VMs went back: later requests still work.
+    for _ in 0..5 {
+        assert_eq!(s.client.get(WEB, "/deny", &[]).await.unwrap().status, 403);
+    }
+}

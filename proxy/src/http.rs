@@ -181,11 +181,22 @@ pub async fn handle(
     Response::from_parts(parts, boxed(body))
 }
 
-pub(crate) async fn route_request(
+/// A request body the router can forward.
+pub(crate) trait ProxyBody:
+    hyper::body::Body<Data = Bytes, Error: Into<crate::BoxError>> + Send + Sync + Unpin + 'static
+{
+}
+
+impl<B> ProxyBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: Into<crate::BoxError>> + Send + Sync + Unpin + 'static
+{
+}
+
+pub(crate) async fn route_request<B: ProxyBody>(
     rt: &Arc<crate::Runtime>,
     listener: &str,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
 ) -> (Response<BoxBody>, Outcome) {
     let mut outcome = Outcome::default();
     let reply = |status: StatusCode, body: &str, flags: &'static str, mut o: Outcome| {
@@ -258,7 +269,7 @@ pub(crate) async fn route_request(
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req
@@ -353,12 +364,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn hash_key(
-    policies: &[HashPolicy],
-    req: &Request<Incoming>,
-    peer: SocketAddr,
-    query: Option<&str>,
-) -> upstream::HashKey {
+fn hash_key<B>(policies: &[HashPolicy], req: &Request<B>, peer: SocketAddr, query: Option<&str>) -> upstream::HashKey {
     let mut key: Option<u64> = None;
     for p in policies {
         let part: Option<Vec<u8>> = match p {
@@ -409,13 +415,13 @@ fn new_request_id() -> String {
 type ForwardResult = ((Response<BoxBody>, Option<hyper::upgrade::OnUpgrade>), Outcome);
 
 #[allow(clippy::too_many_arguments)]
-async fn forward(
+async fn forward<B: ProxyBody>(
     rt: &crate::Runtime,
     fwd: &Forward,
     route_ops: &HeaderOps,
     matched: &PathMatch,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<B>,
     path: &str,
     query: Option<&str>,
     mut outcome: Outcome,

@@ -4,9 +4,23 @@
 //! own, with Envoy's pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`), and the
 //! standard properties `request.*` and `source.*` in Envoy's encodings.
 //!
-//! Failures follow the filter's policy: fail open skips the filter, fail closed answers 503.
-//! A failed VM is dropped; the next stream gets a fresh one. Not yet: bodies and http
-//! callouts through filters (a filter that pauses for a callout is treated as a failure).
+//! Bodies: when a filter handles bodies, each data frame passes through its body callback
+//! (request frames in chain order, response frames in reverse); a filter that returns Pause
+//! before the end sees the body buffered up to the next frame (at most 1 MiB, Envoy's default
+//! buffer limit), and Content-Length is dropped since a filter may change the length. The
+//! streams end (on_log, on_done, on_delete; VMs back to the pool) when the last body is done.
+//!
+//! Failures follow the filter's policy: fail open skips the filter, fail closed answers 503
+//! (during a body already on its way, the stream is reset instead). A failed VM is dropped;
+//! the next stream gets a fresh one. Not yet: http callouts through filters (a filter that
+//! pauses for a callout is treated as a failure).
+
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -146,6 +160,138 @@ fn done(active: Vec<Active>) {
     }
 }
 
+/// The filters of one stream, finished when the last user (the run, a body) lets go.
+struct Chain(Vec<Active>);
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        done(std::mem::take(&mut self.0));
+    }
+}
+
+type Shared = Arc<Mutex<Chain>>;
+
+/// Most body bytes a filter may hold back.
+const BODY_BUFFER_LIMIT: usize = 1 << 20;
+
+/// A request or response body passed through the filters' body callbacks.
+struct FilteredBody {
+    inner: BoxBody,
+    chain: Shared,
+    request: bool,
+    /// Per filter: what it asked to see more of.
+    buffered: Vec<Vec<u8>>,
+    trailers: Option<http::HeaderMap>,
+    ended: bool,
+}
+
+impl FilteredBody {
+    fn new(inner: BoxBody, chain: Shared, request: bool) -> FilteredBody {
+        let n = chain.lock().unwrap_or_else(|p| p.into_inner()).0.len();
+        FilteredBody { inner, chain, request, buffered: vec![Vec::new(); n], trailers: None, ended: false }
+    }
+
+    /// Runs `chunk` through the filters; `None` when a filter holds it back for now.
+    fn filter(&mut self, chunk: Bytes, end: bool) -> Result<Option<Bytes>, crate::BoxError> {
+        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        let n = chain.0.len();
+        let order: Vec<usize> = if self.request { (0..n).collect() } else { (0..n).rev().collect() };
+        let request = self.request;
+        let mut data = chunk.to_vec();
+        for i in order {
+            let a = &mut chain.0[i];
+            let handles = if request { a.vm.handles_bodies().0 } else { a.vm.handles_bodies().1 };
+            if !handles {
+                continue;
+            }
+            let buf = &mut self.buffered[i];
+            buf.extend_from_slice(&data);
+            if buf.len() > BODY_BUFFER_LIMIT {
+                let name = &a.filter.config.name;
+                return Err(format!("wasm filter {name}: body over the {BODY_BUFFER_LIMIT}-byte buffer limit").into());
+            }
+            let (filter, vm, id) = (&a.filter, &mut a.vm, a.id);
+            if let Some(s) = vm.stream_mut(id) {
+                if request {
+                    s.request_body = std::mem::take(buf);
+                } else {
+                    s.response_body = std::mem::take(buf);
+                }
+            }
+            let r = filter.call(|| if request { vm.on_request_body(id, end) } else { vm.on_response_body(id, end) });
+            let answered = vm.stream(id).is_some_and(|s| s.local_response.is_some());
+            let out =
+                vm.stream_mut(id)
+                    .map(|s| {
+                        if request { std::mem::take(&mut s.request_body) } else { std::mem::take(&mut s.response_body) }
+                    })
+                    .unwrap_or_default();
+            match r {
+                Ok(_) if answered => {
+                    let name = &filter.config.name;
+                    return Err(format!("wasm filter {name}: a local reply after the headers were sent").into());
+                }
+                Ok(Action::Pause) if !end => {
+                    *buf = out;
+                    return Ok(None);
+                }
+                Ok(_) => data = out,
+                Err(e) if filter.config.policy == FailPolicy::Open => {
+                    tracing::warn!(filter = %filter.config.name, error = %e, "wasm filter failed on a body; failing open");
+                    data = out;
+                }
+                Err(e) => return Err(e.to_string().into()),
+            }
+        }
+        Ok(Some(Bytes::from(data)))
+    }
+
+    /// The end of the body: flush what the filters hold.
+    fn flush(&mut self) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+        self.ended = true;
+        match self.filter(Bytes::new(), true) {
+            Ok(Some(out)) if !out.is_empty() => Poll::Ready(Some(Ok(Frame::data(out)))),
+            Ok(_) => Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+}
+
+impl Body for FilteredBody {
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+        loop {
+            if self.ended {
+                return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            }
+            match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(chunk) => {
+                        let end = self.inner.is_end_stream();
+                        self.ended = end;
+                        match self.filter(chunk, end) {
+                            Ok(Some(out)) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                            Ok(None) => continue,
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                        }
+                    }
+                    Err(frame) => {
+                        self.trailers = frame.into_trailers().ok();
+                        return self.flush();
+                    }
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => return self.flush(),
+            }
+        }
+    }
+}
+
 /// Runs `chain` around the router.
 pub async fn run(
     rt: &Arc<Runtime>,
@@ -210,34 +356,55 @@ pub async fn run(
         }
         active.push(Active { filter: filter.clone(), vm, id });
     }
-    let (mut resp, mut outcome) = route_request(rt, listener, peer, req).await;
-    for a in active.iter_mut().rev() {
-        if let Some(s) = a.vm.stream_mut(a.id) {
-            s.response_headers = response_pairs(&resp);
-        }
-        let (filter, vm, id) = (&a.filter, &mut a.vm, a.id);
-        match filter.call(|| vm.on_response_headers(id, false)) {
-            Ok(_) => {
-                let s = a.vm.stream(a.id).cloned().unwrap_or_default();
-                if let Some(l) = &s.local_response {
-                    resp = local(l);
-                    outcome.status = resp.status().as_u16();
-                    continue;
+    let (request_bodies, response_bodies) = active.iter().fold((false, false), |(q, r), a| {
+        let (aq, ar) = a.vm.handles_bodies();
+        (q || aq, r || ar)
+    });
+    let chain: Shared = Arc::new(Mutex::new(Chain(active)));
+    let (mut resp, mut outcome) = if request_bodies {
+        let (mut parts, body) = req.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let body = FilteredBody::new(crate::boxed(body), chain.clone(), true);
+        route_request(rt, listener, peer, Request::from_parts(parts, body)).await
+    } else {
+        route_request(rt, listener, peer, req).await
+    };
+    {
+        let mut guard = chain.lock().unwrap_or_else(|p| p.into_inner());
+        for a in guard.0.iter_mut().rev() {
+            if let Some(s) = a.vm.stream_mut(a.id) {
+                s.response_headers = response_pairs(&resp);
+            }
+            let (filter, vm, id) = (&a.filter, &mut a.vm, a.id);
+            match filter.call(|| vm.on_response_headers(id, false)) {
+                Ok(_) => {
+                    let s = a.vm.stream(a.id).cloned().unwrap_or_default();
+                    if let Some(l) = &s.local_response {
+                        resp = local(l);
+                        outcome.status = resp.status().as_u16();
+                        continue;
+                    }
+                    if let Err(e) = apply_response(&mut resp, &s.response_headers)
+                        && (a.filter.config.policy != FailPolicy::Open)
+                    {
+                        let (r, o) = failed(&a.filter, &e, outcome.clone());
+                        (resp, outcome) = (r, o);
+                    }
                 }
-                if let Err(e) = apply_response(&mut resp, &s.response_headers)
-                    && (a.filter.config.policy != FailPolicy::Open)
-                {
-                    let (r, o) = failed(&a.filter, &e, outcome.clone());
+                Err(e) if (a.filter.config.policy != FailPolicy::Open) => {
+                    let (r, o) = failed(&a.filter, &e.to_string(), outcome.clone());
                     (resp, outcome) = (r, o);
                 }
+                Err(_) => {}
             }
-            Err(e) if (a.filter.config.policy != FailPolicy::Open) => {
-                let (r, o) = failed(&a.filter, &e.to_string(), outcome.clone());
-                (resp, outcome) = (r, o);
-            }
-            Err(_) => {}
         }
     }
-    done(active);
+    if response_bodies {
+        let (mut parts, body) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        resp = Response::from_parts(parts, crate::boxed(FilteredBody::new(body, chain.clone(), false)));
+    }
+    // The streams finish when the last body holding the chain is done.
+    drop(chain);
     (resp, outcome)
 }

@@ -253,6 +253,11 @@ impl Vm {
         self.stream_call(id, "proxy_on_response_headers", self.exports.on_response_headers.clone(), n, end_of_stream)
     }
 
+    /// Whether the module handles request / response bodies at all.
+    pub fn handles_bodies(&self) -> (bool, bool) {
+        (self.exports.on_request_body.is_some(), self.exports.on_response_body.is_some())
+    }
+
     pub fn on_response_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.store.data().streams.get(&id).map(|s| s.response_body.len()).unwrap_or(0) as i32;
         self.stream_call(id, "proxy_on_response_body", self.exports.on_response_body.clone(), n, end_of_stream)
