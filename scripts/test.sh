@@ -15,8 +15,9 @@ cargo clippy --manifest-path filters/Cargo.toml --target wasm32-wasip1 --locked 
 echo "== cargo build (binaries for the end-to-end tests)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
-# End-to-end tests start control planes, proxies and upstreams each; on a 2-core machine two
-# at a time have produced rare timing failures, so they run one at a time.
+# End-to-end tests start control planes, proxies and upstreams each; they run one at a time
+# so a 2-core machine's load never decides a result (timing assumptions found that way were
+# fixed; this keeps new ones from flaking CI).
 {
   cargo test --workspace --locked --exclude trellis-e2e
   cargo test -p trellis-e2e --locked -- --test-threads=1

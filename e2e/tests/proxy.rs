@@ -144,6 +144,21 @@ async fn metrics_have_istio_names_labels_and_counts() {
     assert!(sizes >= 20.0 * 3.0, "response bytes sum {sizes}: each answer is \"web\"");
 }
 
+/// Waits (up to 10 s) until `path` on WEB answers `status`: the configuration (a wasm filter,
+/// say) the test applied has reached the proxy. The control plane publishes resources as it
+/// indexes them, so a proxy can be ready on part of a batch.
+async fn await_status(s: &Setup, path: &str, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = s.client.get(WEB, path, &[]).await.map(|a| a.status).unwrap_or(0);
+        if got == status {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{path} answered {got}, not {status}:\n{}", s.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The value of the series `name` whose labels contain all of `labels`.
 async fn metric_value(p: &TrellisProxy, name: &str, labels: &[&str]) -> f64 {
     let text = ProxyClient::new(&p.metrics).get(&p.metrics, "/stats/prometheus", &[]).await.unwrap().body;
@@ -308,6 +323,22 @@ async fn websocket_upgrades_are_tunnelled() {
         }
     });
     let s = setup(move |_| vec![service("ws", 8082, "HTTP", port)], &[]).await;
+    // The ws service has reached the proxy: a plain request gets to the upstream (which
+    // closes it), not the proxy's "no route" 404 or "no healthy upstream" 503.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = raw(
+            &s.proxy.outbound,
+            b"GET /x HTTP/1.1\r\nHost: ws.default.svc.cluster.local:8082\r\n\r\n",
+            Duration::from_secs(2),
+        )
+        .await;
+        if !a.starts_with("HTTP/1.1 404") && !a.contains("no healthy upstream") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the ws service never reached the proxy: {a}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut c = tokio::net::TcpStream::connect(&s.proxy.outbound).await.unwrap();
     c.write_all(b"GET /chat HTTP/1.1\r\nHost: ws.default.svc.cluster.local:8082\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
     let mut head = Vec::new();
@@ -317,7 +348,12 @@ async fn websocket_upgrades_are_tunnelled() {
         head.push(b[0]);
     }
     let head = String::from_utf8_lossy(&head).to_string();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    if !head.starts_with("HTTP/1.1 101") {
+        let admin = ProxyClient::new(&s.proxy.admin);
+        let clusters = admin.get(&s.proxy.admin, "/clusters", &[]).await.map(|a| a.body).unwrap_or_default();
+        let xds = admin.get(&s.proxy.admin, "/xds", &[]).await.map(|a| a.body).unwrap_or_default();
+        panic!("{head}\nclusters:\n{clusters}\nxds:\n{xds}\nlog:\n{}", s.proxy.log_text());
+    }
     assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
     for msg in ["hello", "through the tunnel"] {
         c.write_all(msg.as_bytes()).await.unwrap();
@@ -628,7 +664,7 @@ async fn a_crashing_filter_follows_its_fail_strategy() {
     for (strategy, after_crash) in [("FAIL_OPEN", 200), ("FAIL_CLOSE", 503), ("FAIL_RELOAD", 200)] {
         let s = setup(|_| vec![probe_plugin(strategy)], &[]).await;
         // The filter works: it answers /deny itself.
-        assert_eq!(s.client.get(WEB, "/deny", &[]).await.unwrap().status, 403, "{strategy}");
+        await_status(&s, "/deny", 403).await;
         // /panic makes the guest panic.
         let crashed = s.client.get(WEB, "/panic", &[]).await.unwrap().status;
         assert_eq!(crashed, if strategy == "FAIL_OPEN" { 200 } else { 503 }, "{strategy}: the crashing request");
@@ -669,7 +705,11 @@ async fn a_filter_is_swapped_under_load_without_a_failed_request() {
     let s = setup(|_| vec![hello_plugin("before")], &[]).await;
     let stamp =
         |body: &str| serde_json::from_str::<Value>(body).ok().and_then(|v| v["x-hello"].as_str().map(String::from));
-    assert_eq!(stamp(&s.client.get(WEB, "/headers", &[]).await.unwrap().body).as_deref(), Some("before"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stamp(&s.client.get(WEB, "/headers", &[]).await.unwrap().body).as_deref() != Some("before") {
+        assert!(Instant::now() < deadline, "the filter never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Steady load: 4 clients, at most 1,500 requests each, until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -741,6 +781,7 @@ async fn a_filter_is_swapped_under_load_without_a_failed_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_bodies_pass_through_the_filters_body_callbacks() {
     let s = setup(|_| vec![probe_plugin("FAIL_CLOSE")], &[]).await;
+    await_status(&s, "/deny", 403).await;
     // Three frames: the probe holds them back (Pause) until the end, then upper-cases all.
     let tcp = tokio::net::TcpStream::connect(&s.proxy.outbound).await.unwrap();
     let (mut sender, conn) =

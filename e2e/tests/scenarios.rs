@@ -582,8 +582,16 @@ async fn a_wasm_plugin_runs_in_the_proxy(under: Under) {
                      "pluginConfig": {"header": "x-hello", "value": "world", "denyPrefix": "/admin"}}})]
     })
     .await;
-    let a = m.client.get(REVIEWS, "/headers", &[]).await.unwrap();
-    assert_eq!(a.status, 200, "{a:?}\n{}", m.proxy.log_text());
+    // The control plane publishes resources as it indexes them: wait for the filter.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let a = loop {
+        let a = m.client.get(REVIEWS, "/headers", &[]).await.unwrap();
+        if a.status == 200 && a.body.contains("x-hello") {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "the filter never ran: {a:?}\n{}", m.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let seen: Value = serde_json::from_str(&a.body).unwrap();
     assert_eq!(seen["x-hello"], "world", "the filter stamped the request: {seen}");
     assert_eq!(a.headers.get("x-hello-seen").and_then(|v| v.to_str().ok()), Some("200"), "{a:?}");
