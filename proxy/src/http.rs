@@ -109,6 +109,15 @@ pub async fn serve(
     let _ = conn.await;
 }
 
+/// The authority a request names: from an absolute URI (HTTP/2, proxies) or the Host header.
+pub(crate) fn request_authority<B>(req: &Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
+        .unwrap_or_default()
+}
+
 pub(crate) fn local_reply(status: StatusCode, body: &str) -> Response<BoxBody> {
     let mut r = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
     *r.status_mut() = status;
@@ -147,12 +156,7 @@ pub async fn handle(
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         },
-        authority: req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| h.get(header::HOST).and_then(|v| v.to_str().ok()).map(String::from))
-            .unwrap_or_default(),
+        authority: request_authority(&req),
         user_agent: text("user-agent"),
         x_forwarded_for: text("x-forwarded-for"),
         request_id: text("x-request-id"),
@@ -210,12 +214,7 @@ pub(crate) async fn route_request<B: ProxyBody>(
     let Some(table) = rt.snapshot.routes.get(route_name) else {
         return reply(StatusCode::NOT_FOUND, "route configuration not received yet", "NR", outcome);
     };
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
-        .unwrap_or_default();
+    let authority = request_authority(&req);
     let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(String::from);
@@ -253,9 +252,19 @@ pub(crate) async fn route_request<B: ProxyBody>(
         Action::Forward(fwd) => {
             let upgrade = is_upgrade(&req);
             let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-            let (resp, o) =
-                forward(rt, fwd, &route.headers, &route.matcher.path, peer, req, &path, query.as_deref(), outcome)
-                    .await;
+            let (resp, o) = forward(
+                rt,
+                fwd,
+                &route.headers,
+                &route.matcher.path,
+                peer,
+                req,
+                &authority,
+                &path,
+                query.as_deref(),
+                outcome,
+            )
+            .await;
             if let (Some(down), true) = (downstream_upgrade, resp.0.status() == StatusCode::SWITCHING_PROTOCOLS) {
                 let (mut resp, up) = resp;
                 if let Some(up) = up {
@@ -422,6 +431,7 @@ async fn forward<B: ProxyBody>(
     matched: &PathMatch,
     peer: SocketAddr,
     req: Request<B>,
+    authority: &str,
     path: &str,
     query: Option<&str>,
     mut outcome: Outcome,
@@ -457,15 +467,9 @@ async fn forward<B: ProxyBody>(
         Err(_) => return fail(StatusCode::SERVICE_UNAVAILABLE, "upstream overflow".into(), "UO", outcome),
     };
     let upgrade = is_upgrade(&req);
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
-        .unwrap_or_default();
     let host = if cluster.original_dst() {
         match authority.parse::<SocketAddr>() {
-            Ok(_) => Some(Arc::new(upstream::Host::ephemeral(&authority))),
+            Ok(_) => Some(Arc::new(upstream::Host::ephemeral(authority))),
             Err(_) => None,
         }
     } else {
@@ -490,7 +494,7 @@ async fn forward<B: ProxyBody>(
         Some(q) => format!("{new_path}?{q}"),
         None => new_path,
     };
-    let host_header = fwd.host_rewrite.clone().unwrap_or(authority);
+    let host_header = fwd.host_rewrite.clone().unwrap_or_else(|| authority.to_string());
     strip_hop_by_hop(&mut parts.headers, upgrade);
     apply_request_ops(&mut parts.headers, route_ops);
     apply_request_ops(&mut parts.headers, &wc.headers);

@@ -42,12 +42,7 @@ struct Active {
 }
 
 fn request_stream<B>(req: &Request<B>, peer: SocketAddr) -> Stream {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(String::from))
-        .unwrap_or_default();
+    let authority = crate::http::request_authority(req);
     let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
     let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
     let mut headers: Pairs = vec![
