@@ -110,6 +110,32 @@ fn vm_property(s: &VmState, path: &str) -> Option<Vec<u8>> {
     })
 }
 
+/// Foreign functions that act on the current stream, for the embedder to carry out:
+/// `trellis.retain_request` (keep the request body for a re-send) and `trellis.resend`
+/// (argument: the delay in milliseconds as a little-endian u32, or nothing for none; only from
+/// a response-headers callback). `None`: not one of these.
+fn stream_function(s: &mut VmState, name: &str, args: &[u8]) -> Option<Status> {
+    let stream = match name {
+        "trellis.retain_request" | "trellis.resend" => s.stream(),
+        _ => return None,
+    };
+    let Some(stream) = stream else { return Some(Status::NotFound) };
+    if name == "trellis.retain_request" {
+        stream.retain_request = true;
+        return Some(Status::Ok);
+    }
+    if stream.response_headers.is_empty() {
+        return Some(Status::BadArgument);
+    }
+    let delay = match args.len() {
+        0 => 0,
+        4 => u32::from_le_bytes([args[0], args[1], args[2], args[3]]),
+        _ => return Some(Status::BadArgument),
+    };
+    stream.resend = Some(delay);
+    Some(Status::Ok)
+}
+
 fn now_nanos() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -541,6 +567,9 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             let (Some(name), Some(args)) = (read_str(&mut c, np, nl), read(&mut c, ap, al)) else {
                 return st(Status::BadArgument);
             };
+            if let Some(status) = stream_function(c.data_mut(), &name, &args) {
+                return st(status);
+            }
             let Some(f) = c.data().foreign.get(&name).cloned() else { return st(Status::NotFound) };
             match f(&args) {
                 Ok(result) => st(give(&mut c, &result, ret_ptr, ret_size)?),

@@ -50,6 +50,13 @@ pub struct Stream {
     /// Streams the filter resumed (`proxy_continue_stream`) or closed.
     pub resumed: Vec<crate::abi::StreamType>,
     pub closed: Vec<crate::abi::StreamType>,
+    /// The filter asked the host to keep the request body so the request can be sent again
+    /// (foreign function `trellis.retain_request`).
+    pub retain_request: bool,
+    /// The filter asked, from its response-headers callback, for this response to be dropped
+    /// and the request sent upstream again after this many milliseconds (foreign function
+    /// `trellis.resend`).
+    pub resend: Option<u32>,
 }
 
 /// An outgoing call a filter made (`proxy_http_call`, `proxy_grpc_call`); the embedder

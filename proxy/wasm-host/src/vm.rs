@@ -280,6 +280,12 @@ impl Vm {
         Ok(())
     }
 
+    /// The tick period the root context asked for (`None`: no ticks).
+    pub fn tick_period(&self) -> Option<Duration> {
+        let ms = self.store.data().tick_period_ms;
+        (ms > 0).then(|| Duration::from_millis(u64::from(ms)))
+    }
+
     pub fn on_tick(&mut self) -> Result<(), VmError> {
         let Some(f) = self.exports.on_tick.clone() else { return Ok(()) };
         self.store.data_mut().effective_context = ROOT_CONTEXT;

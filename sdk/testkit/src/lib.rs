@@ -188,6 +188,11 @@ impl<'a> RequestBuilder<'a> {
         self
     }
 
+    /// The route the request matched (the `route_name` property).
+    pub fn route(self, name: &str) -> Self {
+        self.property("route_name", name.as_bytes())
+    }
+
     /// The peer's identity, as mTLS gives it (`source.principal` and
     /// `connection.uri_san_peer_certificate`).
     pub fn peer_principal(self, principal: &str) -> Self {
@@ -249,6 +254,52 @@ impl<'a> Exchange<'a> {
         let headers = vec![(":status".to_string(), status.to_string().into_bytes())];
         self.vm.on_http_call_response(self.id, token, Some((headers, body.to_vec(), Vec::new())))?;
         Ok(self)
+    }
+
+    /// Sets a property of the stream (e.g. `response.flags` before [`Exchange::respond`]).
+    pub fn property(self, path: &str, value: &[u8]) -> Exchange<'a> {
+        if let Some(s) = self.vm.stream_mut(self.id) {
+            s.properties.insert(path.to_string(), value.to_vec());
+        }
+        self
+    }
+
+    /// Whether the filter resumed the request (`true`) or response stream it had paused.
+    pub fn resumed(&self, request: bool) -> bool {
+        let want = if request {
+            trellis_wasm_host::abi::StreamType::HttpRequest
+        } else {
+            trellis_wasm_host::abi::StreamType::HttpResponse
+        };
+        self.vm.stream(self.id).is_some_and(|s| s.resumed.contains(&want))
+    }
+
+    /// Delivers the root context's ticks (at the period it asked for, in real time) until the
+    /// paused stream is resumed or answered, for at most `limit`; returns how long that took
+    /// (`None`: still paused at the limit, or the filter asked for no ticks).
+    pub fn run_timers(&mut self, limit: std::time::Duration) -> Result<Option<std::time::Duration>, VmError> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if self.resumed(true) || self.resumed(false) || self.local_reply().is_some() {
+                return Ok(Some(start.elapsed()));
+            }
+            let Some(period) = self.vm.tick_period() else { return Ok(None) };
+            std::thread::sleep(period);
+            self.vm.on_tick()?;
+        }
+        Ok(None)
+    }
+
+    /// The delay of the re-send the filter asked for (`trellis.resend`), if it did; asking
+    /// again (the next attempt's response) needs a fresh [`Exchange::respond`].
+    pub fn resend_requested(&mut self) -> Option<std::time::Duration> {
+        let s = self.vm.stream_mut(self.id)?;
+        s.resend.take().map(|ms| std::time::Duration::from_millis(u64::from(ms)))
+    }
+
+    /// Whether the filter asked the host to keep the request for a re-send.
+    pub fn request_retained(&self) -> bool {
+        self.vm.stream(self.id).is_some_and(|s| s.retain_request)
     }
 
     /// The upstream answers `status` (with `headers`): on_response_headers runs.

@@ -1,0 +1,130 @@
+//! The built-in mirror filter: VirtualService `mirror` / `mirrors` with `mirrorPercentage`
+//! (Envoy's `request_mirror_policies`, which trellis-proxy turns into this filter's
+//! configuration). Per route (by `route_name`), a copy of the request — headers and body — goes
+//! to each mirror cluster with the Host suffixed `-shadow`, fire and forget: the primary request
+//! never waits for the shadow, and the shadow's answer is dropped.
+//!
+//! ```json
+//! {"routes": {"bookinfo.reviews.0": [{"cluster": "outbound|9080|v2|reviews...", "percentage": 100}]}}
+//! ```
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use trellis_sdk::{Counter, Decision, Filter, Request, chance, dispatch};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    routes: HashMap<String, Vec<Mirror>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Mirror {
+    cluster: String,
+    #[serde(default = "all")]
+    percentage: f64,
+    /// How long a shadow request may take (default 10 s).
+    #[serde(default = "ten_seconds")]
+    timeout_ms: u64,
+}
+
+fn all() -> f64 {
+    100.0
+}
+
+fn ten_seconds() -> u64 {
+    10_000
+}
+
+/// Most body bytes copied to a shadow; a bigger request is mirrored without its body.
+const BODY_LIMIT: usize = 1 << 20;
+
+struct MirrorFilter {
+    config: Config,
+    /// The mirrors this request goes to and its headers, until its body is complete.
+    pending: Vec<Mirror>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    sent: Counter,
+    failed: Counter,
+}
+
+impl MirrorFilter {
+    fn send(&mut self) {
+        let body = (!self.body.is_empty() && self.body.len() <= BODY_LIMIT).then_some(self.body.as_slice());
+        for m in std::mem::take(&mut self.pending) {
+            match dispatch(&m.cluster, &self.headers, body, Duration::from_millis(m.timeout_ms)) {
+                Ok(_) => self.sent.inc(1),
+                Err(_) => self.failed.inc(1),
+            }
+        }
+        self.body = Vec::new();
+    }
+}
+
+impl Filter for MirrorFilter {
+    type Config = Config;
+
+    fn new(config: &Config) -> Self {
+        MirrorFilter {
+            config: config.clone(),
+            pending: Vec::new(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            sent: Counter::define("mirror.requests_sent"),
+            failed: Counter::define("mirror.requests_failed"),
+        }
+    }
+
+    fn on_request(&mut self, req: &mut Request) -> Decision {
+        if self.config.routes.is_empty() {
+            return Decision::Continue;
+        }
+        let Some(mirrors) = req.route_name().and_then(|r| self.config.routes.get(&r)) else {
+            return Decision::Continue;
+        };
+        self.pending = mirrors.iter().filter(|m| chance(m.percentage)).cloned().collect();
+        if self.pending.is_empty() {
+            return Decision::Continue;
+        }
+        self.headers = req
+            .headers()
+            .into_iter()
+            .map(|(k, v)| if k == ":authority" || k == "host" { (k, shadow(&v)) } else { (k, v) })
+            .filter(|(k, _)| k != "content-length" && k != "transfer-encoding")
+            .collect();
+        if !self.headers.iter().any(|(k, _)| k == ":authority") {
+            self.headers.push((":authority".into(), shadow(&req.authority())));
+        }
+        if !req.has_body() {
+            self.send();
+        }
+        Decision::Continue
+    }
+
+    fn on_request_body(&mut self, chunk: &[u8], end: bool) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if self.body.len() <= BODY_LIMIT {
+            self.body.extend_from_slice(chunk);
+        }
+        if end {
+            self.send();
+        }
+    }
+}
+
+/// `host[:port]` → `host-shadow[:port]`, as Envoy names a mirrored request's authority.
+fn shadow(authority: &str) -> String {
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+        _ => format!("{authority}-shadow"),
+    }
+}
+
+trellis_sdk::register!(MirrorFilter);
