@@ -612,10 +612,10 @@ async fn a_rejected_resource_is_nacked_and_routing_keeps_working(under: Under) {
             ),
             &["regex", "program size"],
         ),
-        // Fault injection is refused by trellis-proxy until its wasm module exists (issue #5).
+        // A retry condition Envoy has and trellis-proxy's retry module does not.
         Under::Trellis => (
-            vs(json!([{"fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}}, "route": to("v2")}])),
-            &["envoy.filters.http.fault"],
+            vs(json!([{"retries": {"attempts": 2, "retryOn": "envoy-ratelimited"}, "route": to("v2")}])),
+            &["retry_on", "envoy-ratelimited"],
         ),
     };
     let mut r: Resource = serde_json::from_value(bad).unwrap();
@@ -677,10 +677,10 @@ macro_rules! for_each_proxy {
 for_each_proxy!(
     canary_split_follows_the_api,
     header_match_routes_to_v2,
-    fault_abort_and_delay [pending "trellis-proxy: fault injection runs in the fault wasm module (issue #5)"],
+    fault_abort_and_delay,
     route_timeout_returns_504,
-    retries_on_503_reach_a_healthy_endpoint [pending "trellis-proxy: retries run in the retry wasm module (issue #5)"],
-    mirror_copies_requests_to_the_shadow [pending "trellis-proxy: mirroring runs in the mirror wasm module (issue #5)"],
+    retries_on_503_reach_a_healthy_endpoint,
+    mirror_copies_requests_to_the_shadow,
     circuit_breaker_sheds_overflow_with_503,
     outlier_detection_ejects_a_failing_endpoint,
     locality_failover_prefers_the_local_zone,

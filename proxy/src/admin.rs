@@ -112,11 +112,12 @@ fn config_dump(proxy: &Proxy) -> Value {
                 "routes": v.routes.iter().map(|r| json!({
                     "name": r.name,
                     "match": format!("{:?}", r.matcher.path),
+                    "builtinFilters": json!({"fault": r.builtins.fault, "retry": r.builtins.retry, "mirror": r.builtins.mirror}),
                     "action": match &r.action {
                         Action::Forward(f) => json!({
                             "clusters": f.clusters.iter().map(|c| json!([c.name, c.weight])).collect::<Vec<_>>(),
                             "timeout": f.timeout.map(|t| format!("{t:?}")),
-                            "retry": f.retry.as_ref().map(|r| format!("{r} (not executed: retries run in the retry module, issue #5)")),
+                            "perTryTimeout": f.per_try_timeout.map(|t| format!("{t:?}")),
                         }),
                         Action::Redirect(rd) => json!({"redirect": rd.code}),
                         Action::Direct { status, .. } => json!({"directResponse": status}),

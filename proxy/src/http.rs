@@ -203,32 +203,18 @@ pub(crate) async fn route_request<B: ProxyBody>(
     mut req: Request<B>,
 ) -> (Response<BoxBody>, Outcome) {
     let mut outcome = Outcome::default();
-    let reply = |status: StatusCode, body: &str, flags: &'static str, mut o: Outcome| {
-        o.status = status.as_u16();
-        o.flags = flags;
-        (local_reply(status, body), o)
-    };
-    let Some(route_name) = rt.snapshot.listeners.get(listener).and_then(|l| l.route_name()) else {
-        return reply(StatusCode::NOT_FOUND, "listener has no routes", "NR", outcome);
-    };
-    let Some(table) = rt.snapshot.routes.get(route_name) else {
-        return reply(StatusCode::NOT_FOUND, "route configuration not received yet", "NR", outcome);
+    let route = match matched_route(rt, listener, &req) {
+        Ok(r) => r,
+        Err(why) => {
+            outcome.status = 404;
+            outcome.flags = "NR";
+            return (local_reply(StatusCode::NOT_FOUND, why), outcome);
+        }
     };
     let authority = request_authority(&req);
     let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(String::from);
-    let view = RequestView {
-        method: req.method(),
-        authority: &authority,
-        scheme: &scheme,
-        path: &path,
-        query: query.as_deref(),
-        headers: req.headers(),
-    };
-    let Some(route) = table.virtual_host(&authority).and_then(|vh| vh.route(&view)) else {
-        return reply(StatusCode::NOT_FOUND, "", "NR", outcome);
-    };
     outcome.route = Some(route.name.clone());
     match &route.action {
         Action::Direct { status, body } => {
@@ -276,6 +262,27 @@ pub(crate) async fn route_request<B: ProxyBody>(
             (resp.0, o)
         }
     }
+}
+
+/// The route `req` takes on `listener` (`Err`: why none, for the 404 body).
+pub(crate) fn matched_route<'r, B>(
+    rt: &'r crate::Runtime,
+    listener: &str,
+    req: &Request<B>,
+) -> Result<&'r crate::config::route::Route, &'static str> {
+    let route_name =
+        rt.snapshot.listeners.get(listener).and_then(|l| l.route_name()).ok_or("listener has no routes")?;
+    let table = rt.snapshot.routes.get(route_name).ok_or("route configuration not received yet")?;
+    let authority = request_authority(req);
+    let view = RequestView {
+        method: req.method(),
+        authority: &authority,
+        scheme: req.uri().scheme_str().unwrap_or("http"),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+    };
+    table.virtual_host(&authority).and_then(|vh| vh.route(&view)).ok_or("")
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -535,7 +542,12 @@ async fn forward<B: ProxyBody>(
         let conn = upstream::pool::acquire(&cluster, &host).await?;
         upstream::pool::send(conn, std::mem::take(&mut upstream_req)).await
     };
-    let result = match fwd.timeout {
+    // Each attempt (a retry is another attempt) within the per-try timeout, if shorter.
+    let timeout = match (fwd.timeout, fwd.per_try_timeout) {
+        (Some(t), Some(p)) => Some(t.min(p)),
+        (t, p) => t.or(p),
+    };
+    let result = match timeout {
         Some(t) => tokio::time::timeout(t, exchange).await.map_err(|_| ()),
         None => Ok(exchange.await),
     };

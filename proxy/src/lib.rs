@@ -12,6 +12,8 @@ pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod bootstrap;
+pub mod builtins;
+pub mod callout;
 pub mod config;
 pub mod http;
 pub mod listeners;

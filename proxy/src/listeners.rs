@@ -44,6 +44,12 @@ impl Listeners {
             {
                 continue;
             }
+            // Warming, as Envoy: a new HTTP listener starts accepting once its routes arrived.
+            if let ListenerKind::Http { route, .. } = &l.kind
+                && !snap.routes.contains_key(route)
+            {
+                continue;
+            }
             // A listener moving to another address of the same port would collide with itself.
             let moving_here = self.running.iter().any(|(n, r)| n != name && r.address == l.address);
             if moving_here {

@@ -46,6 +46,7 @@ impl WasmFilter {
         let bytes = match &config.code {
             WasmCode::File(path) => std::fs::read(path).map_err(|e| format!("{what}: cannot read {path}: {e}"))?,
             WasmCode::Inline(b) => b.clone(),
+            WasmCode::Builtin(b) => b.to_vec(),
         };
         let module = host.load(&bytes, config.sha256.as_deref()).map_err(|e| format!("{what}: {e}"))?;
         let plugin = PluginConfig {
@@ -123,6 +124,55 @@ impl WasmFilter {
     }
 }
 
+/// A listener's filters with the built-in modules its routes need: fault where Envoy's fault
+/// filter sits, mirror and retry last (next to the router, retry innermost so it sees the
+/// upstream's answer first). Each gets the per-route configs of the route table, by route name.
+fn with_builtins(
+    filters: &[WasmFilterConfig],
+    fault_at: Option<usize>,
+    table: Option<&crate::config::route::RouteTable>,
+) -> Vec<WasmFilterConfig> {
+    let mut out = filters.to_vec();
+    let Some(table) = table else { return out };
+    let (mut fault, mut retry, mut mirror) = (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
+    for r in table.virtual_hosts.iter().flat_map(|vh| &vh.routes) {
+        if let Some(f) = &r.builtins.fault {
+            fault.insert(r.name.clone(), f.clone());
+        }
+        if let Some(p) = &r.builtins.retry {
+            retry.insert(r.name.clone(), p.clone());
+        }
+        if !r.builtins.mirror.is_empty() {
+            mirror.insert(r.name.clone(), serde_json::Value::from(r.builtins.mirror.clone()));
+        }
+    }
+    let builtin = |name: &str, code: &'static [u8], routes: serde_json::Map<String, serde_json::Value>| {
+        let id = format!("trellis.builtin.{name}");
+        WasmFilterConfig {
+            name: id.clone(),
+            root_id: String::new(),
+            vm_id: id,
+            code: WasmCode::Builtin(code),
+            sha256: None,
+            configuration: serde_json::json!({ "routes": routes }).to_string().into_bytes(),
+            // A failing built-in is skipped (no fault, mirror or retry) rather than failing
+            // requests.
+            policy: FailPolicy::Open,
+        }
+    };
+    if !fault.is_empty() {
+        let at = fault_at.unwrap_or(out.len()).min(out.len());
+        out.insert(at, builtin("fault", crate::builtins::FAULT, fault));
+    }
+    if !mirror.is_empty() {
+        out.push(builtin("mirror", crate::builtins::MIRROR, mirror));
+    }
+    if !retry.is_empty() {
+        out.push(builtin("retry", crate::builtins::RETRY, retry));
+    }
+    out
+}
+
 /// Filter chains by listener name.
 pub type Chains = HashMap<String, Vec<Arc<WasmFilter>>>;
 
@@ -135,12 +185,13 @@ pub fn rebuild(
 ) -> Result<Chains, String> {
     let mut out = Chains::new();
     for (name, l) in &snap.listeners {
-        let ListenerKind::Http { filters, .. } = &l.kind else { continue };
+        let ListenerKind::Http { filters, fault_at, route, .. } = &l.kind else { continue };
+        let filters = with_builtins(filters, *fault_at, snap.routes.get(route).map(|t| &**t));
         if filters.is_empty() {
             continue;
         }
         let mut chain = Vec::new();
-        for f in filters {
+        for f in &filters {
             let reused = old.values().flatten().find(|w| w.config == *f).cloned();
             let w = match reused {
                 Some(w) => w,

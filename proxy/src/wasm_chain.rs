@@ -10,14 +10,32 @@
 //! buffer limit), and Content-Length is dropped since a filter may change the length. The
 //! streams end (on_log, on_done, on_delete; VMs back to the pool) when the last body is done.
 //!
+//! Content-Length is kept, as Envoy does: a filter that changes a body's length removes it in
+//! its headers callback.
+//!
+//! Properties: `route_name` / `cluster_name` (and their `xds.` forms) from the route the
+//! request matches before the filters run (a filter changing the headers re-routes, as
+//! Envoy's route-cache clearing does); `response.code` and `response.flags` (Envoy's bits)
+//! before the response callbacks.
+//!
+//! Pausing: a filter that pauses the request or response headers holds the stream until it
+//! resumes it (or answers) — from the answer of an http call it made (performed through the
+//! cluster's pool, `crate::callout`) or from its root context's ticks, which run while it
+//! waits — for at most 5 minutes. Calls made without pausing are fire and forget.
+//!
+//! Re-sending (retry): a filter that calls `trellis.retain_request` on the request headers has
+//! the request (its body up to 1 MiB) kept; one that calls `trellis.resend` on the response
+//! headers has that response dropped and the request sent again after the delay it gave; the
+//! new response goes through the response callbacks from the innermost filter again.
+//!
 //! Failures follow the filter's policy: fail open skips the filter, fail closed answers 503
 //! (during a body already on its way, the stream is reset instead). A failed VM is dropped;
-//! the next stream gets a fresh one. Not yet: http callouts through filters (a filter that
-//! pauses for a callout is treated as a failure).
+//! the next stream gets a fresh one.
 
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame};
@@ -28,6 +46,7 @@ use std::sync::Arc;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use trellis_wasm_host::abi::StreamType;
 use trellis_wasm_host::{Action, Pairs, Stream, Vm};
 
 use crate::config::listener::FailPolicy;
@@ -166,6 +185,10 @@ impl Drop for Chain {
 
 type Shared = Arc<Mutex<Chain>>;
 
+fn lock(chain: &Shared) -> std::sync::MutexGuard<'_, Chain> {
+    chain.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Most body bytes a filter may hold back.
 const BODY_BUFFER_LIMIT: usize = 1 << 20;
 
@@ -173,6 +196,7 @@ const BODY_BUFFER_LIMIT: usize = 1 << 20;
 struct FilteredBody {
     inner: BoxBody,
     chain: Shared,
+    rt: Arc<Runtime>,
     request: bool,
     /// Per filter: what it asked to see more of.
     buffered: Vec<Vec<u8>>,
@@ -181,14 +205,14 @@ struct FilteredBody {
 }
 
 impl FilteredBody {
-    fn new(inner: BoxBody, chain: Shared, request: bool) -> FilteredBody {
-        let n = chain.lock().unwrap_or_else(|p| p.into_inner()).0.len();
-        FilteredBody { inner, chain, request, buffered: vec![Vec::new(); n], trailers: None, ended: false }
+    fn new(inner: BoxBody, chain: Shared, rt: Arc<Runtime>, request: bool) -> FilteredBody {
+        let n = lock(&chain).0.len();
+        FilteredBody { inner, chain, rt, request, buffered: vec![Vec::new(); n], trailers: None, ended: false }
     }
 
     /// Runs `chunk` through the filters; `None` when a filter holds it back for now.
     fn filter(&mut self, chunk: Bytes, end: bool) -> Result<Option<Bytes>, crate::BoxError> {
-        let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+        let mut chain = lock(&self.chain);
         let n = chain.0.len();
         let order: Vec<usize> = if self.request { (0..n).collect() } else { (0..n).rev().collect() };
         let request = self.request;
@@ -214,6 +238,7 @@ impl FilteredBody {
                 }
             }
             let r = filter.call(|| if request { vm.on_request_body(id, end) } else { vm.on_response_body(id, end) });
+            crate::callout::detach(&self.rt, vm.take_callouts());
             let answered = vm.stream(id).is_some_and(|s| s.local_response.is_some());
             let out =
                 vm.stream_mut(id)
@@ -287,119 +312,355 @@ impl Body for FilteredBody {
     }
 }
 
+/// Envoy's response flag bits (StreamInfo::ResponseFlag), for `response.flags`.
+fn flag_bits(flags: &str) -> u64 {
+    let bit = match flags {
+        "UH" => 1,
+        "UT" => 2,
+        "LR" => 3,
+        "UR" => 4,
+        "UF" => 5,
+        "UC" => 6,
+        "UO" => 7,
+        "NR" => 8,
+        "DI" => 9,
+        "FI" => 10,
+        "DPE" => 18,
+        "NC" => 24,
+        _ => return 0,
+    };
+    1 << bit
+}
+
+/// Longest a filter may hold a stream paused.
+const MAX_PAUSE: Duration = Duration::from_secs(300);
+
+/// Most re-sends of one request, whatever the filters ask.
+const MAX_RESENDS: u32 = 10;
+
+/// Waits until filter `i` resumes (or answers) the stream it paused, driving its root
+/// context's ticks and delivering the answers of the calls it makes.
+async fn wait_resumed(rt: &Arc<Runtime>, chain: &Shared, i: usize, which: StreamType) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + MAX_PAUSE;
+    let mut calls: tokio::task::JoinSet<(u32, u32, crate::callout::Answer)> = tokio::task::JoinSet::new();
+    let mut next_tick: Option<tokio::time::Instant> = None;
+    loop {
+        let period = {
+            let mut c = lock(chain);
+            let a = &mut c.0[i];
+            let s = a.vm.stream(a.id).ok_or("the stream is gone")?;
+            if s.resumed.contains(&which) || s.local_response.is_some() {
+                return Ok(());
+            }
+            for call in a.vm.take_callouts() {
+                let (token, context) = match &call {
+                    trellis_wasm_host::Callout::Http { token, context, .. }
+                    | trellis_wasm_host::Callout::Grpc { token, context, .. } => (*token, *context),
+                };
+                let rt = rt.clone();
+                calls.spawn(async move { (token, context, crate::callout::perform(rt, call).await) });
+            }
+            a.vm.tick_period()
+        };
+        if period.is_none() && calls.is_empty() {
+            return Err("the filter paused the stream with nothing to resume it (no call out, no timer)".into());
+        }
+        let tick_at = period.map(|p| *next_tick.get_or_insert_with(|| tokio::time::Instant::now() + p));
+        tokio::select! {
+            Some(done) = calls.join_next(), if !calls.is_empty() => {
+                let Ok((token, context, answer)) = done else { continue };
+                let mut c = lock(chain);
+                let a = &mut c.0[i];
+                let (filter, vm) = (&a.filter, &mut a.vm);
+                filter.call(|| vm.on_http_call_response(context, token, answer)).map_err(|e| e.to_string())?;
+            }
+            _ = tokio::time::sleep_until(tick_at.unwrap_or(deadline)), if tick_at.is_some() => {
+                next_tick = None;
+                let mut c = lock(chain);
+                let a = &mut c.0[i];
+                let (filter, vm) = (&a.filter, &mut a.vm);
+                filter.call(|| vm.on_tick()).map_err(|e| e.to_string())?;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(format!("the filter held the stream paused for over {MAX_PAUSE:?}"));
+            }
+        }
+    }
+}
+
+/// The request kept for re-sending.
+struct Kept {
+    method: http::Method,
+    uri: Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    body: Arc<Mutex<KeptBody>>,
+}
+
+#[derive(Default)]
+struct KeptBody {
+    data: Vec<u8>,
+    complete: bool,
+    overflow: bool,
+}
+
+/// Most request body bytes kept for a re-send (Envoy's default buffer limit).
+const KEEP_LIMIT: usize = 1 << 20;
+
+impl Kept {
+    fn request(&self) -> Option<Request<BoxBody>> {
+        let body = self.body.lock().unwrap_or_else(|p| p.into_inner());
+        if !body.complete || body.overflow {
+            return None;
+        }
+        let mut r = Request::new(crate::boxed(http_body_util::Full::new(Bytes::from(body.data.clone()))));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        Some(r)
+    }
+}
+
+/// A request body that keeps a copy of what passes (up to [`KEEP_LIMIT`]).
+struct Tee {
+    inner: BoxBody,
+    kept: Arc<Mutex<KeptBody>>,
+}
+
+impl Body for Tee {
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let end = self.inner.is_end_stream();
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    if kept.data.len() + d.len() > KEEP_LIMIT {
+                        kept.overflow = true;
+                        kept.data = Vec::new();
+                    } else if !kept.overflow {
+                        kept.data.extend_from_slice(d);
+                    }
+                } else {
+                    // Trailers are not kept: such a request is not re-sent.
+                    kept.overflow = true;
+                }
+                kept.complete = end;
+            }
+            Some(Err(_)) => kept.overflow = true,
+            None => kept.complete = true,
+        }
+        drop(kept);
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+fn fail_filter(filter: &WasmFilter, why: &str) -> Option<(Response<BoxBody>, Outcome)> {
+    if filter.config.policy == FailPolicy::Open {
+        tracing::warn!(filter = %filter.config.name, error = %why, "wasm filter failed; failing open");
+        return None;
+    }
+    Some(failed(filter, why, Outcome::default()))
+}
+
 /// Runs `chain` around the router.
 pub async fn run(
     rt: &Arc<Runtime>,
-    chain: &[Arc<WasmFilter>],
+    filters: &[Arc<WasmFilter>],
     listener: &str,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> (Response<BoxBody>, Outcome) {
-    let mut active: Vec<Active> = Vec::new();
-    for filter in chain {
+    // The route before the filters, for route_name / cluster_name.
+    let (route_name, cluster_name) = match crate::http::matched_route(rt, listener, &req) {
+        Ok(r) => {
+            let cluster = match &r.action {
+                crate::config::route::Action::Forward(f) if f.clusters.len() == 1 => Some(f.clusters[0].name.clone()),
+                _ => None,
+            };
+            (Some(r.name.clone()), cluster)
+        }
+        Err(_) => (None, None),
+    };
+    let end_of_stream = req.body().is_end_stream();
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    let mut req = req.map(crate::boxed);
+    let chain: Shared = Arc::new(Mutex::new(Chain(Vec::new())));
+    for filter in filters {
         let mut vm = match filter.take() {
             Ok(vm) => vm,
-            Err(e) if filter.config.policy == FailPolicy::Open => {
-                tracing::warn!(filter = %filter.config.name, error = %e, "wasm filter unavailable; failing open");
-                continue;
-            }
-            Err(e) => {
-                done(active);
-                return failed(filter, &e.to_string(), Outcome::default());
-            }
+            Err(e) => match fail_filter(filter, &e.to_string()) {
+                None => continue,
+                Some(r) => return r,
+            },
         };
+        let mut stream = request_stream(&req, peer);
+        let p = &mut stream.properties;
+        if let Some(r) = &route_name {
+            p.insert("route_name".into(), r.as_bytes().to_vec());
+            p.insert("xds.route_name".into(), r.as_bytes().to_vec());
+        }
+        if let Some(c) = &cluster_name {
+            p.insert("cluster_name".into(), c.as_bytes().to_vec());
+            p.insert("xds.cluster_name".into(), c.as_bytes().to_vec());
+        }
         let result = filter.call(|| {
-            let id = vm.create_stream(request_stream(&req, peer))?;
-            Ok((id, vm.on_request_headers(id, true)?))
+            let id = vm.create_stream(stream)?;
+            Ok((id, vm.on_request_headers(id, end_of_stream)?))
         });
         let (id, action) = match result {
             Ok(r) => r,
             Err(e) => {
                 filter.give_back(vm);
-                if filter.config.policy == FailPolicy::Open {
-                    tracing::warn!(filter = %filter.config.name, error = %e, "wasm filter failed; failing open");
-                    continue;
+                match fail_filter(filter, &e.to_string()) {
+                    None => continue,
+                    Some(r) => return r,
                 }
-                done(active);
-                return failed(filter, &e.to_string(), Outcome::default());
             }
         };
-        let stream = vm.stream(id).cloned().unwrap_or_default();
-        if let Some(l) = &stream.local_response {
-            let resp = local(l);
-            let outcome = Outcome { status: resp.status().as_u16(), flags: "-", ..Default::default() };
-            active.push(Active { filter: filter.clone(), vm, id });
-            done(active);
-            return (resp, outcome);
-        }
-        let paused_without_answer = action == Action::Pause;
-        let applied = if paused_without_answer {
-            Err("the filter paused the request (http callouts from filters are not supported yet)".to_string())
-        } else {
-            apply_request(&mut req, &stream.request_headers)
+        let i = {
+            let mut c = lock(&chain);
+            c.0.push(Active { filter: filter.clone(), vm, id });
+            c.0.len() - 1
         };
-        if let Err(e) = applied {
-            let _ = vm.take_callouts();
-            let fail_open = filter.config.policy == FailPolicy::Open;
-            active.push(Active { filter: filter.clone(), vm, id });
-            if fail_open {
-                tracing::warn!(filter = %filter.config.name, error = %e, "wasm filter failed; failing open");
-                continue;
+        let paused =
+            action == Action::Pause && lock(&chain).0[i].vm.stream(id).is_some_and(|s| s.local_response.is_none());
+        let waited = if paused { wait_resumed(rt, &chain, i, StreamType::HttpRequest).await } else { Ok(()) };
+        let applied = {
+            let mut c = lock(&chain);
+            let a = &mut c.0[i];
+            crate::callout::detach(rt, a.vm.take_callouts());
+            let s = a.vm.stream(id);
+            if let Some(l) = s.and_then(|s| s.local_response.as_ref()) {
+                let resp = local(l);
+                let outcome = Outcome { status: resp.status().as_u16(), flags: "-", ..Default::default() };
+                return (resp, outcome);
             }
-            done(active);
-            return failed(filter, &e, Outcome::default());
+            waited.and_then(|()| apply_request(&mut req, &s.map(|s| s.request_headers.clone()).unwrap_or_default()))
+        };
+        if let Err(e) = applied
+            && let Some(r) = fail_filter(filter, &e)
+        {
+            return r;
         }
-        active.push(Active { filter: filter.clone(), vm, id });
     }
-    let (request_bodies, response_bodies) = active.iter().fold((false, false), |(q, r), a| {
-        let (aq, ar) = a.vm.handles_bodies();
-        (q || aq, r || ar)
-    });
-    let chain: Shared = Arc::new(Mutex::new(Chain(active)));
-    let (mut resp, mut outcome) = if request_bodies {
-        let (mut parts, body) = req.into_parts();
-        parts.headers.remove(header::CONTENT_LENGTH);
-        let body = FilteredBody::new(crate::boxed(body), chain.clone(), true);
-        route_request(rt, listener, peer, Request::from_parts(parts, body)).await
-    } else {
-        route_request(rt, listener, peer, req).await
-    };
-    {
-        let mut guard = chain.lock().unwrap_or_else(|p| p.into_inner());
-        for a in guard.0.iter_mut().rev() {
-            if let Some(s) = a.vm.stream_mut(a.id) {
-                s.response_headers = response_pairs(&resp);
-            }
-            let (filter, vm, id) = (&a.filter, &mut a.vm, a.id);
-            match filter.call(|| vm.on_response_headers(id, false)) {
-                Ok(_) => {
-                    let s = a.vm.stream(a.id).cloned().unwrap_or_default();
-                    if let Some(l) = &s.local_response {
-                        resp = local(l);
-                        outcome.status = resp.status().as_u16();
-                        continue;
-                    }
-                    if let Err(e) = apply_response(&mut resp, &s.response_headers)
-                        && (a.filter.config.policy != FailPolicy::Open)
-                    {
-                        let (r, o) = failed(&a.filter, &e, outcome.clone());
-                        (resp, outcome) = (r, o);
-                    }
-                }
-                Err(e) if (a.filter.config.policy != FailPolicy::Open) => {
-                    let (r, o) = failed(&a.filter, &e.to_string(), outcome.clone());
-                    (resp, outcome) = (r, o);
-                }
-                Err(_) => {}
-            }
+    let (request_bodies, response_bodies, retain) =
+        lock(&chain).0.iter().fold((false, false, false), |(q, r, k), a| {
+            let (aq, ar) = a.vm.handles_bodies();
+            (q || aq, r || ar, k || a.vm.stream(a.id).is_some_and(|s| s.retain_request))
+        });
+    if request_bodies {
+        req = req.map(|b| crate::boxed(FilteredBody::new(b, chain.clone(), rt.clone(), true)));
+    }
+    let kept = (retain && !upgrade).then(|| {
+        let body = Arc::new(Mutex::new(KeptBody { complete: end_of_stream, ..Default::default() }));
+        Kept {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            body,
         }
+    });
+    if let Some(k) = &kept
+        && !end_of_stream
+    {
+        let body = k.body.clone();
+        req = req.map(|inner| crate::boxed(Tee { inner, kept: body }));
+    }
+    let (mut resp, mut outcome) = route_request(rt, listener, peer, req).await;
+    let mut resends = 0;
+    loop {
+        let resend = respond(rt, &chain, &mut resp, &mut outcome, kept.is_some() && resends < MAX_RESENDS).await;
+        let Some(delay) = resend else { break };
+        let Some(again) = kept.as_ref().and_then(Kept::request) else {
+            tracing::debug!("a filter asked for a re-send of a request whose body was not kept; the response goes on");
+            break;
+        };
+        resends += 1;
+        drop(resp);
+        tokio::time::sleep(delay).await;
+        (resp, outcome) = route_request(rt, listener, peer, again).await;
     }
     if response_bodies {
-        let (mut parts, body) = resp.into_parts();
-        parts.headers.remove(header::CONTENT_LENGTH);
-        resp = Response::from_parts(parts, crate::boxed(FilteredBody::new(body, chain.clone(), false)));
+        let (parts, body) = resp.into_parts();
+        resp = Response::from_parts(parts, crate::boxed(FilteredBody::new(body, chain.clone(), rt.clone(), false)));
     }
     // The streams finish when the last body holding the chain is done.
     drop(chain);
     (resp, outcome)
+}
+
+/// The response headers through the filters, innermost first. `Some(delay)`: a filter asked
+/// for the request to be sent again (only when `can_resend`), and the rest did not see this
+/// response.
+async fn respond(
+    rt: &Arc<Runtime>,
+    chain: &Shared,
+    resp: &mut Response<BoxBody>,
+    outcome: &mut Outcome,
+    can_resend: bool,
+) -> Option<Duration> {
+    let n = lock(chain).0.len();
+    for i in (0..n).rev() {
+        let action = {
+            let mut c = lock(chain);
+            let a = &mut c.0[i];
+            if let Some(s) = a.vm.stream_mut(a.id) {
+                s.response_headers = response_pairs(resp);
+                s.resumed.clear();
+                s.properties.insert("response.code".into(), i64::from(resp.status().as_u16()).to_le_bytes().to_vec());
+                s.properties.insert("response.flags".into(), flag_bits(outcome.flags).to_le_bytes().to_vec());
+            }
+            let (filter, vm, id) = (&a.filter, &mut a.vm, a.id);
+            filter.call(|| vm.on_response_headers(id, false))
+        };
+        let policy = lock(chain).0[i].filter.config.policy;
+        let filter = lock(chain).0[i].filter.clone();
+        let mut result = action.map_err(|e| e.to_string());
+        if let Ok(Action::Pause) = result {
+            let (resend, answered) = {
+                let c = lock(chain);
+                let s = c.0[i].vm.stream(c.0[i].id);
+                (s.and_then(|s| s.resend), s.is_some_and(|s| s.local_response.is_some()))
+            };
+            if resend.is_none() && !answered {
+                result = wait_resumed(rt, chain, i, StreamType::HttpResponse).await.map(|()| Action::Continue);
+            }
+        }
+        let mut c = lock(chain);
+        let a = &mut c.0[i];
+        crate::callout::detach(rt, a.vm.take_callouts());
+        let Some(s) = a.vm.stream_mut(a.id) else { continue };
+        let resend = s.resend.take();
+        match result {
+            Ok(_) if resend.is_some() && can_resend => return resend.map(|ms| Duration::from_millis(u64::from(ms))),
+            Ok(_) => {
+                if let Some(l) = &s.local_response {
+                    *resp = local(l);
+                    outcome.status = resp.status().as_u16();
+                    continue;
+                }
+                if let Err(e) = apply_response(resp, &s.response_headers)
+                    && policy != FailPolicy::Open
+                {
+                    (*resp, *outcome) = failed(&filter, &e, outcome.clone());
+                }
+            }
+            Err(e) if policy != FailPolicy::Open => (*resp, *outcome) = failed(&filter, &e, outcome.clone()),
+            Err(_) => {}
+        }
+    }
+    None
 }

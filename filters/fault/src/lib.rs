@@ -43,6 +43,8 @@ struct Delay {
 struct Abort {
     http_status: Option<u32>,
     grpc_status: Option<u32>,
+    /// The body of the reply (default `fault filter abort`).
+    body: Option<String>,
     #[serde(default = "all")]
     percentage: f64,
 }
@@ -77,10 +79,11 @@ impl Filter for Fault {
         };
         let abort = fault.abort.as_ref().filter(|a| chance(a.percentage)).map(|a| {
             self.aborts.inc(1);
+            let body = a.body.as_deref().unwrap_or("fault filter abort");
             match (a.http_status, a.grpc_status) {
-                (_, Some(code)) => LocalReply::grpc_code(code, "fault filter abort"),
-                (Some(status), None) => LocalReply::new(status).body("fault filter abort"),
-                (None, None) => LocalReply::new(503).body("fault filter abort"),
+                (_, Some(code)) => LocalReply::grpc_code(code, body),
+                (Some(status), None) => LocalReply::new(status).body(body),
+                (None, None) => LocalReply::new(503).body(body),
             }
         });
         match fault.delay.as_ref().filter(|d| d.fixed_delay_ms > 0 && chance(d.percentage)) {

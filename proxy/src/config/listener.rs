@@ -20,7 +20,7 @@ pub const HCM: &str = "envoy.filters.network.http_connection_manager";
 pub const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 const ROUTER: &str = "envoy.filters.http.router";
-const FAULT: &str = "envoy.filters.http.fault";
+pub(crate) const FAULT: &str = "envoy.filters.http.fault";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
@@ -31,8 +31,18 @@ pub struct ListenerConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ListenerKind {
-    Http { stat_prefix: String, route: String, filters: Vec<WasmFilterConfig> },
-    Tcp { chains: Vec<TcpChain>, sni: bool },
+    /// `fault_at`: where Envoy's fault filter sits among the wasm filters (the built-in fault
+    /// module runs there).
+    Http {
+        stat_prefix: String,
+        route: String,
+        filters: Vec<WasmFilterConfig>,
+        fault_at: Option<usize>,
+    },
+    Tcp {
+        chains: Vec<TcpChain>,
+        sni: bool,
+    },
 }
 
 /// A TCP proxy chain: for connections whose SNI is one of `server_names` (any when empty),
@@ -131,7 +141,7 @@ pub fn convert(l: &pb::Listener) -> Result<ListenerConfig, ConvertError> {
         }
     }
     let kind = match http {
-        Some((stat_prefix, route, filters)) => ListenerKind::Http { stat_prefix, route, filters },
+        Some((stat_prefix, route, filters, fault_at)) => ListenerKind::Http { stat_prefix, route, filters, fault_at },
         None => ListenerKind::Tcp { chains, sni },
     };
     Ok(ListenerConfig { name: l.name.clone(), address, kind })
@@ -166,6 +176,8 @@ pub enum FailPolicy {
 pub enum WasmCode {
     File(String),
     Inline(Vec<u8>),
+    /// A module embedded in trellis-proxy (crate::builtins).
+    Builtin(&'static [u8]),
 }
 
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
@@ -235,17 +247,18 @@ fn wasm_filter(
     })
 }
 
-/// (stat prefix, RDS route name, wasm filters in order).
+/// (stat prefix, RDS route name, wasm filters in order, the fault filter's position).
 fn http_connection_manager(
     hcm: &HttpConnectionManager,
     what: &str,
-) -> Result<(String, String, Vec<WasmFilterConfig>), ConvertError> {
+) -> Result<(String, String, Vec<WasmFilterConfig>, Option<usize>), ConvertError> {
     let route = match &hcm.route_specifier {
         Some(RouteSpecifier::Rds(rds)) => rds.route_config_name.clone(),
         _ => return Err(ConvertError::unsupported(what, "routes other than by RDS")),
     };
     let mut saw_router = false;
     let mut filters = Vec::new();
+    let mut fault_at = None;
     for f in &hcm.http_filters {
         if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type
             && any.type_url == WASM_TYPE
@@ -256,18 +269,19 @@ fn http_connection_manager(
         match f.name.as_str() {
             ROUTER => saw_router = true,
             FAULT => {
-                // The filter with no global config is a no-op until a route configures it; a
-                // route that does is refused (see route.rs) until the fault module exists.
+                // Runs as the built-in fault module, configured per route (route.rs); a
+                // listener-wide fault config is not supported.
                 if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type {
                     let fault = HttpFault::decode(any.value.as_slice())
                         .map_err(|e| ConvertError::invalid(what, e.to_string()))?;
                     if fault != HttpFault::default() {
                         return Err(ConvertError::unsupported(
                             what,
-                            "a listener-wide fault filter config (fault injection runs in the fault filter module, issue #5)",
+                            "a listener-wide fault filter config (only per-route fault configs)",
                         ));
                     }
                 }
+                fault_at = Some(filters.len());
             }
             other => {
                 return Err(ConvertError::unsupported(
@@ -280,5 +294,5 @@ fn http_connection_manager(
     if !saw_router {
         return Err(ConvertError::invalid(what, "no router filter"));
     }
-    Ok((hcm.stat_prefix.clone(), route, filters))
+    Ok((hcm.stat_prefix.clone(), route, filters, fault_at))
 }

@@ -4,6 +4,7 @@
 //! old configuration or the new one, never a mix. Anything the proxy cannot execute exactly
 //! is a [`ConvertError`] naming the resource and field — the update is NACKed with it.
 
+pub mod builtin;
 pub mod cluster;
 pub mod listener;
 pub mod route;

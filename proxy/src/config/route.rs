@@ -41,10 +41,14 @@ pub enum Domain {
 
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// The route's name, unique in its table (a repeated name gets `~N` appended), as the
+    /// `route_name` property filters see and the built-in modules key their configs by.
     pub name: String,
     pub matcher: RouteMatch,
     pub action: Action,
     pub headers: HeaderOps,
+    /// Fault, retry and mirror, for the built-in modules.
+    pub builtins: super::builtin::RouteBuiltins,
 }
 
 /// Header additions and removals, applied in Envoy's order (remove, then add).
@@ -113,10 +117,8 @@ pub struct Forward {
     pub regex_rewrite: Option<(Regex, String)>,
     pub host_rewrite: Option<String>,
     pub hash_policy: Vec<HashPolicy>,
-    /// Retries and mirrors are accepted and not executed until their wasm modules exist
-    /// (issue #5); recorded here so the admin config dump shows them.
-    pub retry: Option<String>,
-    pub mirrors: usize,
+    /// Each attempt's timeout (the retry policy's per_try_timeout).
+    pub per_try_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -243,24 +245,33 @@ pub fn convert(rc: &pb::RouteConfiguration) -> Result<RouteTable, ConvertError> 
         if vh.retry_policy.is_some() || !vh.typed_per_filter_config.is_empty() {
             return Err(ConvertError::unsupported(&vwhat, "virtual-host-level retry policy or filter config"));
         }
-        let routes = vh.routes.iter().map(|r| route(r, &vwhat)).collect::<Result<_, _>>()?;
+        let routes = vh.routes.iter().map(|r| route(r, &vwhat)).collect::<Result<Vec<_>, _>>()?;
         virtual_hosts.push(VirtualHost {
             name: vh.name.clone(),
             domains: vh.domains.iter().map(|d| domain(d)).collect(),
             routes,
         });
     }
+    // Route names are how filters tell routes apart: make repeated ones unique.
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for r in virtual_hosts.iter_mut().flat_map(|vh| vh.routes.iter_mut()) {
+        let n = seen.entry(r.name.clone()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            r.name = format!("{}~{n}", r.name);
+        }
+    }
     Ok(RouteTable { name: rc.name.clone(), virtual_hosts })
 }
 
 fn route(r: &pb::Route, vwhat: &str) -> Result<Route, ConvertError> {
     let what = format!("{vwhat}, route {}", r.name);
-    if let Some(key) = r.typed_per_filter_config.keys().next() {
-        // The fault filter runs in the fault wasm module; until it lands it cannot run here.
-        return Err(ConvertError::unsupported(
-            &what,
-            format!("per-route config of {key} (fault injection runs in the fault filter module, issue #5)"),
-        ));
+    let mut builtins = super::builtin::RouteBuiltins::default();
+    for (key, any) in &r.typed_per_filter_config {
+        if key != super::listener::FAULT {
+            return Err(ConvertError::unsupported(&what, format!("per-route config of {key}")));
+        }
+        builtins.fault = Some(super::builtin::fault(any, &what)?);
     }
     let m = r.r#match.as_ref().ok_or_else(|| ConvertError::invalid(&what, "no match"))?;
     let matcher = route_match_of(m, &what)?;
@@ -272,7 +283,14 @@ fn route(r: &pb::Route, vwhat: &str) -> Result<Route, ConvertError> {
         &what,
     )?;
     let action = match &r.action {
-        Some(pb::route::Action::Route(a)) => Action::Forward(forward(a, &what)?),
+        Some(pb::route::Action::Route(a)) => {
+            if let Some(p) = &a.retry_policy {
+                let (config, _) = super::builtin::retry(p, &what)?;
+                builtins.retry = Some(config).filter(|c| c["attempts"] != 0);
+            }
+            builtins.mirror = super::builtin::mirrors(&a.request_mirror_policies, &what)?;
+            Action::Forward(forward(a, &what)?)
+        }
         Some(pb::route::Action::Redirect(rd)) => Action::Redirect(redirect(rd, &what)?),
         Some(pb::route::Action::DirectResponse(d)) => {
             let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
@@ -289,7 +307,7 @@ fn route(r: &pb::Route, vwhat: &str) -> Result<Route, ConvertError> {
         }
         other => return Err(ConvertError::unsupported(&what, format!("action {other:?}"))),
     };
-    Ok(Route { name: r.name.clone(), matcher, action, headers })
+    Ok(Route { name: r.name.clone(), matcher, action, headers, builtins })
 }
 
 fn route_match_of(m: &pb::RouteMatch, what: &str) -> Result<RouteMatch, ConvertError> {
@@ -417,11 +435,12 @@ fn forward(a: &pb::RouteAction, what: &str) -> Result<Forward, ConvertError> {
         regex_rewrite,
         host_rewrite,
         hash_policy,
-        retry: a
+        per_try_timeout: a
             .retry_policy
             .as_ref()
-            .map(|r| format!("{} x{}", r.retry_on, r.num_retries.as_ref().map(|n| n.value).unwrap_or(1))),
-        mirrors: a.request_mirror_policies.len(),
+            .and_then(|p| p.per_try_timeout.as_ref())
+            .map(duration)
+            .filter(|d| !d.is_zero()),
     })
 }
 

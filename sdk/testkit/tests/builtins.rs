@@ -151,8 +151,10 @@ fn retry_budget_caps_retries_in_flight() {
     let vm = running.vm();
     let mut ids = Vec::new();
     for _ in 0..10 {
-        let mut s = Stream::default();
-        s.request_headers = vec![(":method".into(), b"GET".to_vec()), (":path".into(), b"/".to_vec())];
+        let mut s = Stream {
+            request_headers: vec![(":method".into(), b"GET".to_vec()), (":path".into(), b"/".to_vec())],
+            ..Default::default()
+        };
         s.properties.insert("route_name".into(), b"r".to_vec());
         let id = vm.create_stream(s).unwrap();
         vm.on_request_headers(id, true).unwrap();
