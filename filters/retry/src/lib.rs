@@ -215,7 +215,8 @@ impl Filter for Retry {
             return Decision::Continue;
         }
         let active = self.active.get().max(1) as f64;
-        let allowed = ((active * self.config.budget.percent / 100.0) as i64).max(i64::from(self.config.budget.min_retry_concurrency));
+        let allowed = ((active * self.config.budget.percent / 100.0) as i64)
+            .max(i64::from(self.config.budget.min_retry_concurrency));
         if self.in_retry.add(1) > allowed {
             self.in_retry.add(-1);
             self.overflow.inc(1);
