@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -21,6 +21,7 @@ pub struct Answer {
 pub struct ProxyClient {
     proxy: String,
     client: Client<HttpConnector, Empty<Bytes>>,
+    with_body: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl ProxyClient {
@@ -30,8 +31,18 @@ impl ProxyClient {
         c.set_nodelay(true);
         Self {
             proxy: proxy.to_string(),
-            client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build(c),
+            client: Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build(c.clone()),
+            with_body: Client::builder(TokioExecutor::new()).build(c),
         }
+    }
+
+    /// POST `body` to `path` with `Host: host`; 10 s deadline.
+    pub async fn post(&self, host: &str, path: &str, body: Vec<u8>) -> anyhow::Result<Answer> {
+        let req = http::Request::post(format!("http://{}{path}", self.proxy))
+            .header("host", host)
+            .body(Full::new(Bytes::from(body)))?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.with_body.request(req)).await??;
+        answer(resp).await
     }
 
     /// GET `path` with `Host: host` and extra headers; 10 s deadline.
@@ -42,9 +53,13 @@ impl ProxyClient {
         }
         let req = req.body(Empty::new())?;
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req)).await??;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await??.to_bytes();
-        Ok(Answer { status, body: String::from_utf8_lossy(&body).into_owned(), headers })
+        answer(resp).await
     }
+}
+
+async fn answer(resp: http::Response<hyper::body::Incoming>) -> anyhow::Result<Answer> {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await??.to_bytes();
+    Ok(Answer { status, body: String::from_utf8_lossy(&body).into_owned(), headers })
 }

@@ -602,6 +602,126 @@ async fn a_wasm_plugin_runs_in_the_proxy(under: Under) {
     assert_eq!(m.v1.requests() + m.v2.requests(), before, "a denied request reached the upstream");
 }
 
+fn filter_module(package: &str) -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
+    trellis_filter_testkit::build(manifest, package)
+        .unwrap_or_else(|e| panic!("build filters/{package}: {e}"))
+        .canonicalize()
+        .unwrap()
+}
+
+fn wasm_plugin(name: &str, package: &str, config: Value) -> Value {
+    let path = filter_module(package);
+    let sha = trellis_wasm_host::sha256_hex(&std::fs::read(&path).unwrap());
+    json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": name, "namespace": "default"},
+        "spec": {"url": format!("file://{}", path.display()), "sha256": sha, "phase": "AUTHZ", "failStrategy": "FAIL_CLOSE",
+                 "match": [{"mode": "CLIENT"}], "pluginConfig": config}})
+}
+
+fn header<'a>(a: &'a trellis_e2e::http::Answer, name: &str) -> Option<&'a str> {
+    a.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn the_abi_probe_answers_the_same_in_both_hosts(under: Under) {
+    // A module written with the upstream proxy-wasm crate (not the SDK): headers, bodies,
+    // local replies, an http call to a mesh cluster, shared data, root ticks and a metric.
+    let m = mesh_with(under, |_, _| {
+        vec![wasm_plugin(
+            "probe",
+            "abi-probe",
+            json!({"header": "x-probe-resp", "deny": "/deny",
+            "callout": "outbound|9080|v2|reviews.bookinfo.svc.cluster.local", "calloutAuthority": REVIEWS}),
+        )]
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let a = loop {
+        let a = m.client.get(REVIEWS, "/headers", &[("x-in", "a"), ("x-remove", "zap")]).await.unwrap();
+        if a.status == 200 && a.body.contains("x-probe") {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "the filter never ran: {a:?}\n{}", m.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let seen: Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(seen["x-probe"], "seen:a", "{seen}");
+    assert!(seen.get("x-remove").is_none(), "the filter removed x-remove: {seen}");
+    assert_eq!(header(&a, "x-probe-resp"), Some("1"));
+    let before = m.v1.requests() + m.v2.requests();
+    let a = m.client.get(REVIEWS, "/deny", &[]).await.unwrap();
+    assert_eq!((a.status, a.body.as_str(), header(&a, "x-denied-by")), (403, "denied", Some("probe")));
+    assert_eq!(m.v1.requests() + m.v2.requests(), before, "a denied request reached the upstream");
+    // The call goes to v2 (its /check answers "v2"); its answer reaches the response.
+    let v2_before = m.v2.requests();
+    let a = m.client.get(REVIEWS, "/callout", &[]).await.unwrap();
+    assert_eq!((a.status, header(&a, "x-callout-resp")), (200, Some("200:v2")), "{a:?}");
+    assert!(m.v2.requests() > v2_before, "the call reached the v2 cluster");
+    m.client.get(REVIEWS, "/shared-set", &[]).await.unwrap();
+    let a = m.client.get(REVIEWS, "/shared-get", &[]).await.unwrap();
+    assert_eq!(header(&a, "x-shared"), Some("probe-value"), "{a:?}");
+    // Held until the root context's second tick (20 ms apart).
+    let t = Instant::now();
+    let a = m.client.get(REVIEWS, "/tick", &[]).await.unwrap();
+    assert_eq!((a.status, header(&a, "x-ticked")), (200, Some("2")), "{a:?}");
+    assert!(t.elapsed() >= Duration::from_millis(30), "released after {:?}", t.elapsed());
+    let a = m.client.post(REVIEWS, "/echo-body", b"hello body".to_vec()).await.unwrap();
+    assert_eq!(a.body, "HELLO BODY");
+    // The metric the module defines, under Envoy's name for it.
+    let stats = ProxyClient::new(m.proxy.admin()).get(m.proxy.admin(), "/stats", &[]).await.unwrap().body;
+    let n: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("wasmcustom.probe_requests: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no wasmcustom.probe_requests in:\n{stats}"));
+    assert!(n >= 7, "probe_requests = {n}");
+}
+
+async fn the_built_in_filter_modules_run_as_plugins(under: Under) {
+    // The modules trellis-proxy runs for fault and mirror, loaded as ordinary WasmPlugins with
+    // the configuration trellis-proxy would give them (by route name): the same behaviour in
+    // Envoy's V8 host as in trellis-proxy.
+    let m = mesh_with(under, |_, _| {
+        vec![
+            vs(json!([
+                {"name": "aborted", "match": [{"uri": {"prefix": "/abort"}}], "route": to("v1")},
+                {"name": "mirrored", "route": to("v1")}])),
+            wasm_plugin(
+                "fault",
+                "fault",
+                json!({"routes": {"aborted": {"abort": {"httpStatus": 451, "body": "by module"}}}}),
+            ),
+            wasm_plugin(
+                "mirror",
+                "mirror",
+                json!({"routes": {"mirrored": [{"cluster": "outbound|9080|v2|reviews.bookinfo.svc.cluster.local"}]}}),
+            ),
+        ]
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = m.client.get(REVIEWS, "/abort", &[]).await.unwrap();
+        if a.status == 451 {
+            assert_eq!(a.body, "by module");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fault module never aborted: {a:?}\n{}", m.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = m.v2.requests();
+    for _ in 0..5 {
+        let a = m.client.post(REVIEWS, "/echo-body", b"copied".to_vec()).await.unwrap();
+        assert_eq!((a.status, a.body.as_str()), (200, "copied"), "the primary request is untouched");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m.v2.requests() < before + 5 {
+        assert!(Instant::now() < deadline, "the shadow got {} of 5 mirrored requests", m.v2.requests() - before);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hosts = m.v2.seen.hosts.lock().unwrap().clone();
+    assert_eq!(hosts.last().map(String::as_str), Some("reviews.bookinfo.svc.cluster.local-shadow:9080"), "{hosts:?}");
+}
+
 async fn a_rejected_resource_is_nacked_and_routing_keeps_working(under: Under) {
     let m = mesh(under).await;
     let (bad, expected): (Value, &[&str]) = match under {
@@ -689,5 +809,7 @@ for_each_proxy!(
     route_actions_redirect_rewrite_and_edit_headers,
     consistent_hashing_keeps_a_user_on_one_endpoint,
     a_wasm_plugin_runs_in_the_proxy,
+    the_abi_probe_answers_the_same_in_both_hosts,
+    the_built_in_filter_modules_run_as_plugins,
     a_rejected_resource_is_nacked_and_routing_keeps_working,
 );

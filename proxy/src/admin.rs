@@ -210,5 +210,12 @@ fn stats(proxy: &Proxy) -> String {
             let _ = writeln!(out, "cluster.{name}.{k}: {}", v.load(Ordering::Relaxed));
         }
     }
+    // Metrics filters define, with Envoy's prefix.
+    if let Some(host) = proxy.wasm_host.get() {
+        let values = host.metrics().values.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (name, _, value) in values {
+            let _ = writeln!(out, "wasmcustom.{name}: {value}");
+        }
+    }
     out
 }

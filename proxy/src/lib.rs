@@ -108,7 +108,7 @@ pub struct Proxy {
     pub metrics: metrics::Metrics,
     pub access_log: access_log::AccessLog,
     /// The wasm host, made when the first wasm filter arrives.
-    wasm_host: std::sync::OnceLock<trellis_wasm_host::Host>,
+    pub(crate) wasm_host: std::sync::OnceLock<trellis_wasm_host::Host>,
 }
 
 impl Proxy {

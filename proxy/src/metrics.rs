@@ -313,6 +313,32 @@ impl Metrics {
     }
 }
 
+/// Metrics filters define (`proxy_define_metric`), appended to an OpenMetrics text before its
+/// `# EOF`: counters as `wasmcustom_NAME_total`, gauges as `wasmcustom_NAME` (Envoy's
+/// `wasmcustom.` prefix; characters Prometheus does not allow become `_`).
+fn filter_metrics(text: &mut String, metrics: &trellis_wasm_host::state::Metrics) {
+    use std::fmt::Write;
+    use trellis_wasm_host::abi::MetricType;
+    let eof = text.strip_suffix("# EOF\n").map(str::len);
+    if let Some(n) = eof {
+        text.truncate(n);
+    }
+    let values = metrics.values.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for (name, kind, value) in values {
+        let clean: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+        match kind {
+            MetricType::Counter => {
+                let _ = write!(text, "# TYPE wasmcustom_{clean} counter\nwasmcustom_{clean}_total {value}\n");
+            }
+            MetricType::Gauge => {
+                let _ = write!(text, "# TYPE wasmcustom_{clean} gauge\nwasmcustom_{clean} {value}\n");
+            }
+            MetricType::Histogram => {}
+        }
+    }
+    text.push_str("# EOF\n");
+}
+
 /// Serves `/stats/prometheus` and `/metrics` on `addr`.
 pub async fn serve(proxy: Arc<crate::Proxy>, addr: SocketAddr) -> Result<(), String> {
     let listener =
@@ -327,7 +353,11 @@ pub async fn serve(proxy: Arc<crate::Proxy>, addr: SocketAddr) -> Result<(), Str
                     async move {
                         let r = match req.uri().path() {
                             "/stats/prometheus" | "/metrics" => {
-                                let mut r = Response::new(Full::new(Bytes::from(proxy.metrics.encode())));
+                                let mut text = proxy.metrics.encode();
+                                if let Some(host) = proxy.wasm_host.get() {
+                                    filter_metrics(&mut text, &host.metrics());
+                                }
+                                let mut r = Response::new(Full::new(Bytes::from(text)));
                                 r.headers_mut().insert(
                                     http::header::CONTENT_TYPE,
                                     http::HeaderValue::from_static(

@@ -1,13 +1,27 @@
 //! abi-probe: a filter written with the upstream `proxy-wasm` crate that exercises the ABI the
 //! way real filters do — configuration, headers, bodies, properties, local replies, http
-//! callouts, shared data, metrics, logs — plus two hostile paths (`/panic`, `/loop`). The wasm
-//! host's tests run it; the differential tests will run it in Envoy too.
+//! callouts, shared data, metrics, logs, ticks — plus two hostile paths (`/panic`, `/loop`).
+//! The wasm host's tests run it; the differential scenario runs it in Envoy and trellis-proxy.
 //!
-//! Configuration (JSON): `{"header": "x-probe-resp", "deny": "/deny"}`.
+//! Configuration (JSON): `{"header": "x-probe-resp", "deny": "/deny"}`, optionally
+//! `"callout": "CLUSTER"` and `"calloutAuthority": "HOST"` (default: cluster `auth`).
+//!
+//! Paths: `/deny` (the configured one) → 403; `/callout` → an http call to the cluster whose
+//! answer goes into the request header `x-callout` and the response header `x-callout-resp`;
+//! `/shared-set`, `/shared-get` → shared data; `/tick` → held until the root context's second
+//! tick (20 ms period), then `x-ticked` is set; bodies are upper-cased.
 
 use proxy_wasm::traits::*;
 use proxy_wasm::types::*;
+use std::cell::RefCell;
 use std::time::Duration;
+
+thread_local! {
+    /// Streams held for `/tick`: (context, ticks seen).
+    static HELD: RefCell<Vec<(u32, u32)>> = const { RefCell::new(Vec::new()) };
+    /// Streams released by ticks: (context, ticks it took).
+    static TICKED: RefCell<Vec<(u32, u32)>> = const { RefCell::new(Vec::new()) };
+}
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
@@ -18,6 +32,8 @@ proxy_wasm::main! {{
 struct Settings {
     header: String,
     deny: String,
+    callout: String,
+    callout_authority: String,
     metric: u32,
 }
 
@@ -28,30 +44,64 @@ struct Root {
 
 impl Context for Root {}
 
-/// The two string fields of `{"header": "...", "deny": "..."}`; anything else is refused.
-fn parse(config: &str) -> Option<(String, String)> {
+/// `{"header": "...", "deny": "...", "callout"?: "...", "calloutAuthority"?: "..."}`; anything
+/// else is refused.
+fn parse(config: &str) -> Option<Settings> {
     let v: serde_json::Value = serde_json::from_str(config).ok()?;
     let obj = v.as_object()?;
-    if obj.keys().any(|k| k != "header" && k != "deny") {
+    if obj.keys().any(|k| !["header", "deny", "callout", "calloutAuthority"].contains(&k.as_str())) {
         return None;
     }
-    Some((obj.get("header")?.as_str()?.to_string(), obj.get("deny")?.as_str()?.to_string()))
+    let opt = |k: &str, default: &str| obj.get(k).and_then(|v| v.as_str()).unwrap_or(default).to_string();
+    Some(Settings {
+        header: obj.get("header")?.as_str()?.to_string(),
+        deny: obj.get("deny")?.as_str()?.to_string(),
+        callout: opt("callout", "auth"),
+        callout_authority: opt("calloutAuthority", "auth"),
+        metric: 0,
+    })
 }
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let raw = self.get_plugin_configuration().unwrap_or_default();
-        let Some((header, deny)) = parse(&String::from_utf8_lossy(&raw)) else {
+        let Some(mut settings) = parse(&String::from_utf8_lossy(&raw)) else {
             log::error!("bad configuration: expected {{\"header\": ..., \"deny\": ...}}");
             return false;
         };
-        let metric = proxy_wasm::hostcalls::define_metric(MetricType::Counter, "probe_requests").unwrap_or(0);
-        self.settings = Settings { header, deny, metric };
+        settings.metric = proxy_wasm::hostcalls::define_metric(MetricType::Counter, "probe_requests").unwrap_or(0);
+        self.settings = settings;
         true
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { settings: self.settings.clone() }))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http { settings: self.settings.clone(), context_id, callout: None, shared: None }))
+    }
+
+    fn on_tick(&mut self) {
+        let due: Vec<(u32, u32)> = HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            for held in h.iter_mut() {
+                held.1 += 1;
+            }
+            let (due, rest): (Vec<_>, Vec<_>) = h.drain(..).partition(|(_, ticks)| *ticks >= 2);
+            *h = rest;
+            if h.is_empty() {
+                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::ZERO);
+            }
+            due
+        });
+        for (context, ticks) in due {
+            TICKED.with(|t| t.borrow_mut().push((context, ticks)));
+            if proxy_wasm::hostcalls::set_effective_context(context).is_ok() {
+                let _ = proxy_wasm::hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    "x-ticked",
+                    Some(&ticks.to_string()),
+                );
+                let _ = proxy_wasm::hostcalls::resume_http_request();
+            }
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -61,13 +111,20 @@ impl RootContext for Root {
 
 struct Http {
     settings: Settings,
+    context_id: u32,
+    /// What the callout answered, for the response header.
+    callout: Option<String>,
+    /// What `/shared-get` read, for the response header.
+    shared: Option<String>,
 }
 
 impl Context for Http {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
         let status = self.get_http_call_response_header(":status").unwrap_or_default();
-        self.set_http_request_header("x-callout", Some(&format!("{status}:{}", String::from_utf8_lossy(&body))));
+        let answer = format!("{status}:{}", String::from_utf8_lossy(&body));
+        self.set_http_request_header("x-callout", Some(&answer));
+        self.callout = Some(answer);
         self.resume_http_request();
     }
 }
@@ -87,13 +144,18 @@ impl HttpContext for Http {
         match path.as_str() {
             "/callout" => {
                 let call = self.dispatch_http_call(
-                    "auth",
-                    vec![(":method", "GET"), (":path", "/check"), (":authority", "auth")],
+                    &self.settings.callout,
+                    vec![(":method", "GET"), (":path", "/check"), (":authority", &self.settings.callout_authority)],
                     None,
                     vec![],
                     Duration::from_secs(5),
                 );
                 return if call.is_ok() { Action::Pause } else { Action::Continue };
+            }
+            "/tick" => {
+                HELD.with(|h| h.borrow_mut().push((self.context_id, 0)));
+                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(20));
+                return Action::Pause;
             }
             "/shared-set" => {
                 let _ = self.set_shared_data("probe-key", Some(b"probe-value"), None);
@@ -102,6 +164,7 @@ impl HttpContext for Http {
                 let (value, _cas) = self.get_shared_data("probe-key");
                 let v = value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "none".into());
                 self.set_http_request_header("x-shared", Some(&v));
+                self.shared = Some(v);
             }
             "/panic" => panic!("the probe was asked to panic"),
             "/loop" => {
@@ -132,6 +195,22 @@ impl HttpContext for Http {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let header = self.settings.header.clone();
         self.add_http_response_header(&header, "1");
+        if let Some(answer) = self.callout.take() {
+            self.add_http_response_header("x-callout-resp", &answer);
+        }
+        // What the request phase saw, for clients to check (the request's headers are gone by
+        // now in Envoy, so the context kept it).
+        if let Some(v) = self.shared.take() {
+            self.add_http_response_header("x-shared", &v);
+        }
+        let id = self.context_id;
+        let ticked = TICKED.with(|t| {
+            let mut t = t.borrow_mut();
+            t.iter().position(|(c, _)| *c == id).map(|i| t.remove(i).1)
+        });
+        if let Some(n) = ticked {
+            self.add_http_response_header("x-ticked", &n.to_string());
+        }
         Action::Continue
     }
 }

@@ -73,18 +73,19 @@ fn give(c: &mut C<'_>, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> wasmtime::R
     Ok(Status::Ok)
 }
 
-fn map_mut(s: &mut VmState, t: MapType) -> Option<&mut Pairs> {
+/// A header map, if it is there now (Envoy answers BadArgument for one that is not).
+fn map_mut(s: &mut VmState, t: MapType) -> Result<&mut Pairs, Status> {
     if matches!(t, MapType::HttpCallResponseHeaders | MapType::HttpCallResponseTrailers) {
-        let (h, _, tr) = s.call_response.as_mut()?;
-        return Some(if t == MapType::HttpCallResponseHeaders { h } else { tr });
+        let (h, _, tr) = s.call_response.as_mut().ok_or(Status::BadArgument)?;
+        return Ok(if t == MapType::HttpCallResponseHeaders { h } else { tr });
     }
-    let stream = s.stream()?;
-    Some(match t {
-        MapType::HttpRequestHeaders => &mut stream.request_headers,
+    let stream = s.stream().ok_or(Status::BadArgument)?;
+    Ok(match t {
+        MapType::HttpRequestHeaders if stream.request_headers_open => &mut stream.request_headers,
         MapType::HttpRequestTrailers => &mut stream.request_trailers,
-        MapType::HttpResponseHeaders => &mut stream.response_headers,
+        MapType::HttpResponseHeaders if stream.response_headers_open => &mut stream.response_headers,
         MapType::HttpResponseTrailers => &mut stream.response_trailers,
-        _ => return None,
+        _ => return Err(Status::BadArgument),
     })
 }
 
@@ -232,7 +233,10 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "proxy_get_header_map_pairs",
         |mut c: C<'_>, kind: i32, ret_ptr: i32, ret_size: i32| -> R {
             let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
-            let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+            let map = match map_mut(c.data_mut(), t) {
+                Ok(m) => m,
+                Err(e) => return st(e),
+            };
             let bytes = serialize_pairs(map);
             st(give(&mut c, &bytes, ret_ptr, ret_size)?)
         },
@@ -241,7 +245,10 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
         let Some(bytes) = read(&mut c, ptr, len) else { return st(Status::BadArgument) };
         let Some(pairs) = deserialize_pairs(&bytes) else { return st(Status::SerializationFailure) };
-        let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+        let map = match map_mut(c.data_mut(), t) {
+            Ok(m) => m,
+            Err(e) => return st(e),
+        };
         *map = pairs.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
         OK
     })?;
@@ -252,7 +259,10 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
             let Some(key) = read_str(&mut c, kp, kl) else { return st(Status::BadArgument) };
             let key = key.to_ascii_lowercase();
-            let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+            let map = match map_mut(c.data_mut(), t) {
+                Ok(m) => m,
+                Err(e) => return st(e),
+            };
             // Repeated headers are joined with commas, as Envoy does.
             let values: Vec<Vec<u8>> = map.iter().filter(|(k, _)| *k == key).map(|(_, v)| v.clone()).collect();
             if values.is_empty() {
@@ -269,7 +279,10 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
                 return st(Status::BadArgument);
             };
             let key = key.to_ascii_lowercase();
-            let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+            let map = match map_mut(c.data_mut(), t) {
+                Ok(m) => m,
+                Err(e) => return st(e),
+            };
             if op == 0 {
                 map.retain(|(k, _)| *k != key);
             }
@@ -281,13 +294,19 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
         let Some(key) = read_str(&mut c, kp, kl) else { return st(Status::BadArgument) };
         let key = key.to_ascii_lowercase();
-        let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+        let map = match map_mut(c.data_mut(), t) {
+            Ok(m) => m,
+            Err(e) => return st(e),
+        };
         map.retain(|(k, _)| *k != key);
         OK
     })?;
     linker.func_wrap(env, "proxy_get_header_map_size", |mut c: C<'_>, kind: i32, ret: i32| -> R {
         let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
-        let Some(map) = map_mut(c.data_mut(), t) else { return st(Status::NotFound) };
+        let map = match map_mut(c.data_mut(), t) {
+            Ok(m) => m,
+            Err(e) => return st(e),
+        };
         let size = serialize_pairs(map).len() as u32;
         st(if write_u32(&mut c, ret, size) { Status::Ok } else { Status::BadArgument })
     })?;
@@ -433,6 +452,11 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             if op == 1 {
                 s.closed.push(t)
             } else {
+                match t {
+                    StreamType::HttpRequest => s.request_headers_open = false,
+                    StreamType::HttpResponse => s.response_headers_open = false,
+                    _ => {}
+                }
                 s.resumed.push(t)
             }
             OK

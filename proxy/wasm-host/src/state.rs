@@ -50,6 +50,11 @@ pub struct Stream {
     /// Streams the filter resumed (`proxy_continue_stream`) or closed.
     pub resumed: Vec<crate::abi::StreamType>,
     pub closed: Vec<crate::abi::StreamType>,
+    /// Whether the request / response header maps can be read and written now. As in Envoy,
+    /// a header map is there during its headers callback and, when the filter paused the
+    /// stream there, until it resumes it; afterwards it is gone (BadArgument).
+    pub request_headers_open: bool,
+    pub response_headers_open: bool,
     /// The filter asked the host to keep the request body so the request can be sent again
     /// (foreign function `trellis.retain_request`).
     pub retain_request: bool,

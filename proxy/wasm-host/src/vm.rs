@@ -240,7 +240,23 @@ impl Vm {
 
     pub fn on_request_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.store.data().streams.get(&id).map(|s| s.request_headers.len()).unwrap_or(0) as i32;
-        self.stream_call(id, "proxy_on_request_headers", self.exports.on_request_headers.clone(), n, end_of_stream)
+        self.set_open(id, true, true);
+        let r =
+            self.stream_call(id, "proxy_on_request_headers", self.exports.on_request_headers.clone(), n, end_of_stream);
+        if r != Ok(Action::Pause) {
+            self.set_open(id, true, false);
+        }
+        r
+    }
+
+    fn set_open(&mut self, id: u32, request: bool, open: bool) {
+        if let Some(s) = self.store.data_mut().streams.get_mut(&id) {
+            if request {
+                s.request_headers_open = open;
+            } else {
+                s.response_headers_open = open;
+            }
+        }
     }
 
     pub fn on_request_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
@@ -250,7 +266,18 @@ impl Vm {
 
     pub fn on_response_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.store.data().streams.get(&id).map(|s| s.response_headers.len()).unwrap_or(0) as i32;
-        self.stream_call(id, "proxy_on_response_headers", self.exports.on_response_headers.clone(), n, end_of_stream)
+        self.set_open(id, false, true);
+        let r = self.stream_call(
+            id,
+            "proxy_on_response_headers",
+            self.exports.on_response_headers.clone(),
+            n,
+            end_of_stream,
+        );
+        if r != Ok(Action::Pause) {
+            self.set_open(id, false, false);
+        }
+        r
     }
 
     /// Whether the module handles request / response bodies at all.

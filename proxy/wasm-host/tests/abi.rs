@@ -268,3 +268,38 @@ fn modules_are_verified_and_compiled_once() {
     let err = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap_err().to_string();
     assert!(err.contains("proxy_on_memory_allocate"), "{err}");
 }
+
+#[test]
+fn header_maps_are_there_only_while_their_phase_runs_as_in_envoy() {
+    // Request headers (map 0) can be read in on_request_headers; in on_response_headers they
+    // are gone (BadArgument, 2) and the response's (map 2) are there. Anything else traps.
+    let h = host();
+    let check = |map: i32, want: i32| {
+        format!(
+            "(if (i32.ne (call $pairs (i32.const {map}) (i32.const 64) (i32.const 68)) (i32.const {want})) (then unreachable))"
+        )
+    };
+    let wat = format!(
+        r#"(module
+  (import "env" "proxy_get_header_map_pairs" (func $pairs (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32) (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $n))) (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) {} (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) {} {} (i32.const 0)))"#,
+        check(0, 0),
+        check(0, 2),
+        check(2, 0),
+    );
+    let m = h.load(&wat::parse_str(wat).unwrap(), None).unwrap();
+    let mut vm = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap();
+    let stream = Stream { request_headers: vec![(":path".into(), b"/".to_vec())], ..Default::default() };
+    let id = vm.create_stream(stream).unwrap();
+    assert_eq!(vm.on_request_headers(id, true).unwrap(), Action::Continue);
+    vm.stream_mut(id).unwrap().response_headers = vec![(":status".into(), b"200".to_vec())];
+    assert_eq!(vm.on_response_headers(id, true).unwrap(), Action::Continue);
+}

@@ -190,7 +190,7 @@ impl<'a> RequestBuilder<'a> {
 
     /// The route the request matched (the `route_name` property).
     pub fn route(self, name: &str) -> Self {
-        self.property("route_name", name.as_bytes())
+        self.property("route_name", name.as_bytes()).property("xds.route_name", name.as_bytes())
     }
 
     /// The peer's identity, as mTLS gives it (`source.principal` and

@@ -52,6 +52,7 @@ use std::hash::BuildHasher;
 use std::marker::PhantomData;
 use std::time::{Duration, SystemTime};
 
+pub use log;
 pub use proxy_wasm;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -183,6 +184,10 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     hostcalls::get_property(path.to_vec()).ok().flatten()
 }
 
+fn route_name() -> Option<String> {
+    property_string(&["xds", "route_name"]).or_else(|| property_string(&["route_name"]))
+}
+
 fn property_string(path: &[&str]) -> Option<String> {
     property(path).map(|b| String::from_utf8_lossy(&b).into_owned()).filter(|s| !s.is_empty())
 }
@@ -253,14 +258,15 @@ impl Request {
         parts.next().map(String::from)
     }
 
-    /// The route the request matched (Envoy's `route_name`).
+    /// The route the request matched (Envoy's `xds.route_name`; Envoy fills the older
+    /// `route_name` only once the router ran, so it is the fallback).
     pub fn route_name(&self) -> Option<String> {
-        property_string(&["route_name"])
+        route_name()
     }
 
-    /// The upstream cluster chosen (Envoy's `cluster_name`).
+    /// The upstream cluster of the route (`xds.cluster_name`, or `cluster_name`).
     pub fn cluster_name(&self) -> Option<String> {
-        property_string(&["cluster_name"])
+        property_string(&["xds", "cluster_name"]).or_else(|| property_string(&["cluster_name"]))
     }
 
     pub fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
@@ -553,7 +559,8 @@ impl<F: Filter> Stream<F> {
         }
         // No host support: send the kept request to the route's cluster ourselves.
         let Some(kept) = self.kept.as_ref().filter(|k| !k.overflow) else { return Action::Continue };
-        let Some(cluster) = property_string(&["cluster_name"]) else { return Action::Continue };
+        let cluster = property_string(&["xds", "cluster_name"]).or_else(|| property_string(&["cluster_name"]));
+        let Some(cluster) = cluster else { return Action::Continue };
         let body = if kept.body.is_empty() { None } else { Some(kept.body.as_slice()) };
         match dispatch(&cluster, &kept.headers, body, RESEND_TIMEOUT) {
             Ok(_) => {
