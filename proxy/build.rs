@@ -1,4 +1,4 @@
-//! Builds the built-in filter modules (filters/fault, filters/retry, filters/mirror) for
+//! Builds the built-in filter modules (filters/fault, retry, mirror, auth) for
 //! wasm32-wasip1 and embeds them: they are present in every trellis-proxy binary (a WasmPlugin
 //! can still replace them at run time). Needs the wasm32-wasip1 target
 //! (`rustup target add wasm32-wasip1`; scripts/setup.sh installs it).
@@ -6,13 +6,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const MODULES: [&str; 3] = ["fault", "retry", "mirror"];
+const MODULES: [&str; 4] = ["fault", "retry", "mirror", "auth"];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let filters = manifest_dir.join("../filters");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    for watched in ["Cargo.toml", "Cargo.lock", "fault/src", "retry/src", "mirror/src", "../sdk/trellis-sdk/src"] {
+    for watched in
+        ["Cargo.toml", "Cargo.lock", "fault/src", "retry/src", "mirror/src", "auth/src", "../sdk/trellis-sdk/src"]
+    {
         println!("cargo:rerun-if-changed={}", filters.join(watched).display());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

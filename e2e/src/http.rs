@@ -36,11 +36,19 @@ impl ProxyClient {
         }
     }
 
-    /// POST `body` to `path` with `Host: host`; 10 s deadline.
-    pub async fn post(&self, host: &str, path: &str, body: Vec<u8>) -> anyhow::Result<Answer> {
-        let req = http::Request::post(format!("http://{}{path}", self.proxy))
-            .header("host", host)
-            .body(Full::new(Bytes::from(body)))?;
+    /// POST `body` to `path` with `Host: host` and extra headers; 10 s deadline.
+    pub async fn post(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> anyhow::Result<Answer> {
+        let mut req = http::Request::post(format!("http://{}{path}", self.proxy)).header("host", host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body)))?;
         let resp = tokio::time::timeout(Duration::from_secs(10), self.with_body.request(req)).await??;
         answer(resp).await
     }

@@ -664,7 +664,7 @@ async fn the_abi_probe_answers_the_same_in_both_hosts(under: Under) {
     let a = m.client.get(REVIEWS, "/tick", &[]).await.unwrap();
     assert_eq!((a.status, header(&a, "x-ticked")), (200, Some("2")), "{a:?}");
     assert!(t.elapsed() >= Duration::from_millis(30), "released after {:?}", t.elapsed());
-    let a = m.client.post(REVIEWS, "/echo-body", b"hello body".to_vec()).await.unwrap();
+    let a = m.client.post(REVIEWS, "/echo-body", &[], b"hello body".to_vec()).await.unwrap();
     assert_eq!(a.body, "HELLO BODY");
     // The metric the module defines, under Envoy's name for it.
     let stats = ProxyClient::new(m.proxy.admin()).get(m.proxy.admin(), "/stats", &[]).await.unwrap().body;
@@ -677,8 +677,8 @@ async fn the_abi_probe_answers_the_same_in_both_hosts(under: Under) {
 }
 
 async fn the_built_in_filter_modules_run_as_plugins(under: Under) {
-    // The modules trellis-proxy runs for fault and mirror, loaded as ordinary WasmPlugins with
-    // the configuration trellis-proxy would give them (by route name): the same behaviour in
+    // The modules trellis-proxy runs for fault, mirror and authorization, loaded as ordinary
+    // WasmPlugins with the configuration trellis-proxy would give them: the same behaviour in
     // Envoy's V8 host as in trellis-proxy.
     let m = mesh_with(under, |_, _| {
         vec![
@@ -695,6 +695,8 @@ async fn the_built_in_filter_modules_run_as_plugins(under: Under) {
                 "mirror",
                 json!({"routes": {"mirrored": [{"cluster": "outbound|9080|v2|reviews.bookinfo.svc.cluster.local"}]}}),
             ),
+            wasm_plugin("auth", "auth", json!({"stages": [{"action": "DENY", "policies": {"no-admin": {
+                "permissions": [{"path": {"prefix": "/admin"}}], "principals": [{"directRemoteIp": "127.0.0.0/8"}]}}}]})),
         ]
     })
     .await;
@@ -708,9 +710,11 @@ async fn the_built_in_filter_modules_run_as_plugins(under: Under) {
         assert!(Instant::now() < deadline, "the fault module never aborted: {a:?}\n{}", m.proxy.log_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let a = m.client.get(REVIEWS, "/admin/users", &[]).await.unwrap();
+    assert_eq!((a.status, a.body.as_str()), (403, "RBAC: access denied"), "the auth module");
     let before = m.v2.requests();
     for _ in 0..5 {
-        let a = m.client.post(REVIEWS, "/echo-body", b"copied".to_vec()).await.unwrap();
+        let a = m.client.post(REVIEWS, "/echo-body", &[], b"copied".to_vec()).await.unwrap();
         assert_eq!((a.status, a.body.as_str()), (200, "copied"), "the primary request is untouched");
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -720,6 +724,82 @@ async fn the_built_in_filter_modules_run_as_plugins(under: Under) {
     }
     let hosts = m.v2.seen.hosts.lock().unwrap().clone();
     assert_eq!(hosts.last().map(String::as_str), Some("reviews.bookinfo.svc.cluster.local-shadow:9080"), "{hosts:?}");
+}
+
+async fn authorization_policies_at_the_server_sidecar(under: Under) {
+    // client → ratings' sidecar (an HTTP ingress listener in front of the app). The control
+    // plane emits Istio's RBAC filters; Envoy runs them natively, trellis-proxy in the auth
+    // module: the answers must be the same.
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &["--push-debounce-ms", "50"]).unwrap();
+    let api = cp.client().unwrap();
+    let app = Echo::start("ratings").await.unwrap();
+    let ingress = trellis_e2e::free_port();
+    let policy = |name: &str, spec: Value| json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": name, "namespace": "bookinfo"}, "spec": spec});
+    let config = vec![
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "ratings", "namespace": "bookinfo"},
+            "spec": {"hosts": ["ratings.bookinfo.svc.cluster.local"], "ports": [{"number": ingress, "name": "http", "protocol": "HTTP"}],
+                     "location": "MESH_INTERNAL", "resolution": "STATIC", "workloadSelector": {"labels": {"app": "ratings"}}}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": {"name": "ratings-v1", "namespace": "bookinfo"},
+            "spec": {"address": "127.0.0.1", "ports": {"http": ingress}, "labels": {"app": "ratings"}}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar", "metadata": {"name": "ratings", "namespace": "bookinfo"},
+            "spec": {"workloadSelector": {"labels": {"app": "ratings"}},
+                     "ingress": [{"port": {"number": ingress, "protocol": "HTTP", "name": "http"}, "bind": "127.0.0.1",
+                                  "defaultEndpoint": format!("127.0.0.1:{}", app.port())}]}}),
+        // Istio's allow-nothing.
+        policy("allow-nothing", json!({})),
+    ];
+    api.apply(config, None, false).await.unwrap();
+    let server = Sidecar::start(under, &cp.xds_addr, "ratings", "bookinfo", "").unwrap();
+    let client = ProxyClient::new(&format!("127.0.0.1:{ingress}"));
+    let host = format!("ratings.bookinfo.svc.cluster.local:{ingress}");
+    let until = |want: u16, path: &'static str| {
+        let (client, host) = (client.clone(), host.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(a) = client.get(&host, path, &[]).await
+                    && a.status == want
+                {
+                    return a;
+                }
+                assert!(Instant::now() < deadline, "GET {path} never answered {want}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let a = until(403, "/reviews/1").await;
+    assert_eq!(a.body, "RBAC: access denied", "{}", server.log_text());
+    assert_eq!(app.requests(), 0, "a denied request reached the app");
+    // Replace allow-nothing with: GET /reviews/* and /health from loopback, POST only for
+    // alice, and a DENY for the secrets that wins over the ALLOW.
+    let policies = vec![
+        policy(
+            "allow-reads",
+            json!({"selector": {"matchLabels": {"app": "ratings"}}, "action": "ALLOW", "rules": [
+            {"from": [{"source": {"ipBlocks": ["127.0.0.0/8"]}}], "to": [{"operation": {"methods": ["GET"], "paths": ["/reviews/*", "/health"]}}]},
+            {"to": [{"operation": {"methods": ["POST"]}}], "when": [{"key": "request.headers[x-user]", "values": ["alice"]}]},
+            {"from": [{"source": {"principals": ["cluster.local/ns/bookinfo/sa/productpage"]}}], "to": [{"operation": {"paths": ["/productpage"]}}]}]}),
+        ),
+        policy(
+            "deny-secrets",
+            json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/reviews/secret*"]}}]}]}),
+        ),
+    ];
+    api.apply(policies, None, false).await.unwrap();
+    api.delete(Kind::AuthorizationPolicy, Some("bookinfo"), "allow-nothing").await.unwrap();
+    until(200, "/reviews/1").await;
+    until(403, "/reviews/secret-plans").await;
+    for (path, want) in
+        [("/reviews/2", 200), ("/health", 200), ("/reviews/secret", 403), ("/ratings", 403), ("/productpage", 403)]
+    {
+        let a = client.get(&host, path, &[]).await.unwrap();
+        assert_eq!(a.status, want, "GET {path}: {a:?}");
+    }
+    for (headers, want) in [(vec![], 403), (vec![("x-user", "bob")], 403), (vec![("x-user", "alice")], 200)] {
+        let a = client.post(&host, "/reviews/1", &headers, b"{}".to_vec()).await.unwrap();
+        assert_eq!(a.status, want, "POST with {headers:?}: {a:?}");
+    }
 }
 
 async fn a_rejected_resource_is_nacked_and_routing_keeps_working(under: Under) {
@@ -811,5 +891,6 @@ for_each_proxy!(
     a_wasm_plugin_runs_in_the_proxy,
     the_abi_probe_answers_the_same_in_both_hosts,
     the_built_in_filter_modules_run_as_plugins,
+    authorization_policies_at_the_server_sidecar,
     a_rejected_resource_is_nacked_and_routing_keeps_working,
 );

@@ -82,8 +82,12 @@ pub async fn serve(
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let local = stream.local_addr().ok().map(LocalAddr);
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (proxy, listener) = (proxy.clone(), listener.clone());
+        if let Some(l) = local {
+            req.extensions_mut().insert(l);
+        }
         async move { Ok::<_, Infallible>(handle(proxy, &listener, peer, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -108,6 +112,11 @@ pub async fn serve(
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
 }
+
+/// The address the downstream connection reached (a request extension; filters see it as
+/// `destination.address` / `destination.port`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LocalAddr(pub SocketAddr);
 
 /// The authority a request names: from an absolute URI (HTTP/2, proxies) or the Host header.
 pub(crate) fn request_authority<B>(req: &Request<B>) -> String {

@@ -130,9 +130,17 @@ impl WasmFilter {
 fn with_builtins(
     filters: &[WasmFilterConfig],
     fault_at: Option<usize>,
+    auth: Option<&(usize, Vec<serde_json::Value>)>,
     table: Option<&crate::config::route::RouteTable>,
 ) -> Vec<WasmFilterConfig> {
     let mut out = filters.to_vec();
+    // Positions are among the listener's own wasm filters; auth (the RBAC filters) comes
+    // before fault when both sit at one position, as the control plane orders them.
+    let mut fault_at = fault_at;
+    if let Some((at, stages)) = auth {
+        out.insert((*at).min(out.len()), auth_filter(stages));
+        fault_at = fault_at.map(|f| if f >= *at { f + 1 } else { f });
+    }
     let Some(table) = table else { return out };
     let (mut fault, mut retry, mut mirror) = (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
     for r in table.virtual_hosts.iter().flat_map(|vh| &vh.routes) {
@@ -173,6 +181,20 @@ fn with_builtins(
     out
 }
 
+/// The auth module with the stages of a listener's RBAC filters. It fails closed: a failing
+/// authorization filter never lets requests through.
+fn auth_filter(stages: &[serde_json::Value]) -> WasmFilterConfig {
+    WasmFilterConfig {
+        name: "trellis.builtin.auth".into(),
+        root_id: String::new(),
+        vm_id: "trellis.builtin.auth".into(),
+        code: WasmCode::Builtin(crate::builtins::AUTH),
+        sha256: None,
+        configuration: serde_json::json!({ "stages": stages }).to_string().into_bytes(),
+        policy: FailPolicy::Closed,
+    }
+}
+
 /// Filter chains by listener name.
 pub type Chains = HashMap<String, Vec<Arc<WasmFilter>>>;
 
@@ -185,8 +207,8 @@ pub fn rebuild(
 ) -> Result<Chains, String> {
     let mut out = Chains::new();
     for (name, l) in &snap.listeners {
-        let ListenerKind::Http { filters, fault_at, route, .. } = &l.kind else { continue };
-        let filters = with_builtins(filters, *fault_at, snap.routes.get(route).map(|t| &**t));
+        let ListenerKind::Http { filters, fault_at, route, auth, .. } = &l.kind else { continue };
+        let filters = with_builtins(filters, *fault_at, auth.as_ref(), snap.routes.get(route).map(|t| &**t));
         if filters.is_empty() {
             continue;
         }

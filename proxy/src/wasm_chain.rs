@@ -87,6 +87,11 @@ fn request_stream<B>(req: &Request<B>, peer: SocketAddr) -> Stream {
     }
     p.insert("source.address".into(), peer.to_string().into_bytes());
     p.insert("source.port".into(), i64::from(peer.port()).to_le_bytes().to_vec());
+    if let Some(crate::http::LocalAddr(local)) = req.extensions().get() {
+        p.insert("destination.address".into(), local.to_string().into_bytes());
+        p.insert("destination.port".into(), i64::from(local.port()).to_le_bytes().to_vec());
+    }
+    p.insert("connection.mtls".into(), vec![0]);
     s
 }
 

@@ -817,3 +817,77 @@ fn envoy_validates(t: &Translated, node_id: &str) {
     assert!(out.status.success(), "Envoy rejected the resources translated for {node_id}:\n{text}");
     assert!(text.contains("OK"), "{text}");
 }
+
+#[test]
+fn authorization_policies_become_rbac_filters_on_the_inbound_side_in_istios_order() {
+    use envoy_types::pb::envoy::config::rbac::v3::{principal, rbac};
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as RbacFilter;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter;
+    let cfg = snapshot(
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing, namespace: bookinfo}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-jwtless, namespace: istio-system}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {requestPrincipals: ["*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: other-app, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules:
+  - to: [{operation: {methods: [GET]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: templated, namespace: bookinfo}
+spec:
+  action: AUDIT
+  rules:
+  - to: [{operation: {paths: ["/a/{*}/b"]}}]
+"#,
+    );
+    let reg = registry::build(&cfg.items, &[], "Kubernetes");
+    let t = translate(&cfg, &reg, &productpage());
+    let rbacs = |listener: &str| -> Vec<RbacFilter> {
+        let f = &t.listeners[listener].filter_chains[0].filters[0];
+        let Some(ConfigType::TypedConfig(any)) = &f.config_type else { panic!() };
+        let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+        let fault = names.iter().position(|n| *n == "envoy.filters.http.fault").unwrap();
+        assert!(names.iter().rposition(|n| *n == "envoy.filters.http.rbac").is_none_or(|r| r < fault), "{names:?}");
+        hcm.http_filters
+            .iter()
+            .filter(|f| f.name == "envoy.filters.http.rbac")
+            .map(|f| {
+                let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type else { panic!() };
+                RbacFilter::decode(any.value.as_slice()).unwrap()
+            })
+            .collect()
+    };
+    assert!(rbacs("outbound").is_empty(), "authorization is enforced on the server side");
+    let inbound = rbacs("inbound");
+    let actions: Vec<i32> = inbound.iter().map(|r| r.rules.as_ref().unwrap().action).collect();
+    assert_eq!(actions, vec![rbac::Action::Log as i32, rbac::Action::Deny as i32, rbac::Action::Allow as i32]);
+    // AUDIT with a path template: fails closed (the permission never matches).
+    let audit = &inbound[0].rules.as_ref().unwrap().policies;
+    let p = &audit["ns[bookinfo]-policy[templated]-rule[0]"];
+    assert!(format!("{:?}", p.permissions).contains("NotRule"), "{:?}", p.permissions);
+    // DENY on requestPrincipals ["*"]: no JWT is validated, so no request has a request
+    // principal and the rule never matches.
+    let deny = &inbound[1].rules.as_ref().unwrap().policies["ns[istio-system]-policy[deny-jwtless]-rule[0]"];
+    let never =
+        |p: &principal::Identifier| format!("{p:?}").contains("NotId(Principal { identifier: Some(Any(true)) })");
+    assert!(never(deny.principals[0].identifier.as_ref().unwrap()), "{:?}", deny.principals);
+    // allow-nothing: an ALLOW filter with no policies; the reviews-only policy is not here.
+    let allow = inbound[2].rules.as_ref().unwrap();
+    assert!(allow.policies.is_empty(), "{:?}", allow.policies.keys());
+}

@@ -1,8 +1,8 @@
-//! Envoy's native per-route behaviour — the fault filter's per-route config, the route's
-//! `retry_policy` and `request_mirror_policies` — turned into the configuration of the
+//! Envoy's native behaviour — the fault filter's per-route config, the route's `retry_policy`
+//! and `request_mirror_policies`, the RBAC filter — turned into the configuration of the
 //! built-in filter modules that carry it out in trellis-proxy (filters/fault, filters/retry,
-//! filters/mirror; ARCHITECTURE.md: one implementation of each behaviour). A field the modules
-//! cannot honour is refused, naming it.
+//! filters/mirror, filters/auth; ARCHITECTURE.md: one implementation of each behaviour). A
+//! field the modules cannot honour is refused, naming it.
 
 use std::time::Duration;
 
@@ -193,4 +193,194 @@ pub fn mirrors(policies: &[pb::route_action::RequestMirrorPolicy], what: &str) -
         out.push(json!({"cluster": m.cluster, "percentage": pct}));
     }
     Ok(out)
+}
+
+/// Envoy's RBAC HTTP filter config → one stage of the auth module's configuration (`None`: a
+/// filter without rules, which enforces nothing).
+pub fn rbac(any: &envoy_types::pb::google::protobuf::Any, what: &str) -> Result<Option<Value>, ConvertError> {
+    use envoy_types::pb::envoy::config::rbac::v3::rbac::Action;
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as RbacFilter;
+    let what = format!("{what}, RBAC filter");
+    let f = RbacFilter::decode(any.value.as_slice()).map_err(|e| ConvertError::invalid(&what, e.to_string()))?;
+    if f.matcher.is_some() || f.shadow_rules.is_some() || f.shadow_matcher.is_some() {
+        return Err(ConvertError::unsupported(&what, "matcher / shadow_rules / shadow_matcher"));
+    }
+    let Some(rules) = f.rules else { return Ok(None) };
+    if rules.audit_logging_options.is_some() {
+        return Err(ConvertError::unsupported(&what, "audit_logging_options"));
+    }
+    let action = match Action::try_from(rules.action) {
+        Ok(Action::Allow) => "ALLOW",
+        Ok(Action::Deny) => "DENY",
+        Ok(Action::Log) => "LOG",
+        Err(_) => return Err(ConvertError::invalid(&what, format!("action {}", rules.action))),
+    };
+    let mut policies = serde_json::Map::new();
+    // Sorted, so that the same policies give the same configuration.
+    let mut names: Vec<&String> = rules.policies.keys().collect();
+    names.sort();
+    for name in names {
+        let p = &rules.policies[name];
+        let pw = format!("{what}, policy {name}");
+        if p.condition.is_some() || p.checked_condition.is_some() {
+            return Err(ConvertError::unsupported(&pw, "condition / checked_condition (CEL)"));
+        }
+        let permissions = p.permissions.iter().map(|x| permission(x, &pw)).collect::<Result<Vec<_>, _>>()?;
+        let principals = p.principals.iter().map(|x| principal(x, &pw)).collect::<Result<Vec<_>, _>>()?;
+        policies.insert(name.clone(), json!({"permissions": permissions, "principals": principals}));
+    }
+    Ok(Some(json!({"action": action, "policies": policies})))
+}
+
+fn string_match(
+    m: &envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher,
+    what: &str,
+) -> Result<Value, ConvertError> {
+    let mut out = match &m.match_pattern {
+        Some(MatchPattern::Exact(v)) => json!({"exact": v}),
+        Some(MatchPattern::Prefix(v)) => json!({"prefix": v}),
+        Some(MatchPattern::Suffix(v)) => json!({"suffix": v}),
+        Some(MatchPattern::Contains(v)) => json!({"contains": v}),
+        Some(MatchPattern::SafeRegex(r)) => match r.regex.as_str() {
+            ".+" => json!({"nonEmpty": true}),
+            ".*" => json!({"prefix": ""}),
+            // Istio's namespace match.
+            re => match re.strip_prefix(".*/ns/").and_then(|r| r.strip_suffix("/.*")) {
+                Some(ns) if ns.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
+                    json!({"contains": format!("/ns/{ns}/")})
+                }
+                _ => {
+                    return Err(ConvertError::unsupported(
+                        what,
+                        format!(
+                            "regex {re:?} (the auth module matches exact, prefix, suffix, contains, .+ and Istio's namespace pattern)"
+                        ),
+                    ));
+                }
+            },
+        },
+        other => return Err(ConvertError::unsupported(what, format!("string match {other:?}"))),
+    };
+    if m.ignore_case {
+        out["ignoreCase"] = json!(true);
+    }
+    Ok(out)
+}
+
+fn header_match(h: &pb::HeaderMatcher, what: &str) -> Result<Value, ConvertError> {
+    if h.treat_missing_header_as_empty {
+        return Err(ConvertError::unsupported(what, format!("header {}: treat_missing_header_as_empty", h.name)));
+    }
+    let matcher = match &h.header_match_specifier {
+        Some(HeaderMatchSpecifier::StringMatch(sm)) => Some(string_match(sm, what)?),
+        Some(HeaderMatchSpecifier::PresentMatch(true)) => None,
+        #[allow(deprecated)]
+        Some(HeaderMatchSpecifier::ExactMatch(v)) => Some(json!({"exact": v})),
+        #[allow(deprecated)]
+        Some(HeaderMatchSpecifier::PrefixMatch(v)) => Some(json!({"prefix": v})),
+        #[allow(deprecated)]
+        Some(HeaderMatchSpecifier::SuffixMatch(v)) => Some(json!({"suffix": v})),
+        other => return Err(ConvertError::unsupported(what, format!("header {} match {other:?}", h.name))),
+    };
+    Ok(json!({"name": h.name.to_ascii_lowercase(), "match": matcher, "invert": h.invert_match}))
+}
+
+fn cidr(c: &envoy_types::pb::envoy::config::core::v3::CidrRange) -> String {
+    match &c.prefix_len {
+        Some(l) => format!("{}/{}", c.address_prefix, l.value),
+        None => c.address_prefix.clone(),
+    }
+}
+
+fn url_path(p: &envoy_types::pb::envoy::r#type::matcher::v3::PathMatcher, what: &str) -> Result<Value, ConvertError> {
+    use envoy_types::pb::envoy::r#type::matcher::v3::path_matcher::Rule;
+    match &p.rule {
+        Some(Rule::Path(sm)) => string_match(sm, what),
+        None => Err(ConvertError::invalid(what, "url_path without a rule")),
+    }
+}
+
+fn permission(p: &envoy_types::pb::envoy::config::rbac::v3::Permission, what: &str) -> Result<Value, ConvertError> {
+    use envoy_types::pb::envoy::config::rbac::v3::permission::Rule;
+    let all = |s: &[envoy_types::pb::envoy::config::rbac::v3::Permission]| {
+        s.iter().map(|x| permission(x, what)).collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match &p.rule {
+        Some(Rule::Any(a)) => json!({"any": a}),
+        Some(Rule::AndRules(s)) => json!({"and": all(&s.rules)?}),
+        Some(Rule::OrRules(s)) => json!({"or": all(&s.rules)?}),
+        Some(Rule::NotRule(p)) => json!({"not": permission(p, what)?}),
+        Some(Rule::Header(h)) => json!({"header": header_match(h, what)?}),
+        Some(Rule::UrlPath(u)) => json!({"path": url_path(u, what)?}),
+        Some(Rule::DestinationPort(n)) => json!({"destinationPort": n}),
+        Some(Rule::DestinationIp(c)) => json!({"destinationIp": cidr(c)}),
+        Some(Rule::RequestedServerName(sm)) => json!({"sni": string_match(sm, what)?}),
+        other => return Err(ConvertError::unsupported(what, format!("permission {other:?}"))),
+    })
+}
+
+fn principal(p: &envoy_types::pb::envoy::config::rbac::v3::Principal, what: &str) -> Result<Value, ConvertError> {
+    use envoy_types::pb::envoy::config::rbac::v3::principal::Identifier;
+    let all = |s: &[envoy_types::pb::envoy::config::rbac::v3::Principal]| {
+        s.iter().map(|x| principal(x, what)).collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match &p.identifier {
+        Some(Identifier::Any(a)) => json!({"any": a}),
+        Some(Identifier::AndIds(s)) => json!({"and": all(&s.ids)?}),
+        Some(Identifier::OrIds(s)) => json!({"or": all(&s.ids)?}),
+        Some(Identifier::NotId(p)) => json!({"not": principal(p, what)?}),
+        Some(Identifier::Authenticated(a)) => match &a.principal_name {
+            Some(sm) => json!({"principal": string_match(sm, what)?}),
+            None => json!({"principal": {"nonEmpty": true}}),
+        },
+        #[allow(deprecated)]
+        Some(Identifier::SourceIp(c)) | Some(Identifier::DirectRemoteIp(c)) => json!({"directRemoteIp": cidr(c)}),
+        Some(Identifier::RemoteIp(c)) => json!({"remoteIp": cidr(c)}),
+        Some(Identifier::Header(h)) => json!({"header": header_match(h, what)?}),
+        Some(Identifier::UrlPath(u)) => json!({"path": url_path(u, what)?}),
+        other => return Err(ConvertError::unsupported(what, format!("principal {other:?}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::rbac::v3::{Policy, Principal, Rbac, principal, principal::Authenticated};
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as RbacFilter;
+    use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+    use envoy_types::util::pack_any;
+
+    fn with_principal_regex(re: &str) -> envoy_types::pb::google::protobuf::Any {
+        let p = Principal {
+            identifier: Some(principal::Identifier::Authenticated(Authenticated {
+                principal_name: Some(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                        regex: re.into(),
+                        ..Default::default()
+                    })),
+                    ignore_case: false,
+                }),
+            })),
+        };
+        let permissions = vec![envoy_types::pb::envoy::config::rbac::v3::Permission {
+            rule: Some(envoy_types::pb::envoy::config::rbac::v3::permission::Rule::Any(true)),
+        }];
+        let policy = Policy { permissions, principals: vec![p], ..Default::default() };
+        pack_any(RbacFilter {
+            rules: Some(Rbac { action: 0, policies: [("p".to_string(), policy)].into(), ..Default::default() }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn rbac_becomes_an_auth_stage_and_unknown_regexes_are_refused() {
+        let stage = super::rbac(&with_principal_regex(".*/ns/bookinfo/.*"), "listener l").unwrap().unwrap();
+        assert_eq!(
+            stage,
+            serde_json::json!({"action": "ALLOW", "policies": {"p": {"permissions": [{"any": true}], "principals": [{"principal": {"contains": "/ns/bookinfo/"}}]}}})
+        );
+        let err = super::rbac(&with_principal_regex("^spiffe://.*admin$"), "listener l").unwrap_err().to_string();
+        assert!(err.contains("listener l, RBAC filter, policy p") && err.contains("regex"), "{err}");
+        // A filter without rules enforces nothing.
+        assert_eq!(super::rbac(&pack_any(RbacFilter::default()), "l").unwrap(), None);
+    }
 }

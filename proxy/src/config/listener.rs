@@ -21,6 +21,7 @@ pub const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 const ROUTER: &str = "envoy.filters.http.router";
 pub(crate) const FAULT: &str = "envoy.filters.http.fault";
+const RBAC: &str = "envoy.filters.http.rbac";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
@@ -32,12 +33,14 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ListenerKind {
     /// `fault_at`: where Envoy's fault filter sits among the wasm filters (the built-in fault
-    /// module runs there).
+    /// module runs there); `auth`: where the first RBAC filter sits and the auth module's
+    /// stages (one per RBAC filter).
     Http {
         stat_prefix: String,
         route: String,
         filters: Vec<WasmFilterConfig>,
         fault_at: Option<usize>,
+        auth: Option<(usize, Vec<serde_json::Value>)>,
     },
     Tcp {
         chains: Vec<TcpChain>,
@@ -141,7 +144,9 @@ pub fn convert(l: &pb::Listener) -> Result<ListenerConfig, ConvertError> {
         }
     }
     let kind = match http {
-        Some((stat_prefix, route, filters, fault_at)) => ListenerKind::Http { stat_prefix, route, filters, fault_at },
+        Some(Hcm { stat_prefix, route, filters, fault_at, auth }) => {
+            ListenerKind::Http { stat_prefix, route, filters, fault_at, auth }
+        }
         None => ListenerKind::Tcp { chains, sni },
     };
     Ok(ListenerConfig { name: l.name.clone(), address, kind })
@@ -247,11 +252,16 @@ fn wasm_filter(
     })
 }
 
-/// (stat prefix, RDS route name, wasm filters in order, the fault filter's position).
-fn http_connection_manager(
-    hcm: &HttpConnectionManager,
-    what: &str,
-) -> Result<(String, String, Vec<WasmFilterConfig>, Option<usize>), ConvertError> {
+/// What an HTTP connection manager runs.
+struct Hcm {
+    stat_prefix: String,
+    route: String,
+    filters: Vec<WasmFilterConfig>,
+    fault_at: Option<usize>,
+    auth: Option<(usize, Vec<serde_json::Value>)>,
+}
+
+fn http_connection_manager(hcm: &HttpConnectionManager, what: &str) -> Result<Hcm, ConvertError> {
     let route = match &hcm.route_specifier {
         Some(RouteSpecifier::Rds(rds)) => rds.route_config_name.clone(),
         _ => return Err(ConvertError::unsupported(what, "routes other than by RDS")),
@@ -259,6 +269,7 @@ fn http_connection_manager(
     let mut saw_router = false;
     let mut filters = Vec::new();
     let mut fault_at = None;
+    let mut auth: Option<(usize, Vec<serde_json::Value>)> = None;
     for f in &hcm.http_filters {
         if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type
             && any.type_url == WASM_TYPE
@@ -283,10 +294,18 @@ fn http_connection_manager(
                 }
                 fault_at = Some(filters.len());
             }
+            RBAC => {
+                let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    return Err(ConvertError::invalid(what, "an RBAC filter without a typed config"));
+                };
+                if let Some(stage) = super::builtin::rbac(any, what)? {
+                    auth.get_or_insert_with(|| (filters.len(), Vec::new())).1.push(stage);
+                }
+            }
             other => {
                 return Err(ConvertError::unsupported(
                     what,
-                    format!("HTTP filter {other} (filters beyond routing run as wasm modules, issue #5)"),
+                    format!("HTTP filter {other} (trellis-proxy runs the router, fault, RBAC and wasm filters)"),
                 ));
             }
         }
@@ -294,5 +313,5 @@ fn http_connection_manager(
     if !saw_router {
         return Err(ConvertError::invalid(what, "no router filter"));
     }
-    Ok((hcm.stat_prefix.clone(), route, filters, fault_at))
+    Ok(Hcm { stat_prefix: hcm.stat_prefix.clone(), route, filters, fault_at, auth })
 }

@@ -1,5 +1,6 @@
-//! The built-in filters (filters/fault, filters/retry, filters/mirror) in the real host, with
-//! the configuration trellis-proxy gives them: per route, keyed by `route_name`.
+//! The built-in filters (filters/fault, retry, mirror, auth) in the real host, with the
+//! configuration trellis-proxy gives them: per route (keyed by `route_name`) for fault, retry
+//! and mirror; the RBAC filters' stages for auth.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -13,7 +14,7 @@ fn module(name: &'static str) -> Filter {
     static BUILT: OnceLock<()> = OnceLock::new();
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../filters/Cargo.toml");
     BUILT.get_or_init(|| {
-        for p in ["fault", "retry", "mirror"] {
+        for p in ["fault", "retry", "mirror", "auth"] {
             build(&manifest, p).unwrap_or_else(|e| panic!("build {p}: {e}"));
         }
     });
@@ -211,4 +212,132 @@ fn mirror_sends_a_shadow_copy_with_the_body_and_never_waits() {
         ex.finish().unwrap();
     }
     assert_eq!(vm.metric("mirror.requests_sent"), Some(2));
+}
+
+/// An auth module with these stages; requests come from `peer` (source.address).
+fn auth(stages: serde_json::Value) -> trellis_filter_testkit::Running {
+    module("auth").config(json!({ "stages": stages })).start().unwrap()
+}
+
+fn status(
+    vm: &mut trellis_filter_testkit::Running,
+    req: impl FnOnce(trellis_filter_testkit::RequestBuilder<'_>) -> trellis_filter_testkit::RequestBuilder<'_>,
+) -> u32 {
+    let b = vm.request().property("source.address", b"10.1.2.3:5555");
+    let ex = req(b).send().unwrap();
+    let s = ex.local_reply().map(|r| r.status).unwrap_or(200);
+    ex.finish().unwrap();
+    s
+}
+
+#[test]
+fn auth_an_allow_stage_without_policies_denies_everything() {
+    // Istio's allow-nothing: `spec: {}` → an ALLOW RBAC filter with no policies.
+    let mut vm = auth(json!([{"action": "ALLOW", "policies": {}}]));
+    assert_eq!(status(&mut vm, |r| r.path("/anything")), 403);
+    let ex = vm.request().send().unwrap();
+    assert_eq!(String::from_utf8_lossy(&ex.local_reply().unwrap().body), "RBAC: access denied");
+    ex.finish().unwrap();
+    // No stages at all: nothing is enforced.
+    let mut open = auth(json!([]));
+    assert_eq!(status(&mut open, |r| r.path("/anything")), 200);
+}
+
+#[test]
+fn auth_deny_comes_before_allow_and_allow_denies_what_it_does_not_match() {
+    let any = json!([{"any": true}]);
+    let mut vm = auth(json!([
+        {"action": "DENY", "policies": {"no-secrets": {"permissions": [{"path": {"prefix": "/reviews/secret"}}], "principals": any}}},
+        {"action": "ALLOW", "policies": {
+            "get-reviews": {"permissions": [{"and": [
+                {"header": {"name": ":method", "match": {"exact": "GET"}}},
+                {"or": [{"path": {"prefix": "/reviews/"}}, {"path": {"exact": "/health"}}]}]}],
+                "principals": [{"directRemoteIp": "10.0.0.0/8"}]},
+            "alice-posts": {"permissions": [{"and": [
+                {"header": {"name": ":method", "match": {"exact": "POST"}}},
+                {"header": {"name": "x-user", "match": {"exact": "alice"}}}]}],
+                "principals": any}}}]));
+    assert_eq!(status(&mut vm, |r| r.path("/reviews/1")), 200);
+    assert_eq!(status(&mut vm, |r| r.path("/health?verbose=1")), 200, "paths match without the query");
+    assert_eq!(status(&mut vm, |r| r.path("/reviews/secret-plans")), 403, "DENY wins over ALLOW");
+    assert_eq!(status(&mut vm, |r| r.path("/ratings")), 403, "no ALLOW rule matches");
+    assert_eq!(status(&mut vm, |r| r.method("POST").path("/reviews/1")), 403);
+    assert_eq!(status(&mut vm, |r| r.method("POST").path("/x").header("x-user", "alice")), 200);
+    let mut other_net = vm.request().property("source.address", b"192.168.1.1:5555").path("/reviews/1").send().unwrap();
+    assert_eq!(other_net.local_reply().map(|r| r.status), Some(403), "ipBlocks");
+    assert!(other_net.callouts().is_empty());
+    other_net.finish().unwrap();
+    assert_eq!(vm.metric("auth.denied"), Some(4));
+}
+
+#[test]
+fn auth_principals_and_namespaces_come_from_the_peer_identity() {
+    // What Istio emits for `from: [{source: {principals: [...]}}, {source: {namespaces: [...]}}]`
+    // after trellis-proxy's conversion.
+    let mut vm = auth(json!([{"action": "ALLOW", "policies": {"p": {
+        "permissions": [{"any": true}],
+        "principals": [{"or": [
+            {"principal": {"exact": "spiffe://cluster.local/ns/bookinfo/sa/productpage"}},
+            {"principal": {"contains": "/ns/monitoring/"}}]}]}}}]));
+    assert_eq!(status(&mut vm, |r| r.peer_principal("spiffe://cluster.local/ns/bookinfo/sa/productpage")), 200);
+    assert_eq!(status(&mut vm, |r| r.peer_principal("spiffe://cluster.local/ns/monitoring/sa/prometheus")), 200);
+    assert_eq!(status(&mut vm, |r| r.peer_principal("spiffe://cluster.local/ns/bookinfo/sa/reviews")), 403);
+    assert_eq!(status(&mut vm, |r| r), 403, "no mTLS, no principal: principal rules never match");
+    // notPrincipals: everyone but one.
+    let mut not = auth(json!([{"action": "DENY", "policies": {"p": {"permissions": [{"any": true}],
+        "principals": [{"not": {"principal": {"exact": "spiffe://cluster.local/ns/a/sa/admin"}}}]}}}]));
+    assert_eq!(status(&mut not, |r| r.peer_principal("spiffe://cluster.local/ns/a/sa/admin")), 200);
+    assert_eq!(status(&mut not, |r| r.peer_principal("spiffe://cluster.local/ns/a/sa/user")), 403);
+}
+
+#[test]
+fn auth_audit_lets_requests_through_and_counts_them() {
+    let mut vm = auth(
+        json!([{"action": "LOG", "policies": {"watch": {"permissions": [{"path": {"prefix": "/admin"}}], "principals": [{"any": true}]}}}]),
+    );
+    assert_eq!(status(&mut vm, |r| r.path("/admin/x")), 200);
+    assert_eq!(status(&mut vm, |r| r.path("/other")), 200);
+    assert_eq!(vm.metric("auth.audited"), Some(1));
+}
+
+#[test]
+fn auth_hosts_ports_and_remote_ips() {
+    let mut vm = auth(json!([{"action": "ALLOW", "policies": {"p": {
+        "permissions": [{"and": [
+            {"or": [{"header": {"name": ":authority", "match": {"exact": "shop.example.com", "ignoreCase": true}}},
+                    {"header": {"name": ":authority", "match": {"prefix": "shop.example.com:", "ignoreCase": true}}}]},
+            {"destinationPort": 9080}]}],
+        "principals": [{"remoteIp": "203.0.113.0/24"}]}}}]));
+    fn ok(r: trellis_filter_testkit::RequestBuilder<'_>) -> trellis_filter_testkit::RequestBuilder<'_> {
+        r.property("destination.port", &9080i64.to_le_bytes()).header("x-forwarded-for", "203.0.113.7, 10.0.0.1")
+    }
+    assert_eq!(status(&mut vm, |r| ok(r).authority("SHOP.example.com:9080")), 200);
+    assert_eq!(status(&mut vm, |r| ok(r).authority("shop.example.com")), 200);
+    assert_eq!(status(&mut vm, |r| ok(r).authority("other.example.com")), 403);
+    assert_eq!(
+        status(&mut vm, |r| r
+            .authority("shop.example.com")
+            .property("destination.port", &80i64.to_le_bytes())
+            .header("x-forwarded-for", "203.0.113.7")),
+        403
+    );
+    assert_eq!(
+        status(&mut vm, |r| r.authority("shop.example.com").property("destination.port", &9080i64.to_le_bytes())),
+        403,
+        "remote IP is the peer without x-forwarded-for"
+    );
+}
+
+#[test]
+fn auth_refuses_a_policy_it_cannot_evaluate() {
+    let err = module("auth")
+        .config(json!({"stages": [{"action": "ALLOW", "policies": {"p": {"permissions": [{"path": {"regex": ".*"}}], "principals": [{"any": true}]}}}]}))
+        .start()
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown field `regex`"), "{err}");
+    let err = module("auth")
+        .config(json!({"stages": [{"action": "ALLOW", "policies": {"p": {"permissions": [], "principals": [{"any": true}]}}}]}))
+        .start()
+        .unwrap_err();
+    assert!(err.to_string().contains("policy p: needs at least one permission"), "{err}");
 }

@@ -57,6 +57,14 @@ pub(crate) fn http_filters(scope: &Scope<'_>, side: Side, port: Option<u32>) -> 
     let mut chain: Vec<(u8, HttpFilter)> = wasm::filters(scope, side, port);
     let at = chain.iter().position(|(rank, _)| *rank > wasm::FAULT_RANK).unwrap_or(chain.len());
     chain.insert(at, (wasm::FAULT_RANK, fault));
+    if side == wasm::Side::Server || scope.proxy.kind == crate::proxy::ProxyKind::Router {
+        // Authorization on a workload's inbound side and on gateways, after the AUTHN / AUTHZ
+        // plugins, before fault and STATS (as Istio).
+        let at = chain.iter().position(|(rank, _)| *rank >= wasm::FAULT_RANK).unwrap_or(chain.len());
+        for (i, f) in super::authz::rbac_filters(scope).into_iter().enumerate() {
+            chain.insert(at + i, (wasm::FAULT_RANK, f));
+        }
+    }
     let mut filters: Vec<HttpFilter> = chain.into_iter().map(|(_, f)| f).collect();
     filters.push(HttpFilter {
         name: "envoy.filters.http.router".into(),

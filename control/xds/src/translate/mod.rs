@@ -6,6 +6,7 @@
 //! applies to it, only the egress hosts it names; VirtualServices bound to the mesh and
 //! visible to its namespace; the DestinationRule of each host.
 
+mod authz;
 mod clusters;
 mod gateway;
 mod listeners;
