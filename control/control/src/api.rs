@@ -10,7 +10,12 @@
 //! DELETE /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}  delete
 //! POST   /apis/trellis.dev/v1alpha1/apply                         validate a batch, then create/update each
 //! GET    /apis/trellis.dev/v1alpha1/analyze                       cross-resource diagnostics of the stored config
+//! POST   /apis/trellis.dev/v1alpha1/wasmmodules                   upload a wasm module (body: its bytes) [?sha256=]
+//! GET    /apis/trellis.dev/v1alpha1/wasmmodules                   stored modules
 //! ```
+//!
+//! Proxies fetch stored modules, content-addressed, from the xDS port: `GET /wasm/{sha256}`
+//! ([`module_router`]).
 //!
 //! Cluster-scoped kinds (MeshCluster) drop the `namespaces/{ns}` part. Errors are Kubernetes
 //! `Status` objects whose `details.causes[].field` names the field path. A request that fails
@@ -54,6 +59,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/apis/trellis.dev/v1alpha1/apply", post(apply))
         .route("/apis/trellis.dev/v1alpha1/analyze", get(analyze_stored))
         .route("/apis/trellis.dev/v1alpha1/proxystatus", get(proxy_status))
+        .route(
+            "/apis/trellis.dev/v1alpha1/wasmmodules",
+            get(list_modules).post(push_module).layer(axum::extract::DefaultBodyLimit::max(MAX_MODULE_BYTES)),
+        )
         .route("/apis/{group}/{version}/namespaces/{ns}/{plural}", get(list_namespaced).post(create_namespaced))
         .route(
             "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}",
@@ -107,6 +116,8 @@ fn authorize(principal: &Principal, method: &Method, path: &str) -> Result<(), S
             if principal.role == TokenRole::Viewer { Err(e) } else { Ok(()) }
         }),
         ["trellis.dev", "v1alpha1", "analyze" | "proxystatus"] => principal.check(false, None, None),
+        // Modules are shared by every namespace: uploading one takes a token for all of them.
+        ["trellis.dev", "v1alpha1", "wasmmodules", ..] => principal.check(write, Some(Kind::WasmPlugin), None),
         [group, _, "namespaces", ns, plural, ..] => {
             principal.check(write, Kind::from_group_plural(group, plural), Some(ns))
         }
@@ -759,4 +770,73 @@ async fn proxy_status(State(s): State<ApiState>) -> ApiResult<Response> {
         Some(hub) => Ok(axum::Json(crate::debug::proxy_status_json(hub)).into_response()),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, "NotFound", "this control plane serves no xDS")),
     }
+}
+
+// ===== wasm modules =====
+
+/// Largest module accepted.
+pub const MAX_MODULE_BYTES: usize = 32 << 20;
+
+#[derive(Debug, Deserialize)]
+struct PushParams {
+    sha256: Option<String>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn push_module(State(s): State<ApiState>, Query(q): Query<PushParams>, body: Bytes) -> ApiResult<Response> {
+    if body.len() < 8 || &body[..4] != b"\0asm" {
+        return Err(ApiError::bad_request("the body is not a WebAssembly module (it must start with \\0asm)"));
+    }
+    if body[4..8] != [1, 0, 0, 0] {
+        return Err(ApiError::bad_request(
+            "not a WebAssembly core module of version 1 (components are not proxy-wasm modules)",
+        ));
+    }
+    let sha = sha256_hex(&body);
+    if let Some(want) = q.sha256.as_deref().map(str::to_ascii_lowercase)
+        && want != sha
+    {
+        return Err(ApiError::bad_request(format!("sha256 mismatch: the body is {sha}, the request said {want}")));
+    }
+    let created = s.store.put_module(&sha, &body).await?;
+    tracing::info!(target: "audit", sha256 = %sha, size = body.len(), created, "wasm module stored");
+    let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let out = json!({"sha256": sha, "size": body.len(), "url": format!("trellis://{sha}"), "created": created});
+    Ok((code, axum::Json(out)).into_response())
+}
+
+async fn list_modules(State(s): State<ApiState>) -> ApiResult<Response> {
+    let modules = s.store.list_modules().await?;
+    let items: Vec<Value> = modules
+        .iter()
+        .map(|(sha, size)| json!({"sha256": sha, "size": size, "url": format!("trellis://{sha}")}))
+        .collect();
+    Ok(axum::Json(json!({"items": items})).into_response())
+}
+
+/// What proxies fetch modules from (served on the xDS port, no token: modules are addressed
+/// by their sha256 and verified by the proxy against it): `GET /wasm/{sha256}`.
+pub fn module_router(store: ResourceStore) -> Router {
+    Router::new()
+        .route(
+            "/wasm/{sha256}",
+            get(|State(store): State<ResourceStore>, Path(sha): Path<String>| async move {
+                let sha = sha.to_ascii_lowercase();
+                if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return (StatusCode::BAD_REQUEST, "a module is named by its sha256 (64 hex digits)\n")
+                        .into_response();
+                }
+                match store.get_module(&sha).await {
+                    Ok(Some(bytes)) => ([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response(),
+                    Ok(None) => (StatusCode::NOT_FOUND, format!("no module {sha}; upload it with trellis wasm push\n"))
+                        .into_response(),
+                    Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("the store failed: {e}\n")).into_response(),
+                }
+            }),
+        )
+        .with_state(store)
 }

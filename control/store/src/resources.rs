@@ -43,6 +43,18 @@ pub struct WatchEvent {
     pub object: Resource,
 }
 
+/// Keys of content-addressed blobs (wasm modules), never resources: `blobs/wasm/SHA256/meta`
+/// (the size and chunk count, written last) and `blobs/wasm/SHA256/NNNNNN` (chunks).
+pub const BLOB_PREFIX: &str = "blobs/";
+
+/// Bytes per stored chunk of a blob (well under etcd's request limit).
+const CHUNK: usize = 256 << 10;
+
+/// Whether a key is a resource's (not a blob's).
+fn is_resource(key: &str) -> bool {
+    !key.starts_with(BLOB_PREFIX)
+}
+
 /// The key prefix selecting a kind (all kinds when `None`) and optionally one namespace.
 pub fn prefix(kind: Option<Kind>, namespace: Option<&str>) -> String {
     match kind {
@@ -105,7 +117,11 @@ impl ResourceStore {
     /// with the revision to watch from.
     pub async fn list(&self, kind: Option<Kind>, namespace: Option<&str>) -> Result<(Vec<Resource>, Revision)> {
         let (entries, rev) = self.kv.list(&prefix(kind, namespace)).await?;
-        let items = entries.iter().map(|e| decode(e, e.mod_revision)).collect::<Result<Vec<_>>>()?;
+        let items = entries
+            .iter()
+            .filter(|e| is_resource(&e.key))
+            .map(|e| decode(e, e.mod_revision))
+            .collect::<Result<Vec<_>>>()?;
         Ok((items, rev))
     }
 
@@ -175,16 +191,83 @@ impl ResourceStore {
         after: Revision,
     ) -> Result<impl Stream<Item = Result<WatchEvent>> + Send + 'static> {
         let events = self.kv.watch(&prefix(kind, namespace), after).await?;
-        Ok(events.map(|item| {
-            let ev = item?;
-            let rev = ev.revision();
-            let event_type = match ev.kind {
-                EventKind::Delete => EventType::Deleted,
-                EventKind::Put if ev.entry.create_revision == rev => EventType::Added,
-                EventKind::Put => EventType::Modified,
-            };
-            Ok(WatchEvent { event_type, revision: rev, object: decode(&ev.entry, rev)? })
+        Ok(events.filter_map(|item| {
+            futures::future::ready((|| {
+                let ev = match item {
+                    Ok(ev) => ev,
+                    Err(e) => return Some(Err(e)),
+                };
+                if !is_resource(&ev.entry.key) {
+                    return None;
+                }
+                let rev = ev.revision();
+                let event_type = match ev.kind {
+                    EventKind::Delete => EventType::Deleted,
+                    EventKind::Put if ev.entry.create_revision == rev => EventType::Added,
+                    EventKind::Put => EventType::Modified,
+                };
+                Some(decode(&ev.entry, rev).map(|object| WatchEvent { event_type, revision: rev, object }))
+            })())
         }))
+    }
+
+    /// Stores a wasm module under its sha256 (hex), in chunks, the metadata last so that a
+    /// module is visible only once whole. Storing one that is there already changes nothing.
+    /// Returns the sha256 and whether it was new.
+    pub async fn put_module(&self, sha256: &str, bytes: &[u8]) -> Result<bool> {
+        let base = format!("{BLOB_PREFIX}wasm/{sha256}/");
+        if self.kv.get(&format!("{base}meta")).await?.is_some() {
+            return Ok(false);
+        }
+        let chunks: Vec<&[u8]> = bytes.chunks(CHUNK).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let key = format!("{base}{i:06}");
+            match self.kv.create(&key, c.to_vec()).await {
+                Ok(_) | Err(Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let meta = serde_json::json!({"size": bytes.len(), "chunks": chunks.len()}).to_string().into_bytes();
+        match self.kv.create(&format!("{base}meta"), meta).await {
+            Ok(_) => Ok(true),
+            Err(Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A stored module's bytes (`None`: not stored, or stored only in part).
+    pub async fn get_module(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        let base = format!("{BLOB_PREFIX}wasm/{sha256}/");
+        let Some(meta) = self.kv.get(&format!("{base}meta")).await? else { return Ok(None) };
+        let meta: serde_json::Value =
+            serde_json::from_slice(&meta.value).map_err(|e| Error::Corrupt(format!("{base}meta: {e}")))?;
+        let (size, n) = (meta["size"].as_u64().unwrap_or(0) as usize, meta["chunks"].as_u64().unwrap_or(0) as usize);
+        let mut out = Vec::with_capacity(size);
+        for i in 0..n {
+            let c = self
+                .kv
+                .get(&format!("{base}{i:06}"))
+                .await?
+                .ok_or_else(|| Error::Corrupt(format!("{base}: chunk {i} of {n} is missing")))?;
+            out.extend_from_slice(&c.value);
+        }
+        if out.len() != size {
+            return Err(Error::Corrupt(format!("{base}: {} bytes stored, {size} expected", out.len())));
+        }
+        Ok(Some(out))
+    }
+
+    /// Stored modules: (sha256, size).
+    pub async fn list_modules(&self) -> Result<Vec<(String, u64)>> {
+        let (entries, _) = self.kv.list(&format!("{BLOB_PREFIX}wasm/")).await?;
+        Ok(entries
+            .iter()
+            .filter_map(|e| {
+                let sha = e.key.strip_prefix(&format!("{BLOB_PREFIX}wasm/"))?.strip_suffix("/meta")?;
+                let meta: serde_json::Value = serde_json::from_slice(&e.value).ok()?;
+                Some((sha.to_string(), meta["size"].as_u64().unwrap_or(0)))
+            })
+            .collect())
     }
 
     pub async fn current_revision(&self) -> Result<Revision> {
