@@ -801,3 +801,83 @@ async fn request_bodies_pass_through_the_filters_body_callbacks() {
         assert_eq!(s.client.get(WEB, "/deny", &[]).await.unwrap().status, 403);
     }
 }
+
+fn pushed_plugin(url: &str, value: &str) -> Value {
+    json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": "pushed", "namespace": "default"},
+        "spec": {"url": url, "pluginConfig": {"header": "x-pushed", "value": value}}})
+}
+
+fn push(cp: &ControlPlane, module: &std::path::Path) -> String {
+    let out = cp.cli(&["wasm", "push", module.to_str().unwrap()]).unwrap();
+    let (stdout, stderr) = trellis_e2e::text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    stdout.split_whitespace().find(|w| w.starts_with("trellis://")).unwrap().to_string()
+}
+
+async fn await_nack(s: &Setup, wanted: &[&str]) -> String {
+    let admin = ProxyClient::new(&s.proxy.admin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let xds = admin.get(&s.proxy.admin, "/xds", &[]).await.map(|a| a.body).unwrap_or_default();
+        if wanted.iter().all(|w| xds.contains(w)) {
+            return xds;
+        }
+        assert!(Instant::now() < deadline, "no NACK naming {wanted:?}:\n{xds}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetched_modules_are_verified_cached_on_disk_and_a_bad_one_is_refused() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().join("wasm");
+    let s = setup(|_| Vec::new(), &["--wasm-cache-dir", cache_dir.to_str().unwrap()]).await;
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
+    let hello = trellis_filter_testkit::build(manifest, "hello").unwrap();
+    let url = push(&s.cp, &hello);
+    let api = s.cp.client().unwrap();
+    api.apply(vec![pushed_plugin(&url, "one")], None, false).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.client.get(WEB, "/headers", &[]).await.unwrap().body.contains("\"x-pushed\":\"one\"") {
+        assert!(Instant::now() < deadline, "the pushed module never ran:\n{}", s.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The module and its compiled code are on disk, in a private directory.
+    let sha = url.trim_start_matches("trellis://");
+    let names: Vec<String> =
+        std::fs::read_dir(&cache_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.contains(&format!("{sha}.wasm")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with(sha) && n.ends_with(".cwasm")), "{names:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&cache_dir).unwrap().permissions().mode() & 0o777, 0o700);
+    // A module the control plane does not have: the update is refused, the old filter serves.
+    let missing = format!("trellis://{}", "0".repeat(64));
+    api.apply(vec![pushed_plugin(&missing, "two")], None, false).await.unwrap();
+    await_nack(&s, &["404", &"0".repeat(64)]).await;
+    assert!(s.client.get(WEB, "/headers", &[]).await.unwrap().body.contains("\"x-pushed\":\"one\""));
+    // A WebAssembly module that is not a proxy-wasm module: fetched, then refused by the host.
+    let not_proxy_wasm = s.dir.path().join("plain.wasm");
+    // The smallest valid module: the header and nothing else.
+    std::fs::write(&not_proxy_wasm, b"\0asm\x01\0\0\0").unwrap();
+    let plain = push(&s.cp, &not_proxy_wasm);
+    api.apply(vec![pushed_plugin(&plain, "three")], None, false).await.unwrap();
+    await_nack(&s, &["exports no memory"]).await;
+    assert!(s.client.get(WEB, "/headers", &[]).await.unwrap().body.contains("\"x-pushed\":\"one\""));
+    // A second proxy with the same cache runs the module without fetching it.
+    api.apply(vec![pushed_plugin(&url, "four")], None, false).await.unwrap();
+    let second = TrellisProxy::start_with(
+        &s.cp.xds_addr,
+        "client",
+        "default",
+        "",
+        &["--wasm-cache-dir", cache_dir.to_str().unwrap()],
+    )
+    .unwrap();
+    let c2 = ProxyClient::new(&second.outbound);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c2.get(WEB, "/headers", &[]).await.map(|a| a.body.contains("\"x-pushed\":\"four\"")).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "the second proxy never ran the module:\n{}", second.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!second.log_text().contains("fetched wasm module"), "{}", second.log_text());
+}

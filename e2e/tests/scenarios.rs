@@ -802,6 +802,44 @@ async fn authorization_policies_at_the_server_sidecar(under: Under) {
     }
 }
 
+/// Uploads a module with `trellis wasm push` and returns the URL it printed.
+fn push(cp: &ControlPlane, module: &std::path::Path) -> String {
+    let out = cp.cli(&["wasm", "push", module.to_str().unwrap()]).unwrap();
+    let (stdout, stderr) = trellis_e2e::text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("trellis://"))
+        .unwrap_or_else(|| panic!("no URL in {stdout}"))
+        .to_string()
+}
+
+async fn a_pushed_module_is_fetched_from_the_control_plane(under: Under) {
+    // `trellis wasm push` stores the module in the control plane; a WasmPlugin names it by
+    // trellis://SHA256; both proxies fetch it from the control plane's xDS port (Envoy's
+    // remote data source), check the sha256 and run it.
+    let m = mesh(under).await;
+    let url = push(&m.cp, &hello_wasm());
+    assert_eq!(push(&m.cp, &hello_wasm()), url, "pushing the same module again names the same one");
+    let listed = trellis_e2e::text(&m.cp.cli(&["wasm", "list"]).unwrap()).0;
+    assert!(listed.contains(&url), "{listed}");
+    let plugin = json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": "pushed", "namespace": "default"},
+        "spec": {"url": url, "phase": "AUTHZ", "match": [{"mode": "CLIENT"}],
+                 "pluginConfig": {"header": "x-pushed", "value": "from-the-store", "denyPrefix": "/admin"}}});
+    m.api.apply(vec![plugin], None, false).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let a = m.client.get(REVIEWS, "/headers", &[]).await.unwrap();
+        if a.status == 200 && a.body.contains("from-the-store") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pushed module never ran: {a:?}\n{}", m.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = m.client.get(REVIEWS, "/admin/x", &[]).await.unwrap();
+    assert_eq!((a.status, a.body.as_str()), (403, "anonymous may not"));
+}
+
 async fn a_rejected_resource_is_nacked_and_routing_keeps_working(under: Under) {
     let m = mesh(under).await;
     let (bad, expected): (Value, &[&str]) = match under {
@@ -892,5 +930,6 @@ for_each_proxy!(
     the_abi_probe_answers_the_same_in_both_hosts,
     the_built_in_filter_modules_run_as_plugins,
     authorization_policies_at_the_server_sidecar,
+    a_pushed_module_is_fetched_from_the_control_plane,
     a_rejected_resource_is_nacked_and_routing_keeps_working,
 );

@@ -20,6 +20,7 @@
 //! listeners:
 //!   outbound: 127.0.0.1:15001
 //!   inbound: 0.0.0.0:15006
+//! wasmCacheDir: /var/cache/trellis-proxy/wasm   # fetched and compiled modules; none by default
 //! ```
 
 use std::collections::BTreeMap;
@@ -41,6 +42,9 @@ pub struct Bootstrap {
     pub access_log: AccessLogConfig,
     pub node: NodeConfig,
     pub listeners: ListenerAddresses,
+    /// Where fetched modules and their compiled code are kept across restarts (created
+    /// private); `None`: in memory only.
+    pub wasm_cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Bootstrap {
@@ -52,6 +56,7 @@ impl Default for Bootstrap {
             access_log: AccessLogConfig::default(),
             node: NodeConfig::default(),
             listeners: ListenerAddresses::default(),
+            wasm_cache_dir: None,
         }
     }
 }

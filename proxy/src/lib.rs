@@ -109,6 +109,8 @@ pub struct Proxy {
     pub access_log: access_log::AccessLog,
     /// The wasm host, made when the first wasm filter arrives.
     pub(crate) wasm_host: std::sync::OnceLock<trellis_wasm_host::Host>,
+    /// Where the wasm host keeps fetched and compiled modules (bootstrap `wasmCacheDir`).
+    pub wasm_cache_dir: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Proxy {
@@ -125,6 +127,7 @@ impl Proxy {
             metrics: metrics::Metrics::new(workload),
             access_log,
             wasm_host: std::sync::OnceLock::new(),
+            wasm_cache_dir: std::sync::OnceLock::new(),
         })
     }
 
@@ -134,6 +137,9 @@ impl Proxy {
             return Ok(h.clone());
         }
         let h = trellis_wasm_host::Host::new().map_err(|e| format!("cannot start the wasm host: {e}"))?;
+        if let Some(dir) = self.wasm_cache_dir.get() {
+            h.set_cache_dir(dir)?;
+        }
         Ok(self.wasm_host.get_or_init(|| h).clone())
     }
 

@@ -65,6 +65,9 @@ struct Args {
     /// Where the inbound listener binds.
     #[arg(long)]
     inbound: Option<String>,
+    /// Where fetched wasm modules and their compiled code are kept across restarts.
+    #[arg(long, env = "TRELLIS_WASM_CACHE_DIR")]
+    wasm_cache_dir: Option<std::path::PathBuf>,
     /// Explicit node id (default: derived from the rest).
     #[arg(long)]
     node_id: Option<String>,
@@ -136,6 +139,9 @@ fn main() -> anyhow::Result<()> {
     rt.enable_all().build()?.block_on(async move {
         let access_log = b.access_log().map_err(|e| anyhow::anyhow!(e))?;
         let proxy = Proxy::new(&b.node_id(), b.workload(), access_log);
+        if let Some(dir) = &args.wasm_cache_dir.clone().or(b.wasm_cache_dir.clone()) {
+            let _ = proxy.wasm_cache_dir.set(dir.clone());
+        }
         let set_level: trellis_proxy::admin::SetLogLevel = Arc::new(move |level: &str| {
             let f = EnvFilter::try_new(level).map_err(|e| format!("level {level:?}: {e}"))?;
             reload.reload(f).map_err(|e| e.to_string())

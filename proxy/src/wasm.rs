@@ -41,14 +41,33 @@ impl std::fmt::Debug for WasmFilter {
 
 impl WasmFilter {
     /// Loads, verifies and compiles the module and starts a first VM.
-    pub fn build(host: &Host, config: &WasmFilterConfig, metrics: &WasmMetrics) -> Result<WasmFilter, String> {
+    pub fn build(
+        host: &Host,
+        config: &WasmFilterConfig,
+        fetched: &Fetched,
+        metrics: &WasmMetrics,
+    ) -> Result<WasmFilter, String> {
         let what = format!("wasm filter {}", config.name);
-        let bytes = match &config.code {
-            WasmCode::File(path) => std::fs::read(path).map_err(|e| format!("{what}: cannot read {path}: {e}"))?,
-            WasmCode::Inline(b) => b.clone(),
-            WasmCode::Builtin(b) => b.to_vec(),
-        };
-        let module = host.load(&bytes, config.sha256.as_deref()).map_err(|e| format!("{what}: {e}"))?;
+        let module = match &config.code {
+            WasmCode::File(path) => {
+                let bytes = std::fs::read(path).map_err(|e| format!("{what}: cannot read {path}: {e}"))?;
+                host.load(&bytes, config.sha256.as_deref())
+            }
+            WasmCode::Inline(b) => host.load(b, config.sha256.as_deref()),
+            WasmCode::Builtin(b) => host.load(b, None),
+            WasmCode::Remote { sha256, .. } if host.has_module(sha256) => {
+                host.compiled(sha256).ok_or(trellis_wasm_host::LoadError::Invalid("evicted".into()))
+            }
+            WasmCode::Remote { uri, sha256 } => {
+                let bytes = fetched
+                    .get(sha256)
+                    .cloned()
+                    .or_else(|| host.cached_bytes(sha256).map(Arc::new))
+                    .ok_or_else(|| format!("{what}: module {uri} was not fetched"))?;
+                host.load(&bytes, Some(sha256))
+            }
+        }
+        .map_err(|e| format!("{what}: {e}"))?;
         let plugin = PluginConfig {
             name: config.name.clone(),
             root_id: config.root_id.clone(),
@@ -198,11 +217,65 @@ fn auth_filter(stages: &[serde_json::Value]) -> WasmFilterConfig {
 /// Filter chains by listener name.
 pub type Chains = HashMap<String, Vec<Arc<WasmFilter>>>;
 
+/// Module bytes fetched for this update, by sha256.
+pub type Fetched = HashMap<String, Arc<Vec<u8>>>;
+
+/// Remote modules a snapshot's listeners need: (uri, sha256).
+pub fn remote_modules(snap: &Snapshot) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = snap
+        .listeners
+        .values()
+        .filter_map(|l| match &l.kind {
+            ListenerKind::Http { filters, .. } => Some(filters),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|f| match &f.code {
+            WasmCode::Remote { uri, sha256 } => Some((uri.clone(), sha256.clone())),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Fetches a module over HTTP (at most 32 MiB, 30 s) and checks its sha256.
+pub async fn fetch(uri: &str, sha256: &str) -> Result<Vec<u8>, String> {
+    use http_body_util::BodyExt;
+    const LIMIT: usize = 32 << 20;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = uri.parse().map_err(|e| format!("module URI {uri:?}: {e}"))?;
+    let get = async {
+        let resp = client.get(uri.clone()).await.map_err(|e| format!("cannot fetch {uri}: {e}"))?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), LIMIT);
+        let bytes = body.collect().await.map_err(|e| format!("fetching {uri}: {e}"))?.to_bytes();
+        if !status.is_success() {
+            return Err(format!(
+                "fetching {uri}: {status}: {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).trim()
+            ));
+        }
+        Ok(bytes.to_vec())
+    };
+    let bytes = tokio::time::timeout(Duration::from_secs(30), get)
+        .await
+        .map_err(|_| format!("fetching {uri}: timed out after 30 s"))??;
+    let actual = trellis_wasm_host::sha256_hex(&bytes);
+    if actual != sha256 {
+        return Err(format!("module from {uri}: sha256 is {actual}, the configuration says {sha256}"));
+    }
+    Ok(bytes)
+}
+
 /// The chains of `snap`, reusing unchanged filters of `old`.
 pub fn rebuild(
     host: impl Fn() -> Result<Host, String>,
     old: &Chains,
     snap: &Snapshot,
+    fetched: &Fetched,
     metrics: &WasmMetrics,
 ) -> Result<Chains, String> {
     let mut out = Chains::new();
@@ -217,7 +290,9 @@ pub fn rebuild(
             let reused = old.values().flatten().find(|w| w.config == *f).cloned();
             let w = match reused {
                 Some(w) => w,
-                None => Arc::new(WasmFilter::build(&host()?, f, metrics).map_err(|e| format!("listener {name}: {e}"))?),
+                None => Arc::new(
+                    WasmFilter::build(&host()?, f, fetched, metrics).map_err(|e| format!("listener {name}: {e}"))?,
+                ),
             };
             chain.push(w);
         }

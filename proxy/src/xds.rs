@@ -246,11 +246,24 @@ impl Proxy {
         check_listener_addresses(&snap)?;
         snap.version = current.snapshot.version + 1;
         let snap = Arc::new(snap);
+        // Remote modules: fetched unless compiled or cached already (a failed fetch or a wrong
+        // sha256 refuses the update; the old chain keeps serving).
+        let mut fetched = crate::wasm::Fetched::new();
+        for (uri, sha) in crate::wasm::remote_modules(&snap) {
+            let host = self.wasm_host()?;
+            if host.has_module(&sha) || host.cached_bytes(&sha).is_some() {
+                continue;
+            }
+            let bytes = crate::wasm::fetch(&uri, &sha).await?;
+            host.cache_bytes(&sha, &bytes);
+            tracing::info!(%uri, sha256 = %sha, size = bytes.len(), "fetched wasm module");
+            fetched.insert(sha, Arc::new(bytes));
+        }
         // Reading and compiling modules is CPU work: off the (possibly single) worker thread.
         let filters = {
             let (proxy, old, snap) = (self.clone(), current.filters.clone(), snap.clone());
             tokio::task::spawn_blocking(move || {
-                crate::wasm::rebuild(|| proxy.wasm_host(), &old, &snap, &proxy.metrics.wasm)
+                crate::wasm::rebuild(|| proxy.wasm_host(), &old, &snap, &fetched, &proxy.metrics.wasm)
             })
             .await
             .map_err(|e| format!("building wasm filters: {e}"))??

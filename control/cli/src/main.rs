@@ -106,6 +106,19 @@ enum Command {
         #[command(subcommand)]
         action: FilterCommand,
     },
+    /// Upload and list wasm modules (content-addressed by sha256).
+    Wasm {
+        #[command(subcommand)]
+        action: WasmCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WasmCommand {
+    /// Upload a module; prints the trellis://SHA256 URL a WasmPlugin names it by.
+    Push { file: std::path::PathBuf },
+    /// Modules stored in the control plane.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +264,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("wrote {}", dir.display());
             println!("  cd {} && cargo build -p {name} --target wasm32-wasip1 --profile wasm", dir.display());
             println!("  cargo test -p {name}-tests");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Wasm { action: WasmCommand::Push { file } } => {
+            let bytes = std::fs::read(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let out = client(&cli)?.push_module(bytes).await?;
+            let created = if out["created"].as_bool() == Some(true) { "uploaded" } else { "already stored" };
+            println!("{} ({} bytes, {created})", out["url"].as_str().unwrap_or(""), out["size"]);
+            println!("use it in a WasmPlugin: spec.url: {}", out["url"].as_str().unwrap_or(""));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Wasm { action: WasmCommand::List } => {
+            let out = client(&cli)?.list_modules().await?;
+            println!("{:<74} {:>10}", "URL", "BYTES");
+            for m in out["items"].as_array().into_iter().flatten() {
+                println!("{:<74} {:>10}", m["url"].as_str().unwrap_or(""), m["size"]);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Version => {

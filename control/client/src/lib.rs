@@ -194,7 +194,8 @@ impl Client {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
         if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
+            let kind = if path.contains("/wasmmodules") { "application/wasm" } else { "application/json" };
+            req = req.header(header::CONTENT_TYPE, kind);
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| self.transport(e))?;
         self.http
@@ -224,6 +225,24 @@ impl Client {
             return Ok(value);
         }
         Err(status_error(status, &value))
+    }
+
+    /// Uploads a wasm module; the answer has its `sha256`, `size`, `url` (`trellis://SHA256`)
+    /// and whether it was `created` (false: stored already).
+    pub async fn push_module(&self, bytes: Vec<u8>) -> Result<Value> {
+        let resp = self.send(Method::POST, "/apis/trellis.dev/v1alpha1/wasmmodules", Some(bytes)).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| self.transport(e))?.to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Protocol {
+            server: self.server.clone(),
+            detail: format!("{status}: not JSON ({e}): {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)])),
+        })?;
+        if status.is_success() { Ok(value) } else { Err(status_error(status, &value)) }
+    }
+
+    /// Stored modules: `{"items": [{"sha256", "size", "url"}]}`.
+    pub async fn list_modules(&self) -> Result<Value> {
+        self.call(Method::GET, "/apis/trellis.dev/v1alpha1/wasmmodules", None).await
     }
 
     pub async fn list(&self, kind: Kind, namespace: Option<&str>) -> Result<(Vec<Resource>, String)> {

@@ -72,6 +72,11 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_XDS_ADDR", default_value = "127.0.0.1:15010")]
     pub xds_addr: SocketAddr,
 
+    /// The address proxies reach the xDS port on, when it binds a wildcard address; they also
+    /// fetch uploaded wasm modules from it (`GET /wasm/{sha256}`).
+    #[arg(long, env = "TRELLIS_XDS_ADVERTISE_ADDR")]
+    pub xds_advertise_addr: Option<SocketAddr>,
+
     /// Address of the debug HTTP server (`/debug/syncz`, `/healthz`).
     #[arg(long, env = "TRELLIS_DEBUG_ADDR", default_value = "127.0.0.1:15014")]
     pub debug_addr: SocketAddr,

@@ -25,7 +25,10 @@ fn parse(r: &Resource) -> Option<(ResourceKey, Spec)> {
 }
 
 /// Starts the index; the receiver always holds the latest snapshot.
-pub fn spawn(store: ResourceStore) -> watch::Receiver<Arc<ConfigSnapshot>> {
+pub fn spawn(
+    store: ResourceStore,
+    module_server: Option<std::net::SocketAddr>,
+) -> watch::Receiver<Arc<ConfigSnapshot>> {
     let (tx, rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
     tokio::spawn(async move {
         let mut items: BTreeMap<ResourceKey, Spec> = BTreeMap::new();
@@ -61,7 +64,8 @@ pub fn spawn(store: ResourceStore) -> watch::Receiver<Arc<ConfigSnapshot>> {
                 }
                 next = events.next().now_or_never().flatten();
             }
-            let snapshot = ConfigSnapshot { items: items.iter().map(|(k, s)| (k.clone(), s.clone())).collect() };
+            let snapshot =
+                ConfigSnapshot { items: items.iter().map(|(k, s)| (k.clone(), s.clone())).collect(), module_server };
             if tx.send(Arc::new(snapshot)).is_err() {
                 return;
             }

@@ -41,18 +41,23 @@ async fn main() -> anyhow::Result<()> {
     let auth = Arc::new(Auth::new(vec![token], config.allow_anonymous_loopback));
     auth.watch_tokens(store.clone());
     // xDS: config index → hub (debounced state) → ADS server; status on the debug port.
+    let xds_listener =
+        TcpListener::bind(config.xds_addr).await.with_context(|| format!("binding xDS to {}", config.xds_addr))?;
+    let xds_addr = xds_listener.local_addr()?;
+    // Proxies fetch uploaded wasm modules from the xDS port, at the address they reach it on.
+    let module_server = config.xds_advertise_addr.or((!xds_addr.ip().is_unspecified()).then_some(xds_addr));
     let hub = trellis_xds::Hub::new(trellis_xds::HubOptions {
         debounce: std::time::Duration::from_millis(config.push_debounce_ms),
         default_cluster: config.cluster_id.clone(),
     });
-    tokio::spawn(hub.clone().run(trellis_control::index::spawn(store.clone())));
-    let xds_listener =
-        TcpListener::bind(config.xds_addr).await.with_context(|| format!("binding xDS to {}", config.xds_addr))?;
-    let xds_addr = xds_listener.local_addr()?;
+    tokio::spawn(hub.clone().run(trellis_control::index::spawn(store.clone(), module_server)));
     let ads = trellis_xds::AdsServer::new(hub.clone()).service();
+    let routes = tonic::service::Routes::from(trellis_control::api::module_router(store.clone())).add_service(ads);
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
-        if let Err(e) = tonic::transport::Server::builder().add_service(ads).serve_with_incoming(incoming).await {
+        // HTTP/1.1 as well, for module fetches (`GET /wasm/{sha256}`).
+        let server = tonic::transport::Server::builder().accept_http1(true).add_routes(routes);
+        if let Err(e) = server.serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "xDS server stopped");
         }
     });

@@ -1556,7 +1556,19 @@ fn wasm_plugin(s: &WasmPlugin, v: &mut V) {
             Some((scheme, "")) if ["oci", "file", "http", "https", "trellis"].contains(&scheme) => {
                 v.err("spec.url", format!("{:?} names no module", s.url));
             }
-            Some((scheme, _)) if ["oci", "file", "http", "https", "trellis"].contains(&scheme) => {}
+            Some(("trellis", sha)) => {
+                let sha = sha.trim_end_matches('/');
+                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                    v.err("spec.url", "trellis:// names an uploaded module by its sha256 (64 lower-case hex digits), as `trellis wasm push` prints it");
+                } else if !s.sha256.is_empty() && s.sha256 != sha {
+                    v.err("spec.sha256", format!("differs from the sha256 in the URL ({sha})"));
+                }
+            }
+            Some((scheme @ ("oci" | "http" | "https"), _)) => v.err(
+                "spec.url",
+                format!("{scheme}:// modules are not fetched by Trellis yet; upload the module with `trellis wasm push FILE` and use the trellis://SHA256 URL it prints (or file:// for a file on every proxy's host)"),
+            ),
+            Some(("file", _)) => {}
             Some((scheme, _)) => v.err(
                 "spec.url",
                 format!("unsupported scheme {scheme:?}; use oci://, https://, http://, file:// or trellis://sha256"),

@@ -85,6 +85,14 @@ fn broken_examples_fail_with_their_field_paths() {
     );
     let unknown = broken_errors("unknown-field.yaml");
     assert!(unknown.iter().any(|e| e.contains("spec.trafficPolicy.conectionPool: unknown field")), "{unknown:?}");
+    let wasm = broken_errors("wasm-urls.yaml");
+    assert_eq!(wasm.len(), 3, "{wasm:?}");
+    assert!(
+        wasm[0].contains("spec.url: oci:// modules are not fetched") && wasm[0].contains("trellis wasm push"),
+        "{wasm:?}"
+    );
+    assert!(wasm[1].contains("spec.url: trellis:// names an uploaded module by its sha256"), "{wasm:?}");
+    assert!(wasm[2].contains("spec.sha256: differs from the sha256 in the URL"), "{wasm:?}");
     let half = broken_errors("half-bad.yaml");
     assert_eq!(half.len(), 1, "{half:?}");
     assert!(half[0].starts_with("half-bad.yaml: document 1") && half[0].contains("spec.http[0].timeout"), "{half:?}");

@@ -281,6 +281,29 @@ async fn values_over_the_size_limit_are_refused(s: ResourceStore) {
     assert!(s.get(&k).await.unwrap().is_none());
 }
 
+async fn wasm_modules_are_chunked_whole_and_invisible_to_resource_lists(s: ResourceStore) {
+    use sha2::Digest;
+    // 700 KiB of varied bytes: three chunks.
+    let bytes: Vec<u8> = (0..700 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let sha: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let (k, r) = vs("bookinfo", "reviews", 90);
+    s.create(&k, &r).await.unwrap();
+    let (_, before) = s.list(None, None).await.unwrap();
+    let mut w = Box::pin(s.watch(None, None, before).await.unwrap());
+    assert!(s.put_module(&sha, &bytes).await.unwrap(), "new");
+    assert!(!s.put_module(&sha, &bytes).await.unwrap(), "stored already");
+    assert_eq!(s.get_module(&sha).await.unwrap().as_deref(), Some(bytes.as_slice()));
+    assert_eq!(s.get_module(&"0".repeat(64)).await.unwrap(), None);
+    assert_eq!(s.list_modules().await.unwrap(), vec![(sha.clone(), bytes.len() as u64)]);
+    // Lists and watches of every kind see resources only.
+    let (all, _) = s.list(None, None).await.unwrap();
+    assert_eq!(all.len(), 1);
+    let (k2, r2) = vs("bookinfo", "ratings", 100);
+    s.create(&k2, &r2).await.unwrap();
+    let ev = next(&mut w).await.unwrap();
+    assert_eq!(ev.object.metadata.name, "ratings", "the watch skipped the module's keys");
+}
+
 macro_rules! conformance {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -311,6 +334,7 @@ all_backends!(
     concurrent_compare_and_swap_writers_lose_no_update,
     compacted_revision_is_an_error_and_the_reflector_relists,
     values_over_the_size_limit_are_refused,
+    wasm_modules_are_chunked_whole_and_invisible_to_resource_lists,
 );
 
 #[tokio::test]

@@ -22,7 +22,7 @@ fn snapshot(yaml: &str) -> Arc<ConfigSnapshot> {
     assert!(errors.is_empty(), "{errors:?}");
     let mut items: Vec<_> = docs.iter().map(|d| validate_resource(&d.resource, "default").unwrap()).collect();
     items.sort_by(|a, b| a.0.cmp(&b.0));
-    Arc::new(ConfigSnapshot { items })
+    Arc::new(ConfigSnapshot { items, ..Default::default() })
 }
 
 fn service(name: &str, address: &str) -> String {

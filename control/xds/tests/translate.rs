@@ -66,7 +66,7 @@ fn examples() -> ConfigSnapshot {
         }
     }
     items.sort_by(|a, b| a.0.cmp(&b.0));
-    ConfigSnapshot { items }
+    ConfigSnapshot { items, ..Default::default() }
 }
 
 fn productpage() -> ProxyInfo {
@@ -339,7 +339,7 @@ fn snapshot(yaml: &str) -> ConfigSnapshot {
     assert!(errors.is_empty(), "{errors:?}");
     let mut items: Vec<_> = docs.iter().map(|d| validate_resource(&d.resource, "default").unwrap()).collect();
     items.sort_by(|a, b| a.0.cmp(&b.0));
-    ConfigSnapshot { items }
+    ConfigSnapshot { items, ..Default::default() }
 }
 
 fn upstream_tls(c: &Cluster) -> Option<UpstreamTlsContext> {

@@ -183,6 +183,11 @@ pub enum WasmCode {
     Inline(Vec<u8>),
     /// A module embedded in trellis-proxy (crate::builtins).
     Builtin(&'static [u8]),
+    /// A module fetched over HTTP (Envoy's remote data source), verified by its sha256.
+    Remote {
+        uri: String,
+        sha256: String,
+    },
 }
 
 const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
@@ -213,8 +218,16 @@ fn wasm_filter(
             Some(data_source::Specifier::InlineBytes(b)) => WasmCode::Inline(b),
             other => return Err(ConvertError::unsupported(&what, format!("module source {other:?}"))),
         },
-        Some(async_data_source::Specifier::Remote(_)) => {
-            return Err(ConvertError::unsupported(&what, "remote modules (module delivery arrives with issue #5)"));
+        Some(async_data_source::Specifier::Remote(r)) => {
+            let uri = r.http_uri.map(|u| u.uri).unwrap_or_default();
+            if !uri.starts_with("http://") {
+                return Err(ConvertError::unsupported(&what, format!("remote module URI {uri:?} (http:// only)")));
+            }
+            let sha = r.sha256.to_ascii_lowercase();
+            if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ConvertError::invalid(&what, "a remote module needs its sha256 (64 hex digits)"));
+            }
+            WasmCode::Remote { uri, sha256: sha }
         }
         None => return Err(ConvertError::invalid(&what, "no module code")),
     };

@@ -48,6 +48,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     foreign: Mutex<Arc<HashMap<String, ForeignFunction>>>,
     stop: Arc<AtomicBool>,
+    /// Compiled modules on disk (`SHA256.cwasm`), when set.
+    cache_dir: Mutex<Option<std::path::PathBuf>>,
 }
 
 impl Drop for Inner {
@@ -99,6 +101,7 @@ impl Host {
                 metrics: Arc::new(Metrics::default()),
                 foreign: Mutex::new(Arc::new(HashMap::new())),
                 stop,
+                cache_dir: Mutex::new(None),
             }),
         })
     }
@@ -128,10 +131,109 @@ impl Host {
         if let Some(m) = self.inner.modules.lock().unwrap_or_else(|p| p.into_inner()).get(&actual) {
             return Ok(m.clone());
         }
-        let module = Module::new(&self.inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        let module = match self.load_compiled(&actual) {
+            Some(m) => m,
+            None => {
+                let m = Module::new(&self.inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+                self.store_compiled(&actual, &m);
+                m
+            }
+        };
         let compiled = Arc::new(CompiledModule { module, sha256: actual.clone(), size: bytes.len() });
         self.inner.modules.lock().unwrap_or_else(|p| p.into_inner()).insert(actual, compiled.clone());
         Ok(compiled)
+    }
+
+    /// Keeps compiled modules in `dir` too (`SHA256.cwasm`), so a restarted proxy does not
+    /// compile again. The directory is created private (0700); one that others can write is
+    /// refused, since loading a compiled module trusts its contents.
+    pub fn set_cache_dir(&self, dir: &std::path::Path) -> Result<(), String> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("wasm cache {}: {e}", dir.display()))?;
+        let mode =
+            std::fs::metadata(dir).map_err(|e| format!("wasm cache {}: {e}", dir.display()))?.permissions().mode();
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "wasm cache {}: writable by others (mode {:o}); chmod 700 it",
+                dir.display(),
+                mode & 0o777
+            ));
+        }
+        *self.inner.cache_dir.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn cache_path(&self, sha256: &str, ext: &str) -> Option<std::path::PathBuf> {
+        let name = if ext == "cwasm" {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.inner.engine.precompile_compatibility_hash().hash(&mut h);
+            format!("{sha256}-engine-{:016x}.cwasm", h.finish())
+        } else {
+            format!("{sha256}.{ext}")
+        };
+        self.inner.cache_dir.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|d| d.join(name))
+    }
+
+    #[allow(unsafe_code)]
+    fn load_compiled(&self, sha256: &str) -> Option<Module> {
+        let path = self.cache_path(sha256, "cwasm")?;
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: the file was written by `store_compiled` from a module this engine compiled (its
+        // name carries the module's sha256 and the engine's compatibility hash — wasmtime version
+        // and configuration — so an upgrade never reads an old artifact), in a directory only this user can write (checked in
+        // `set_cache_dir`); wasmtime also refuses an artifact of another engine configuration
+        // (then we compile again).
+        match unsafe { Module::deserialize_file(&self.inner.engine, &path) } {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::info!(path = %path.display(), error = %e, "compiled module cache entry unusable; compiling again");
+                None
+            }
+        }
+    }
+
+    fn store_compiled(&self, sha256: &str, module: &Module) {
+        let Some(path) = self.cache_path(sha256, "cwasm") else { return };
+        let tmp = path.with_extension("cwasm.tmp");
+        let written = module.serialize().map_err(|e| e.to_string()).and_then(|b| {
+            std::fs::write(&tmp, b).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| e.to_string())
+        });
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled module");
+        }
+    }
+
+    /// Module bytes kept in the cache directory (`SHA256.wasm`), verified against the name.
+    pub fn cached_bytes(&self, sha256: &str) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.cache_path(sha256, "wasm")?).ok()?;
+        (sha256_hex(&bytes) == sha256.to_ascii_lowercase()).then_some(bytes)
+    }
+
+    /// Keeps module bytes in the cache directory (if there is one).
+    pub fn cache_bytes(&self, sha256: &str, bytes: &[u8]) {
+        if let Some(path) = self.cache_path(sha256, "wasm") {
+            let tmp = path.with_extension("wasm.tmp");
+            if let Err(e) = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot cache a module");
+            }
+        }
+    }
+
+    /// Whether the module with this sha256 is compiled already (in memory).
+    pub fn has_module(&self, sha256: &str) -> bool {
+        self.compiled(sha256).is_some()
+    }
+
+    /// The module with this sha256, if compiled already (in memory).
+    pub fn compiled(&self, sha256: &str) -> Option<Arc<CompiledModule>> {
+        self.inner.modules.lock().unwrap_or_else(|p| p.into_inner()).get(&sha256.to_ascii_lowercase()).cloned()
     }
 
     /// Number of distinct modules compiled.

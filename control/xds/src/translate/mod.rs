@@ -33,6 +33,9 @@ use crate::proxy::{ProxyInfo, ProxyKind};
 #[derive(Debug, Clone, Default)]
 pub struct ConfigSnapshot {
     pub items: Vec<(ResourceKey, Spec)>,
+    /// Where proxies fetch uploaded wasm modules (the control plane's xDS port); `None`: no
+    /// module server, so `trellis://` modules are not delivered.
+    pub module_server: Option<std::net::SocketAddr>,
 }
 
 /// The resources one proxy needs, by name.
@@ -221,10 +224,16 @@ pub fn translate_outbound(config: &ConfigSnapshot, registry: &RegistrySnapshot, 
     clusters::outbound(&scope, &mut out);
     if proxy.kind == ProxyKind::Router {
         gateway::listeners(&scope, &mut out);
+        if let Some(c) = wasm::module_cluster(&scope) {
+            out.clusters.insert(c.name.clone(), c);
+        }
         return out;
     }
     routes::outbound(&scope, &mut out);
     listeners::outbound(&scope, &mut out);
+    if let Some(c) = wasm::module_cluster(&scope) {
+        out.clusters.insert(c.name.clone(), c);
+    }
     out
 }
 
