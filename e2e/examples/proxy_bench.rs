@@ -23,6 +23,7 @@ async fn main() -> anyhow::Result<()> {
         measure: Duration::from_secs(secs),
         connections: 32,
         pin: true,
+        filters: vec![0],
     };
     println!(
         "load generator: {}",

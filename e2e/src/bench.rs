@@ -27,22 +27,68 @@ use crate::{ControlPlane, free_port};
 
 pub const HOST: &str = "bench.default.svc.cluster.local:8080";
 
-/// What is measured.
+/// What is measured: the upstream directly, or a proxy running this many wasm filters (0,
+/// 1 or 4; see [`filter_plugins`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Direct,
-    Envoy,
-    Trellis,
+    Envoy(u8),
+    Trellis(u8),
 }
 
 impl Mode {
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Mode::Direct => "direct",
-            Mode::Envoy => "envoy",
-            Mode::Trellis => "trellis-proxy",
+            Mode::Direct => "direct".into(),
+            Mode::Envoy(0) => "envoy".into(),
+            Mode::Trellis(0) => "trellis-proxy".into(),
+            Mode::Envoy(n) => format!("envoy +{n} wasm (V8)"),
+            Mode::Trellis(n) => format!("trellis-proxy +{n} wasm"),
         }
     }
+
+    /// The proxy's workload name: the WasmPlugins select it by `app`.
+    fn workload(self) -> String {
+        match self {
+            Mode::Envoy(0) | Mode::Trellis(0) | Mode::Direct => "bench-client".into(),
+            Mode::Envoy(n) | Mode::Trellis(n) => format!("bench-f{n}"),
+        }
+    }
+}
+
+/// The filters of the filter benchmark, as WasmPlugins (the same modules and configuration for
+/// both proxies): one filter is the auth module (a DENY policy on `/admin`, checked on every
+/// request); four are auth, fault (abort at 0%), mirror (at 0%) and retry (Istio's default
+/// conditions, 2 attempts, which keeps each request for a possible re-send) — the built-in
+/// chain, configured so that each filter runs its per-request logic and none changes a
+/// request. Route name `bench` (the benchmark's VirtualService).
+pub fn filter_plugins() -> anyhow::Result<Vec<serde_json::Value>> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
+    let plugin = |name: &str,
+                  app: &str,
+                  priority: i64,
+                  config: serde_json::Value|
+     -> anyhow::Result<serde_json::Value> {
+        let path = trellis_filter_testkit::build(&manifest, name)?.canonicalize()?;
+        Ok(
+            json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": format!("{name}-{app}"), "namespace": "default"},
+            "spec": {"url": format!("file://{}", path.display()), "selector": {"matchLabels": {"app": app}}, "priority": priority,
+                     "phase": "AUTHZ", "match": [{"mode": "CLIENT"}], "failStrategy": "FAIL_CLOSE", "pluginConfig": config}}),
+        )
+    };
+    let auth = json!({"stages": [{"action": "DENY", "policies": {"no-admin": {
+        "permissions": [{"path": {"prefix": "/admin"}}], "principals": [{"any": true}]}}}]});
+    let fault = json!({"routes": {"bench": {"abort": {"httpStatus": 503, "percentage": 0}}}});
+    let mirror =
+        json!({"routes": {"bench": [{"cluster": "outbound|8080||bench.default.svc.cluster.local", "percentage": 0}]}});
+    let retry = json!({"routes": {"bench": {"attempts": 2, "retryOn": ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"], "retriableStatusCodes": [503]}}});
+    Ok(vec![
+        plugin("auth", "bench-f1", 40, auth.clone())?,
+        plugin("auth", "bench-f4", 40, auth)?,
+        plugin("fault", "bench-f4", 30, fault)?,
+        plugin("mirror", "bench-f4", 20, mirror)?,
+        plugin("retry", "bench-f4", 10, retry)?,
+    ])
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +100,8 @@ pub struct Config {
     pub connections: usize,
     /// Pin and raise priority (needs root, taskset and chrt).
     pub pin: bool,
+    /// Wasm filter counts to measure each proxy with (0: none; 1, 4: [`filter_plugins`]).
+    pub filters: Vec<u8>,
 }
 
 /// One measurement.
@@ -328,7 +376,7 @@ async fn builtin_load(
 async fn proxy_count(mode: Mode, sidecar: &Sidecar) -> Option<u64> {
     let client = crate::http::ProxyClient::new(sidecar.admin());
     match (mode, sidecar) {
-        (Mode::Trellis, Sidecar::Trellis(t)) => {
+        (Mode::Trellis(_), Sidecar::Trellis(t)) => {
             let text =
                 crate::http::ProxyClient::new(&t.metrics).get(&t.metrics, "/stats/prometheus", &[]).await.ok()?.body;
             Some(
@@ -338,7 +386,7 @@ async fn proxy_count(mode: Mode, sidecar: &Sidecar) -> Option<u64> {
                     .sum::<f64>() as u64,
             )
         }
-        (Mode::Envoy, _) => {
+        (Mode::Envoy(_), _) => {
             let text =
                 client.get(sidecar.admin(), "/stats?filter=http.outbound.downstream_rq_total", &[]).await.ok()?.body;
             text.lines().find_map(|l| l.strip_prefix("http.outbound.downstream_rq_total: ")?.trim().parse().ok())
@@ -362,11 +410,23 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Vec<Sample>> {
             false,
         )
         .await?;
+    if cfg.filters.iter().any(|f| *f > 0) {
+        // No retry policy on the route: the proxies' only filters are the plugins.
+        let mut config = vec![
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "bench", "namespace": "default"},
+            "spec": {"hosts": ["bench.default.svc.cluster.local"], "http": [{"name": "bench", "retries": {"attempts": 0},
+                     "route": [{"destination": {"host": "bench.default.svc.cluster.local"}}]}]}}),
+        ];
+        config.extend(filter_plugins()?);
+        cp.client()?.apply(config, None, false).await?;
+    }
     let mut samples = Vec::new();
     for rate in &cfg.rates {
         for rep in 1..=cfg.repetitions {
             // Alternate the order between repetitions.
-            let mut modes = vec![Mode::Direct, Mode::Envoy, Mode::Trellis];
+            let mut modes = vec![Mode::Direct];
+            modes.extend(cfg.filters.iter().map(|f| Mode::Envoy(*f)));
+            modes.extend(cfg.filters.iter().map(|f| Mode::Trellis(*f)));
             if rep % 2 == 0 {
                 modes.reverse();
             }
@@ -402,12 +462,13 @@ async fn measure(
     rate: u32,
     rep: usize,
 ) -> anyhow::Result<Sample> {
+    let workload = mode.workload();
     let sidecar = match mode {
         Mode::Direct => None,
-        Mode::Envoy => Some(Sidecar::start(Under::Envoy(AdsApi::Delta), &cp.xds_addr, "bench-client", "default", "")?),
-        Mode::Trellis => Some(Sidecar::Trellis(TrellisProxy::start_with(
+        Mode::Envoy(_) => Some(Sidecar::start(Under::Envoy(AdsApi::Delta), &cp.xds_addr, &workload, "default", "")?),
+        Mode::Trellis(_) => Some(Sidecar::Trellis(TrellisProxy::start_with(
             &cp.xds_addr,
-            "bench-client",
+            &workload,
             "default",
             "",
             &["--concurrency", "1"],
@@ -500,7 +561,14 @@ pub fn table(samples: &[Sample]) -> String {
     rates.sort();
     rates.dedup();
     for rate in rates {
-        for mode in [Mode::Direct, Mode::Envoy, Mode::Trellis] {
+        let mut modes: Vec<Mode> = samples.iter().filter(|s| s.rate == rate).map(|s| s.mode).collect();
+        modes.sort_by_key(|m| match m {
+            Mode::Direct => (0, 0),
+            Mode::Envoy(n) => (1, *n),
+            Mode::Trellis(n) => (2, *n),
+        });
+        modes.dedup();
+        for mode in modes {
             let these: Vec<&Sample> = samples.iter().filter(|s| s.rate == rate && s.mode == mode).collect();
             if these.is_empty() {
                 continue;

@@ -1,5 +1,6 @@
-//! A seconds-long run of the proxy benchmark so it cannot rot: one repetition at a low rate,
-//! every mode, the table printed. No timing assertions (figures come from the full run);
+//! A seconds-long run of the proxy and filter benchmarks so they cannot rot: one repetition
+//! at a low rate, every mode (each proxy without filters and with the four-filter chain), the
+//! table printed. No timing assertions (figures come from the full run);
 //! it checks that every mode was measured, nothing failed, and each proxy counted exactly the
 //! requests it was sent.
 
@@ -18,10 +19,11 @@ async fn the_proxy_benchmark_runs_and_counts_every_request() {
         measure: Duration::from_secs(2),
         connections: 8,
         pin: false,
+        filters: vec![0, 4],
     };
     let samples = run(&cfg).await.unwrap();
     println!("{}", table(&samples));
-    for mode in [Mode::Direct, Mode::Envoy, Mode::Trellis] {
+    for mode in [Mode::Direct, Mode::Envoy(0), Mode::Envoy(4), Mode::Trellis(0), Mode::Trellis(4)] {
         let s = samples.iter().find(|s| s.mode == mode).unwrap_or_else(|| panic!("{mode:?} not measured"));
         assert_eq!(s.failed, 0, "{mode:?}: {s:?}");
         assert!(s.sent >= 300 && s.p50_ms.is_finite(), "{mode:?}: {s:?}");
