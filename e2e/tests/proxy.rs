@@ -397,7 +397,9 @@ async fn large_bodies_stream_both_ways_without_being_buffered() {
     assert_eq!(got, SIZE);
     let after = vm_hwm_kib(pid);
     println!("trellis-proxy peak RSS {before} KiB before, {after} KiB after moving 2 x 64 MiB");
-    assert!(after.saturating_sub(before) < 24 * 1024, "peak RSS grew by {} KiB: bodies were buffered", after - before);
+    // A buffered body would add at least its 64 MiB; copies of 64 KiB frames through the wasm
+    // chain (the built-in retry filter sees every request) leave the allocator some slack.
+    assert!(after.saturating_sub(before) < 32 * 1024, "peak RSS grew by {} KiB: bodies were buffered", after - before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! Wasm HTTP filters at run time: for each listener, its chain of proxy-wasm filters, each a
-//! compiled module (trellis-wasm-host) with a pool of VMs. A stream borrows one VM per filter
-//! for its lifetime and gives it back (a VM is never created per request; the pool grows to
-//! the concurrency). Filters are built — module read, sha256 verified, compiled once, a first
+//! compiled module (trellis-wasm-host) with a few VMs — one per worker thread at most — each
+//! hosting the contexts of many streams, as Envoy's per-worker VMs do (a VM is never created
+//! per request, and memory does not grow with concurrency). Filters are built — module read, sha256 verified, compiled once, a first
 //! VM started so on_configure runs — while a configuration is applied: a bad module or a
 //! refused configuration NACKs the update and the old chain keeps serving. A chain whose
 //! configuration did not change is kept (VMs, shared data and all).
@@ -16,16 +16,50 @@ use crate::config::listener::{FailPolicy, WasmCode, WasmFilterConfig};
 use crate::config::{ListenerKind, Snapshot};
 use crate::metrics::{PluginLabel, WasmMetrics};
 
-/// VMs kept per filter beyond those in use.
-const POOL: usize = 64;
+/// One VM of a filter, shared by the streams that run on it (each its own context), as
+/// Envoy shares a VM per worker thread. Callbacks lock it; they are short.
+#[derive(Debug)]
+pub struct VmSlot {
+    vm: Mutex<Vm>,
+    /// When the root context last had a tick.
+    last_tick: Mutex<Option<Instant>>,
+}
 
-/// A filter ready to run.
+impl VmSlot {
+    fn new(vm: Vm) -> Arc<VmSlot> {
+        Arc::new(VmSlot { vm: Mutex::new(vm), last_tick: Mutex::new(None) })
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Vm> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs the root context's tick if its period has passed since the last one (several
+    /// streams may wait on one VM; the root context still ticks at its own period).
+    pub fn tick_if_due(&self, filter: &WasmFilter) -> Result<(), VmError> {
+        let mut vm = self.lock();
+        let Some(period) = vm.tick_period() else { return Ok(()) };
+        let mut last = self.last_tick.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|t| now < t + period) {
+            return Ok(());
+        }
+        *last = Some(now);
+        filter.call(|| vm.on_tick())
+    }
+}
+
+/// A filter ready to run: its compiled module and its VMs — one per worker thread at most
+/// (more only when streams on different threads contend), each hosting many streams' contexts.
+/// A VM is never created per request.
 pub struct WasmFilter {
     pub config: WasmFilterConfig,
     host: Host,
     module: Arc<CompiledModule>,
     plugin: PluginConfig,
-    pool: Mutex<Vec<Vm>>,
+    slots: Mutex<Vec<Arc<VmSlot>>>,
+    next: std::sync::atomic::AtomicUsize,
+    max_slots: usize,
     /// Failures: (when the filter may try a fresh VM again, the next backoff). Fail-closed
     /// filters never do once failed.
     failed: Mutex<Option<(Instant, Duration)>>,
@@ -79,30 +113,48 @@ impl WasmFilter {
             Vm::start(host, module.clone(), plugin.clone(), Limits::default()).map_err(|e| format!("{what}: {e}"))?;
         let label = PluginLabel { plugin: config.name.clone() };
         metrics.vm_starts.get_or_create(&label).inc();
-        Ok(WasmFilter {
+        // One VM per runtime worker at most.
+        let max_slots =
+            tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).unwrap_or(1).clamp(1, 64);
+        let filter = WasmFilter {
             config: config.clone(),
             host: host.clone(),
             module,
             plugin,
-            pool: Mutex::new(vec![first]),
+            slots: Mutex::new(vec![VmSlot::new(first)]),
+            next: std::sync::atomic::AtomicUsize::new(0),
+            max_slots,
             failed: Mutex::new(None),
             metrics: metrics.clone(),
             label,
-        })
+        };
+        filter.record_memory();
+        Ok(filter)
     }
 
-    /// A VM for one stream.
-    pub fn take(&self) -> Result<Vm, VmError> {
+    /// The VM a new stream runs on.
+    pub fn take(&self) -> Result<Arc<VmSlot>, VmError> {
         if let Some((retry_at, _)) = *self.failed.lock().unwrap_or_else(|p| p.into_inner())
             && (self.config.policy == FailPolicy::Closed || Instant::now() < retry_at)
         {
             return Err(VmError::Poisoned { plugin: self.config.name.clone() });
         }
-        if let Some(vm) = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(vm);
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // A failed VM takes no new streams (those on it fail by their filter's policy).
+        slots.retain(|s| s.vm.try_lock().map(|vm| !vm.poisoned()).unwrap_or(true));
+        if !slots.is_empty() {
+            let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % slots.len();
+            let busy = slots[i].vm.try_lock().is_err();
+            if !(busy && slots.len() < self.max_slots) {
+                return Ok(slots[i].clone());
+            }
         }
         self.metrics.vm_starts.get_or_create(&self.label).inc();
-        Vm::start(&self.host, self.module.clone(), self.plugin.clone(), Limits::default())
+        let slot = VmSlot::new(Vm::start(&self.host, self.module.clone(), self.plugin.clone(), Limits::default())?);
+        slots.push(slot.clone());
+        drop(slots);
+        self.record_memory();
+        Ok(slot)
     }
 
     /// Runs one callback, counting it, its time and its failure.
@@ -117,25 +169,25 @@ impl WasmFilter {
         r
     }
 
-    /// Gives a VM back. A failed one is dropped and the failure recorded: fail-closed filters
-    /// stay failed; fail-reload ones wait 100 ms, doubling to 10 s, before a fresh VM.
-    pub fn give_back(&self, vm: Vm) {
-        if vm.poisoned() {
-            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+    /// A stream on `slot` ended: a failed VM is recorded (fail-closed filters stay failed;
+    /// fail-reload ones wait 100 ms, doubling to 10 s, before a fresh VM); a healthy one
+    /// clears the record.
+    pub fn finished(&self, slot: &VmSlot) {
+        let poisoned = slot.lock().poisoned();
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if poisoned {
             let backoff =
                 failed.map(|(_, b)| (b * 2).min(Duration::from_secs(10))).unwrap_or(Duration::from_millis(100));
             *failed = Some((Instant::now() + backoff, backoff));
-            return;
+        } else if failed.is_some() {
+            *failed = None;
         }
-        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let mut vm = vm;
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < POOL {
-            let bytes = vm.memory_bytes() as i64;
-            pool.push(vm);
-            let total: i64 = bytes.max(0) * pool.len() as i64;
-            self.metrics.memory.get_or_create(&self.label).set(total);
-        }
+    }
+
+    fn record_memory(&self) {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let total: usize = slots.iter().filter_map(|s| s.vm.try_lock().ok().map(|mut vm| vm.memory_bytes())).sum();
+        self.metrics.memory.get_or_create(&self.label).set(total as i64);
     }
 
     pub fn sha256(&self) -> &str {

@@ -47,7 +47,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use trellis_wasm_host::abi::StreamType;
-use trellis_wasm_host::{Action, Pairs, Stream, Vm};
+use trellis_wasm_host::{Action, Pairs, Stream};
 
 use crate::config::listener::FailPolicy;
 use crate::http::{Outcome, local_reply, route_request};
@@ -56,7 +56,8 @@ use crate::{BoxBody, Runtime};
 
 struct Active {
     filter: Arc<WasmFilter>,
-    vm: Vm,
+    /// The VM the stream's context lives in (shared with other streams).
+    vm: Arc<crate::wasm::VmSlot>,
     id: u32,
 }
 
@@ -172,10 +173,12 @@ fn failed(filter: &WasmFilter, why: &str, mut outcome: Outcome) -> (Response<Box
 }
 
 fn done(active: Vec<Active>) {
-    for mut a in active {
-        let (vm, id) = (&mut a.vm, a.id);
-        let _ = a.filter.call(|| vm.finish_stream(id));
-        a.filter.give_back(a.vm);
+    for a in active {
+        {
+            let mut vm = a.vm.lock();
+            let _ = a.filter.call(|| vm.finish_stream(a.id));
+        }
+        a.filter.finished(&a.vm);
     }
 }
 
@@ -224,7 +227,9 @@ impl FilteredBody {
         let mut data = chunk.to_vec();
         for i in order {
             let a = &mut chain.0[i];
-            let handles = if request { a.vm.handles_bodies().0 } else { a.vm.handles_bodies().1 };
+            let slot = a.vm.clone();
+            let mut vm = slot.lock();
+            let handles = if request { vm.handles_bodies().0 } else { vm.handles_bodies().1 };
             if !handles {
                 continue;
             }
@@ -234,7 +239,7 @@ impl FilteredBody {
                 let name = &a.filter.config.name;
                 return Err(format!("wasm filter {name}: body over the {BODY_BUFFER_LIMIT}-byte buffer limit").into());
             }
-            let (filter, vm, id) = (&a.filter, &mut a.vm, a.id);
+            let (filter, id) = (&a.filter, a.id);
             if let Some(s) = vm.stream_mut(id) {
                 if request {
                     s.request_body = std::mem::take(buf);
@@ -243,7 +248,7 @@ impl FilteredBody {
                 }
             }
             let r = filter.call(|| if request { vm.on_request_body(id, end) } else { vm.on_response_body(id, end) });
-            crate::callout::detach(&self.rt, vm.take_callouts());
+            crate::callout::detach(&self.rt, vm.take_callouts_for(id));
             let answered = vm.stream(id).is_some_and(|s| s.local_response.is_some());
             let out =
                 vm.stream_mut(id)
@@ -348,43 +353,41 @@ const MAX_RESENDS: u32 = 10;
 async fn wait_resumed(rt: &Arc<Runtime>, chain: &Shared, i: usize, which: StreamType) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + MAX_PAUSE;
     let mut calls: tokio::task::JoinSet<(u32, u32, crate::callout::Answer)> = tokio::task::JoinSet::new();
-    let mut next_tick: Option<tokio::time::Instant> = None;
+    let (filter, slot, id) = {
+        let c = lock(chain);
+        (c.0[i].filter.clone(), c.0[i].vm.clone(), c.0[i].id)
+    };
     loop {
         let period = {
-            let mut c = lock(chain);
-            let a = &mut c.0[i];
-            let s = a.vm.stream(a.id).ok_or("the stream is gone")?;
+            let mut vm = slot.lock();
+            let s = vm.stream(id).ok_or("the stream is gone")?;
             if s.resumed.contains(&which) || s.local_response.is_some() {
                 return Ok(());
             }
-            for call in a.vm.take_callouts() {
-                let (token, context) = match &call {
-                    trellis_wasm_host::Callout::Http { token, context, .. }
-                    | trellis_wasm_host::Callout::Grpc { token, context, .. } => (*token, *context),
+            for call in vm.take_callouts_for(id) {
+                let token = match &call {
+                    trellis_wasm_host::Callout::Http { token, .. } | trellis_wasm_host::Callout::Grpc { token, .. } => {
+                        *token
+                    }
                 };
                 let rt = rt.clone();
-                calls.spawn(async move { (token, context, crate::callout::perform(rt, call).await) });
+                calls.spawn(async move { (token, id, crate::callout::perform(rt, call).await) });
             }
-            a.vm.tick_period()
+            vm.tick_period()
         };
         if period.is_none() && calls.is_empty() {
             return Err("the filter paused the stream with nothing to resume it (no call out, no timer)".into());
         }
-        let tick_at = period.map(|p| *next_tick.get_or_insert_with(|| tokio::time::Instant::now() + p));
+        // Ticks at the root context's period (the VM keeps the schedule across its streams).
+        let tick_at = period.map(|p| tokio::time::Instant::now() + p.min(Duration::from_millis(50)));
         tokio::select! {
             Some(done) = calls.join_next(), if !calls.is_empty() => {
                 let Ok((token, context, answer)) = done else { continue };
-                let mut c = lock(chain);
-                let a = &mut c.0[i];
-                let (filter, vm) = (&a.filter, &mut a.vm);
+                let mut vm = slot.lock();
                 filter.call(|| vm.on_http_call_response(context, token, answer)).map_err(|e| e.to_string())?;
             }
             _ = tokio::time::sleep_until(tick_at.unwrap_or(deadline)), if tick_at.is_some() => {
-                next_tick = None;
-                let mut c = lock(chain);
-                let a = &mut c.0[i];
-                let (filter, vm) = (&a.filter, &mut a.vm);
-                filter.call(|| vm.on_tick()).map_err(|e| e.to_string())?;
+                slot.tick_if_due(&filter).map_err(|e| e.to_string())?;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(format!("the filter held the stream paused for over {MAX_PAUSE:?}"));
@@ -503,8 +506,8 @@ pub async fn run(
     let mut req = req.map(crate::boxed);
     let chain: Shared = Arc::new(Mutex::new(Chain(Vec::new())));
     for filter in filters {
-        let mut vm = match filter.take() {
-            Ok(vm) => vm,
+        let slot = match filter.take() {
+            Ok(slot) => slot,
             Err(e) => match fail_filter(filter, &e.to_string()) {
                 None => continue,
                 Some(r) => return r,
@@ -520,14 +523,17 @@ pub async fn run(
             p.insert("cluster_name".into(), c.as_bytes().to_vec());
             p.insert("xds.cluster_name".into(), c.as_bytes().to_vec());
         }
-        let result = filter.call(|| {
-            let id = vm.create_stream(stream)?;
-            Ok((id, vm.on_request_headers(id, end_of_stream)?))
-        });
+        let result = {
+            let mut vm = slot.lock();
+            filter.call(|| {
+                let id = vm.create_stream(stream)?;
+                Ok((id, vm.on_request_headers(id, end_of_stream)?))
+            })
+        };
         let (id, action) = match result {
             Ok(r) => r,
             Err(e) => {
-                filter.give_back(vm);
+                filter.finished(&slot);
                 match fail_filter(filter, &e.to_string()) {
                     None => continue,
                     Some(r) => return r,
@@ -536,17 +542,17 @@ pub async fn run(
         };
         let i = {
             let mut c = lock(&chain);
-            c.0.push(Active { filter: filter.clone(), vm, id });
+            c.0.push(Active { filter: filter.clone(), vm: slot.clone(), id });
             c.0.len() - 1
         };
-        let paused =
-            action == Action::Pause && lock(&chain).0[i].vm.stream(id).is_some_and(|s| s.local_response.is_none());
+        let paused = action == Action::Pause && slot.lock().stream(id).is_some_and(|s| s.local_response.is_none());
         let waited = if paused { wait_resumed(rt, &chain, i, StreamType::HttpRequest).await } else { Ok(()) };
         let applied = {
             let mut c = lock(&chain);
             let a = &mut c.0[i];
-            crate::callout::detach(rt, a.vm.take_callouts());
-            let s = a.vm.stream(id);
+            let mut vm = a.vm.lock();
+            crate::callout::detach(rt, vm.take_callouts_for(id));
+            let s = vm.stream(id);
             if let Some(l) = s.and_then(|s| s.local_response.as_ref()) {
                 let resp = local(l);
                 let outcome = Outcome { status: resp.status().as_u16(), flags: "-", ..Default::default() };
@@ -562,8 +568,9 @@ pub async fn run(
     }
     let (request_bodies, response_bodies, retain) =
         lock(&chain).0.iter().fold((false, false, false), |(q, r, k), a| {
-            let (aq, ar) = a.vm.handles_bodies();
-            (q || aq, r || ar, k || a.vm.stream(a.id).is_some_and(|s| s.retain_request))
+            let vm = a.vm.lock();
+            let (aq, ar) = vm.handles_bodies();
+            (q || aq, r || ar, k || vm.stream(a.id).is_some_and(|s| s.retain_request))
         });
     if request_bodies {
         req = req.map(|b| crate::boxed(FilteredBody::new(b, chain.clone(), rt.clone(), true)));
@@ -622,13 +629,14 @@ async fn respond(
         let action = {
             let mut c = lock(chain);
             let a = &mut c.0[i];
-            if let Some(s) = a.vm.stream_mut(a.id) {
+            let mut vm = a.vm.lock();
+            if let Some(s) = vm.stream_mut(a.id) {
                 s.response_headers = response_pairs(resp);
                 s.resumed.clear();
                 s.properties.insert("response.code".into(), i64::from(resp.status().as_u16()).to_le_bytes().to_vec());
                 s.properties.insert("response.flags".into(), flag_bits(outcome.flags).to_le_bytes().to_vec());
             }
-            let (filter, vm, id) = (&a.filter, &mut a.vm, a.id);
+            let (filter, id) = (&a.filter, a.id);
             filter.call(|| vm.on_response_headers(id, false))
         };
         let policy = lock(chain).0[i].filter.config.policy;
@@ -637,7 +645,8 @@ async fn respond(
         if let Ok(Action::Pause) = result {
             let (resend, answered) = {
                 let c = lock(chain);
-                let s = c.0[i].vm.stream(c.0[i].id);
+                let vm = c.0[i].vm.lock();
+                let s = vm.stream(c.0[i].id);
                 (s.and_then(|s| s.resend), s.is_some_and(|s| s.local_response.is_some()))
             };
             if resend.is_none() && !answered {
@@ -646,8 +655,10 @@ async fn respond(
         }
         let mut c = lock(chain);
         let a = &mut c.0[i];
-        crate::callout::detach(rt, a.vm.take_callouts());
-        let Some(s) = a.vm.stream_mut(a.id) else { continue };
+        let slot = a.vm.clone();
+        let mut vm = slot.lock();
+        crate::callout::detach(rt, vm.take_callouts_for(a.id));
+        let Some(s) = vm.stream_mut(a.id) else { continue };
         let resend = s.resend.take();
         match result {
             Ok(_) if resend.is_some() && can_resend => return resend.map(|ms| Duration::from_millis(u64::from(ms))),

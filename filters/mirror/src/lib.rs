@@ -69,6 +69,8 @@ impl MirrorFilter {
 impl Filter for MirrorFilter {
     type Config = Config;
 
+    const SEES_REQUEST_BODY: bool = true;
+
     fn new(config: &Config) -> Self {
         MirrorFilter {
             config: config.clone(),

@@ -324,6 +324,16 @@ impl Vm {
         std::mem::take(&mut self.store.data_mut().callouts)
     }
 
+    /// The callouts made by one context (a VM shared by many streams keeps the others').
+    pub fn take_callouts_for(&mut self, context: u32) -> Vec<Callout> {
+        let all = std::mem::take(&mut self.store.data_mut().callouts);
+        let (mine, others): (Vec<Callout>, Vec<Callout>) = all.into_iter().partition(|c| match c {
+            Callout::Http { context: c, .. } | Callout::Grpc { context: c, .. } => *c == context,
+        });
+        self.store.data_mut().callouts = others;
+        mine
+    }
+
     /// Delivers the response of an http callout.
     pub fn on_http_call_response(
         &mut self,

@@ -76,8 +76,12 @@ pub trait Filter: Sized + 'static {
         Decision::Continue
     }
 
-    /// A piece of the request body passed by (`end`: the last one). The filter sees it; the
-    /// body goes on unchanged.
+    /// Whether [`Filter::on_request_body`] wants to see the body (copying each chunk into the
+    /// module costs time; filters that do not look at bodies leave this false).
+    const SEES_REQUEST_BODY: bool = false;
+
+    /// A piece of the request body passed by (`end`: the last one), when
+    /// [`Filter::SEES_REQUEST_BODY`]. The filter sees it; the body goes on unchanged.
     fn on_request_body(&mut self, _chunk: &[u8], _end: bool) {}
 
     /// Response headers arrived.
@@ -621,6 +625,10 @@ impl<F: Filter> HttpContext for Stream<F> {
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let keeping = self.kept.as_ref().is_some_and(|k| !k.overflow);
+        if !F::SEES_REQUEST_BODY && !keeping {
+            return Action::Continue;
+        }
         let chunk = hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, size)
             .ok()
             .flatten()
