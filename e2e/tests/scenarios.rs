@@ -802,6 +802,38 @@ async fn authorization_policies_at_the_server_sidecar(under: Under) {
     }
 }
 
+async fn the_retry_module_re_sends_in_both_hosts(under: Under) {
+    // The retry module as a WasmPlugin, the route's own retries off: in trellis-proxy it
+    // re-sends through `trellis.resend`; Envoy has no such foreign function, so the SDK's
+    // portable fallback re-sends the kept request with an HTTP call to the route's cluster.
+    let m = mesh_with(under, |_, _| {
+        vec![
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": "bookinfo"},
+                "spec": {"host": "reviews", "subsets": [{"name": "all", "labels": {"app": "reviews"}}, {"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}}),
+            vs(json!([{"name": "flaky", "route": to("all"), "retries": {"attempts": 0}}])),
+            wasm_plugin("retry", "retry", json!({"routes": {"flaky": {"attempts": 3, "retryOn": ["5xx"]}}})),
+        ]
+    })
+    .await;
+    m.v2.status.store(503, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Until the plugin is in place some requests may still see v2's 503.
+    loop {
+        let ok = futures::future::join_all((0..6).map(|_| m.client.get(REVIEWS, "/", &[]))).await;
+        if ok.iter().all(|a| a.as_ref().is_ok_and(|a| a.status == 200)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the retry module never re-sent: {ok:?}\n{}", m.proxy.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v2_before = m.v2.requests();
+    for _ in 0..20 {
+        let a = m.client.get(REVIEWS, "/", &[]).await.unwrap();
+        assert_eq!((a.status, a.body.as_str()), (200, "v1"), "a re-send should have reached v1");
+    }
+    assert!(m.v2.requests() > v2_before, "the failing endpoint was tried (and its 503 re-sent)");
+}
+
 /// Uploads a module with `trellis wasm push` and returns the URL it printed.
 fn push(cp: &ControlPlane, module: &std::path::Path) -> String {
     let out = cp.cli(&["wasm", "push", module.to_str().unwrap()]).unwrap();
@@ -931,5 +963,6 @@ for_each_proxy!(
     the_built_in_filter_modules_run_as_plugins,
     authorization_policies_at_the_server_sidecar,
     a_pushed_module_is_fetched_from_the_control_plane,
+    the_retry_module_re_sends_in_both_hosts,
     a_rejected_resource_is_nacked_and_routing_keeps_working,
 );

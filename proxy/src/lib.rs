@@ -40,6 +40,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxy sends or receives.
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
+/// The hidden subcommand of the trellis-proxy binary that compiles a module out of process:
+/// `trellis-proxy __compile-wasm IN.wasm OUT.cwasm`.
+pub const COMPILE_WASM: &str = "__compile-wasm";
+
 /// Boxes any body.
 pub fn boxed<B>(b: B) -> BoxBody
 where
@@ -137,8 +141,17 @@ impl Proxy {
             return Ok(h.clone());
         }
         let h = trellis_wasm_host::Host::new().map_err(|e| format!("cannot start the wasm host: {e}"))?;
-        if let Some(dir) = self.wasm_cache_dir.get() {
-            h.set_cache_dir(dir)?;
+        // Compiled artifacts go to the cache directory — a private temporary one when none is
+        // configured — and modules compile in a helper process (this binary's
+        // `__compile-wasm`), so the compiler's working memory is never this process's.
+        let dir = self.wasm_cache_dir.get_or_init(|| {
+            std::env::temp_dir().join(format!("trellis-proxy-wasm-{}", std::process::id()))
+        });
+        h.set_cache_dir(dir)?;
+        if let Ok(exe) = std::env::current_exe()
+            && exe.file_name().is_some_and(|n| n == "trellis-proxy")
+        {
+            h.set_compiler(vec![exe.into_os_string(), COMPILE_WASM.into()]);
         }
         Ok(self.wasm_host.get_or_init(|| h).clone())
     }

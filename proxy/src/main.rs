@@ -118,6 +118,14 @@ fn bootstrap(args: &Args) -> Result<Bootstrap, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The compile helper (see trellis_proxy::COMPILE_WASM): compile, write, exit.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == trellis_proxy::COMPILE_WASM) {
+        let (Some(input), Some(output)) = (argv.get(2), argv.get(3)) else {
+            anyhow::bail!("usage: trellis-proxy {} IN.wasm OUT.cwasm", trellis_proxy::COMPILE_WASM);
+        };
+        return trellis_wasm_host::compile_to_file(input.as_ref(), output.as_ref());
+    }
     let args = Args::parse();
     let (filter, reload) = tracing_subscriber::reload::Layer::new(
         EnvFilter::try_new(&args.log).map_err(|e| anyhow::anyhow!("--log {:?}: {e}", args.log))?,

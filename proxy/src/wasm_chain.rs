@@ -97,7 +97,17 @@ fn request_stream<B>(req: &Request<B>, peer: SocketAddr) -> Stream {
 }
 
 /// Writes the filter's view of the request back into it.
+/// Headers a filter leaves must fit what the proxy accepts from clients (Envoy's 60 KiB).
+fn check_size(pairs: &Pairs) -> Result<(), String> {
+    let size: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > crate::http::MAX_HEADER_BYTES {
+        return Err(format!("a filter set {size} bytes of headers, over the {}-byte limit", crate::http::MAX_HEADER_BYTES));
+    }
+    Ok(())
+}
+
 fn apply_request<B>(req: &mut Request<B>, pairs: &Pairs) -> Result<(), String> {
+    check_size(pairs)?;
     let mut headers = http::HeaderMap::new();
     let (mut path, mut authority) = (None, None);
     for (k, v) in pairs {
@@ -134,6 +144,7 @@ fn response_pairs(resp: &Response<BoxBody>) -> Pairs {
 }
 
 fn apply_response(resp: &mut Response<BoxBody>, pairs: &Pairs) -> Result<(), String> {
+    check_size(pairs)?;
     let mut headers = http::HeaderMap::new();
     for (k, v) in pairs {
         if k == ":status" {

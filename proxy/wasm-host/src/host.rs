@@ -50,6 +50,8 @@ struct Inner {
     stop: Arc<AtomicBool>,
     /// Compiled modules on disk (`SHA256.cwasm`), when set.
     cache_dir: Mutex<Option<std::path::PathBuf>>,
+    /// A command that compiles out of process (`CMD... IN OUT`), when set.
+    compiler: Mutex<Option<Vec<std::ffi::OsString>>>,
 }
 
 impl Drop for Inner {
@@ -76,11 +78,30 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// The engine configuration every host (and the compile helper) uses: modules compiled by
+/// one load in another.
+fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config
+}
+
+/// Compiles the module in `input` to a loadable artifact in `output`: what the compile helper
+/// process runs (trellis-proxy's `__compile-wasm IN OUT`). Compiling takes tens of megabytes
+/// the allocator keeps afterwards; in a short-lived process that memory goes back at exit.
+pub fn compile_to_file(input: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
+    let engine = Engine::new(&engine_config())?;
+    let bytes = std::fs::read(input)?;
+    let artifact = engine.precompile_module(&bytes)?;
+    let tmp = output.with_extension("tmp");
+    std::fs::write(&tmp, artifact)?;
+    std::fs::rename(&tmp, output)?;
+    Ok(())
+}
+
 impl Host {
     pub fn new() -> anyhow::Result<Host> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&engine_config())?;
         let mut linker = Linker::new(&engine);
         crate::imports::define(&mut linker)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -102,6 +123,7 @@ impl Host {
                 foreign: Mutex::new(Arc::new(HashMap::new())),
                 stop,
                 cache_dir: Mutex::new(None),
+                compiler: Mutex::new(None),
             }),
         })
     }
@@ -131,7 +153,7 @@ impl Host {
         if let Some(m) = self.inner.modules.lock().unwrap_or_else(|p| p.into_inner()).get(&actual) {
             return Ok(m.clone());
         }
-        let module = match self.load_compiled(&actual) {
+        let module = match self.load_compiled(&actual).or_else(|| self.compile_elsewhere(&actual, bytes)) {
             Some(m) => m,
             None => {
                 let m = Module::new(&self.inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
@@ -165,6 +187,38 @@ impl Host {
         }
         *self.inner.cache_dir.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir.to_path_buf());
         Ok(())
+    }
+
+    /// Compiles modules in a helper process (`command... IN OUT`, e.g. trellis-proxy's own
+    /// `__compile-wasm`), so the compiler's memory is not kept by this one. Needs a cache
+    /// directory for the artifacts; without one, or when the helper fails (its error is
+    /// logged), modules compile in process.
+    pub fn set_compiler(&self, command: Vec<std::ffi::OsString>) {
+        *self.inner.compiler.lock().unwrap_or_else(|p| p.into_inner()) = Some(command);
+    }
+
+    fn compile_elsewhere(&self, sha256: &str, bytes: &[u8]) -> Option<Module> {
+        let command = self.inner.compiler.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let output = self.cache_path(sha256, "cwasm")?;
+        let input = output.with_extension("input.wasm");
+        if let Err(e) = std::fs::write(&input, bytes) {
+            tracing::warn!(error = %e, "cannot hand a module to the compile helper; compiling in process");
+            return None;
+        }
+        let (program, args) = command.split_first()?;
+        let status = std::process::Command::new(program).args(args).arg(&input).arg(&output).output();
+        let _ = std::fs::remove_file(&input);
+        match status {
+            Ok(o) if o.status.success() => self.load_compiled(sha256),
+            Ok(o) => {
+                tracing::warn!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "the compile helper failed; compiling in process");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot run the compile helper; compiling in process");
+                None
+            }
+        }
     }
 
     fn cache_path(&self, sha256: &str, ext: &str) -> Option<std::path::PathBuf> {

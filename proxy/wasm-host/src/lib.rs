@@ -16,6 +16,6 @@ pub mod state;
 pub mod vm;
 
 pub use abi::{Action, Pairs};
-pub use host::{CompiledModule, Host, LoadError, sha256_hex};
+pub use host::{CompiledModule, Host, LoadError, compile_to_file, sha256_hex};
 pub use state::{Callout, LocalResponse, PluginConfig, Stream};
 pub use vm::{Limits, Vm, VmError};

@@ -303,3 +303,42 @@ fn header_maps_are_there_only_while_their_phase_runs_as_in_envoy() {
     vm.stream_mut(id).unwrap().response_headers = vec![(":status".into(), b"200".to_vec())];
     assert_eq!(vm.on_response_headers(id, true).unwrap(), Action::Continue);
 }
+
+#[test]
+fn a_trap_in_any_callback_fails_that_callback_and_poisons_the_vm() {
+    // A module whose every stream callback traps: each is reported, none crashes the host,
+    // and the VM refuses further work until replaced.
+    let h = host();
+    let trap = "unreachable";
+    let wat = format!(
+        r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) {trap})
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32) {trap})
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) {trap})
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32) {trap})
+  (func (export "proxy_on_log") (param i32) {trap})
+  (func (export "proxy_on_tick") (param i32) {trap}))"#
+    );
+    let m = h.load(&wat::parse_str(&wat).unwrap(), None).unwrap();
+    type Call = fn(&mut Vm, u32) -> Result<(), VmError>;
+    let calls: [(&str, Call); 6] = [
+        ("proxy_on_request_headers", |vm, id| vm.on_request_headers(id, true).map(|_| ())),
+        ("proxy_on_request_body", |vm, id| vm.on_request_body(id, true).map(|_| ())),
+        ("proxy_on_response_headers", |vm, id| vm.on_response_headers(id, true).map(|_| ())),
+        ("proxy_on_response_body", |vm, id| vm.on_response_body(id, true).map(|_| ())),
+        ("proxy_on_log", |vm, id| vm.finish_stream(id)),
+        ("proxy_on_tick", |vm, _| vm.on_tick()),
+    ];
+    for (name, call) in calls {
+        let mut vm = Vm::start(&h, m.clone(), plugin("", "a"), Limits::default()).unwrap();
+        let id = vm.create_stream(Stream::default()).unwrap();
+        let err = call(&mut vm, id).unwrap_err();
+        assert!(matches!(&err, VmError::Trap { callback, .. } if *callback == name), "{name}: {err}");
+        assert!(vm.poisoned(), "{name}");
+        assert!(matches!(vm.on_request_headers(id, true), Err(VmError::Poisoned { .. })), "{name}");
+    }
+}
