@@ -3,8 +3,6 @@
 
 #![allow(clippy::print_stdout)]
 
-
-
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status

@@ -144,9 +144,9 @@ impl Proxy {
         // Compiled artifacts go to the cache directory — a private temporary one when none is
         // configured — and modules compile in a helper process (this binary's
         // `__compile-wasm`), so the compiler's working memory is never this process's.
-        let dir = self.wasm_cache_dir.get_or_init(|| {
-            std::env::temp_dir().join(format!("trellis-proxy-wasm-{}", std::process::id()))
-        });
+        let dir = self
+            .wasm_cache_dir
+            .get_or_init(|| std::env::temp_dir().join(format!("trellis-proxy-wasm-{}", std::process::id())));
         h.set_cache_dir(dir)?;
         if let Ok(exe) = std::env::current_exe()
             && exe.file_name().is_some_and(|n| n == "trellis-proxy")

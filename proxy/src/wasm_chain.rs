@@ -101,7 +101,10 @@ fn request_stream<B>(req: &Request<B>, peer: SocketAddr) -> Stream {
 fn check_size(pairs: &Pairs) -> Result<(), String> {
     let size: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
     if size > crate::http::MAX_HEADER_BYTES {
-        return Err(format!("a filter set {size} bytes of headers, over the {}-byte limit", crate::http::MAX_HEADER_BYTES));
+        return Err(format!(
+            "a filter set {size} bytes of headers, over the {}-byte limit",
+            crate::http::MAX_HEADER_BYTES
+        ));
     }
     Ok(())
 }

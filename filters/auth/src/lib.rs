@@ -23,6 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use serde::Deserialize;
 use trellis_sdk::{Counter, Decision, Filter, LocalReply, Request};
@@ -31,7 +32,7 @@ use trellis_sdk::{Counter, Decision, Filter, LocalReply, Request};
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
-    stages: Vec<Stage>,
+    stages: Rc<Vec<Stage>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -309,7 +310,7 @@ impl Filter for Auth {
     }
 
     fn check(config: &Config) -> Result<(), String> {
-        for stage in &config.stages {
+        for stage in config.stages.iter() {
             for (name, p) in &stage.policies {
                 if p.permissions.is_empty() || p.principals.is_empty() {
                     return Err(format!("policy {name}: needs at least one permission and one principal"));
@@ -326,7 +327,7 @@ impl Filter for Auth {
             return Decision::Continue;
         }
         let seen = Seen::of(req);
-        for stage in &self.config.stages {
+        for stage in self.config.stages.iter() {
             let hit = stage.policies.iter().find(|(_, p)| p.matches(req, &seen)).map(|(n, _)| n);
             match (stage.action, hit) {
                 (StageAction::Log, Some(name)) => {

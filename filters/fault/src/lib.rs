@@ -10,6 +10,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -20,7 +21,7 @@ use trellis_sdk::{Counter, Decision, Filter, LocalReply, Request, chance};
 pub struct Config {
     /// Faults by route name.
     #[serde(default)]
-    routes: HashMap<String, RouteFault>,
+    routes: Rc<HashMap<String, RouteFault>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

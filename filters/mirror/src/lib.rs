@@ -9,6 +9,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -18,7 +19,7 @@ use trellis_sdk::{Counter, Decision, Filter, Request, chance, dispatch};
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
-    routes: HashMap<String, Vec<Mirror>>,
+    routes: Rc<HashMap<String, Vec<Mirror>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -20,6 +20,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -29,7 +30,7 @@ use trellis_sdk::{Counter, Decision, Filter, Request, Response, SharedCounter, r
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
-    routes: HashMap<String, Policy>,
+    routes: Rc<HashMap<String, Rc<Policy>>>,
     #[serde(default)]
     budget: Budget,
 }
@@ -111,7 +112,7 @@ const RESET: u64 = UT | UR | UC;
 
 struct Retry {
     config: Config,
-    policy: Option<Policy>,
+    policy: Option<Rc<Policy>>,
     tries: u32,
     retrying: bool,
     active: SharedCounter,
@@ -177,7 +178,7 @@ impl Filter for Retry {
     }
 
     fn check(config: &Config) -> Result<(), String> {
-        for (route, p) in &config.routes {
+        for (route, p) in config.routes.iter() {
             if let Some(on) = p.retry_on.iter().find(|on| !RETRY_ON.contains(&on.as_str())) {
                 return Err(format!("route {route}: retryOn {on:?} is not one of {}", RETRY_ON.join(", ")));
             }

@@ -157,6 +157,8 @@ pub struct VmState {
     pub done: Vec<u32>,
     /// Queue ids with new items, for the embedder to deliver `proxy_on_queue_ready`.
     pub queue_ready: Vec<(u32, u32)>,
+    /// What the module said it reads (`trellis.body_interest`): request, response bodies.
+    pub body_interest: Option<(bool, bool)>,
 }
 
 impl std::fmt::Debug for VmState {

@@ -115,6 +115,7 @@ impl Vm {
             grpc_status: (0, String::new()),
             done: Vec::new(),
             queue_ready: Vec::new(),
+            body_interest: None,
         };
         let mut store = Store::new(host.engine(), state);
         store.limiter(|s| &mut s.limits);
@@ -280,9 +281,11 @@ impl Vm {
         r
     }
 
-    /// Whether the module handles request / response bodies at all.
+    /// Whether the module handles request / response bodies at all: it exports the callback
+    /// and did not say it never reads that body (`trellis.body_interest`).
     pub fn handles_bodies(&self) -> (bool, bool) {
-        (self.exports.on_request_body.is_some(), self.exports.on_response_body.is_some())
+        let (q, r) = self.store.data().body_interest.unwrap_or((true, true));
+        (q && self.exports.on_request_body.is_some(), r && self.exports.on_response_body.is_some())
     }
 
     pub fn on_response_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {

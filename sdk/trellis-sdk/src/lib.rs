@@ -494,6 +494,9 @@ impl<F: Filter> RootContext for Root<F> {
         match parse_config::<F::Config>(&raw).and_then(|c| F::check(&c).map(|()| c)) {
             Ok(c) => {
                 self.config = c;
+                // Trellis's host skips body callbacks nobody reads (others answer NotFound).
+                let interest = [u8::from(F::SEES_REQUEST_BODY), 0];
+                let _ = hostcalls::call_foreign_function("trellis.body_interest", Some(&interest));
                 true
             }
             Err(e) => {
