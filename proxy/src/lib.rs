@@ -115,6 +115,8 @@ pub struct Proxy {
     pub(crate) wasm_host: std::sync::OnceLock<trellis_wasm_host::Host>,
     /// Where the wasm host keeps fetched and compiled modules (bootstrap `wasmCacheDir`).
     pub wasm_cache_dir: std::sync::OnceLock<std::path::PathBuf>,
+    /// Who this proxy is (filters see it as `node.*`).
+    workload: metrics::Workload,
 }
 
 impl Proxy {
@@ -128,7 +130,8 @@ impl Proxy {
             connections: Arc::new(ConnectionTracker::default()),
             stats: Stats::default(),
             node_id: node_id.to_string(),
-            metrics: metrics::Metrics::new(workload),
+            metrics: metrics::Metrics::new(workload.clone()),
+            workload,
             access_log,
             wasm_host: std::sync::OnceLock::new(),
             wasm_cache_dir: std::sync::OnceLock::new(),
@@ -148,6 +151,17 @@ impl Proxy {
             .wasm_cache_dir
             .get_or_init(|| std::env::temp_dir().join(format!("trellis-proxy-wasm-{}", std::process::id())));
         h.set_cache_dir(dir)?;
+        // Envoy's `node` attribute, the parts filters read.
+        let w = &self.workload;
+        for (path, value) in [
+            ("node.id", self.node_id.as_str()),
+            ("node.cluster", w.cluster.as_str()),
+            ("node.metadata.NAMESPACE", w.namespace.as_str()),
+            ("node.metadata.WORKLOAD_NAME", w.name.as_str()),
+            ("node.metadata.CLUSTER_ID", w.cluster.as_str()),
+        ] {
+            h.set_property(path, value.as_bytes().to_vec());
+        }
         if let Ok(exe) = std::env::current_exe()
             && exe.file_name().is_some_and(|n| n == "trellis-proxy")
         {

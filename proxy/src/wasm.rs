@@ -195,9 +195,16 @@ impl WasmFilter {
     }
 }
 
-/// A listener's filters with the built-in modules its routes need: fault where Envoy's fault
-/// filter sits, mirror and retry last (next to the router, retry innermost so it sees the
-/// upstream's answer first). Each gets the per-route configs of the route table, by route name.
+/// The root id (a WasmPlugin's `pluginName`) that makes a plugin replace a built-in module:
+/// `trellis.builtin.fault`, `.retry`, `.mirror` or `.auth`. The replacement runs in the
+/// built-in's place with the configuration trellis-proxy generates for it.
+pub const REPLACES_BUILTIN: &str = "trellis.builtin.";
+
+/// A listener's filters with the built-in modules its routes need: auth where the RBAC
+/// filters sit, fault where Envoy's fault filter sits, mirror and retry last (next to the
+/// router, retry innermost so it sees the upstream's answer first). Each gets the per-route
+/// configs of the route table, by route name. A plugin whose root id is
+/// `trellis.builtin.KIND` is not run as itself: its module replaces that built-in.
 fn with_builtins(
     filters: &[WasmFilterConfig],
     fault_at: Option<usize>,
@@ -205,12 +212,42 @@ fn with_builtins(
     table: Option<&crate::config::route::RouteTable>,
 ) -> Vec<WasmFilterConfig> {
     let mut out = filters.to_vec();
+    let (mut fault_at, mut auth_at) = (fault_at, auth.map(|(at, _)| *at));
+    let mut replacements: HashMap<String, WasmFilterConfig> = HashMap::new();
+    let mut i = 0;
+    while i < out.len() {
+        match out[i].root_id.strip_prefix(REPLACES_BUILTIN) {
+            Some(kind) => {
+                replacements.insert(kind.to_string(), out.remove(i));
+                fault_at = fault_at.map(|f| if f > i { f - 1 } else { f });
+                auth_at = auth_at.map(|a| if a > i { a - 1 } else { a });
+            }
+            None => i += 1,
+        }
+    }
+    let builtin = |kind: &str, code: &'static [u8], configuration: serde_json::Value, policy: FailPolicy| {
+        let id = format!("trellis.builtin.{kind}");
+        let (code, sha256, root_id) = match replacements.get(kind) {
+            Some(r) => (r.code.clone(), r.sha256.clone(), r.root_id.clone()),
+            None => (WasmCode::Builtin(code), None, String::new()),
+        };
+        WasmFilterConfig {
+            name: id.clone(),
+            root_id,
+            vm_id: id,
+            code,
+            sha256,
+            configuration: configuration.to_string().into_bytes(),
+            policy,
+        }
+    };
     // Positions are among the listener's own wasm filters; auth (the RBAC filters) comes
-    // before fault when both sit at one position, as the control plane orders them.
-    let mut fault_at = fault_at;
-    if let Some((at, stages)) = auth {
-        out.insert((*at).min(out.len()), auth_filter(stages));
-        fault_at = fault_at.map(|f| if f >= *at { f + 1 } else { f });
+    // before fault when both sit at one position, as the control plane orders them. A failing
+    // auth module fails closed (it never lets requests through); the others are skipped.
+    if let (Some(at), Some((_, stages))) = (auth_at, auth) {
+        let f = builtin("auth", crate::builtins::AUTH, serde_json::json!({ "stages": stages }), FailPolicy::Closed);
+        out.insert(at.min(out.len()), f);
+        fault_at = fault_at.map(|f| if f >= at { f + 1 } else { f });
     }
     let Some(table) = table else { return out };
     let (mut fault, mut retry, mut mirror) = (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
@@ -225,45 +262,18 @@ fn with_builtins(
             mirror.insert(r.name.clone(), serde_json::Value::from(r.builtins.mirror.clone()));
         }
     }
-    let builtin = |name: &str, code: &'static [u8], routes: serde_json::Map<String, serde_json::Value>| {
-        let id = format!("trellis.builtin.{name}");
-        WasmFilterConfig {
-            name: id.clone(),
-            root_id: String::new(),
-            vm_id: id,
-            code: WasmCode::Builtin(code),
-            sha256: None,
-            configuration: serde_json::json!({ "routes": routes }).to_string().into_bytes(),
-            // A failing built-in is skipped (no fault, mirror or retry) rather than failing
-            // requests.
-            policy: FailPolicy::Open,
-        }
-    };
+    let routes = |m: serde_json::Map<String, serde_json::Value>| serde_json::json!({ "routes": m });
     if !fault.is_empty() {
         let at = fault_at.unwrap_or(out.len()).min(out.len());
-        out.insert(at, builtin("fault", crate::builtins::FAULT, fault));
+        out.insert(at, builtin("fault", crate::builtins::FAULT, routes(fault), FailPolicy::Open));
     }
     if !mirror.is_empty() {
-        out.push(builtin("mirror", crate::builtins::MIRROR, mirror));
+        out.push(builtin("mirror", crate::builtins::MIRROR, routes(mirror), FailPolicy::Open));
     }
     if !retry.is_empty() {
-        out.push(builtin("retry", crate::builtins::RETRY, retry));
+        out.push(builtin("retry", crate::builtins::RETRY, routes(retry), FailPolicy::Open));
     }
     out
-}
-
-/// The auth module with the stages of a listener's RBAC filters. It fails closed: a failing
-/// authorization filter never lets requests through.
-fn auth_filter(stages: &[serde_json::Value]) -> WasmFilterConfig {
-    WasmFilterConfig {
-        name: "trellis.builtin.auth".into(),
-        root_id: String::new(),
-        vm_id: "trellis.builtin.auth".into(),
-        code: WasmCode::Builtin(crate::builtins::AUTH),
-        sha256: None,
-        configuration: serde_json::json!({ "stages": stages }).to_string().into_bytes(),
-        policy: FailPolicy::Closed,
-    }
 }
 
 /// Filter chains by listener name.
@@ -351,4 +361,39 @@ pub fn rebuild(
         out.insert(name.clone(), chain);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str, root_id: &str) -> WasmFilterConfig {
+        WasmFilterConfig {
+            name: name.into(),
+            root_id: root_id.into(),
+            vm_id: name.into(),
+            code: WasmCode::File(format!("/modules/{name}.wasm")),
+            sha256: Some("ab".repeat(32)),
+            configuration: Vec::new(),
+            policy: FailPolicy::Closed,
+        }
+    }
+
+    #[test]
+    fn a_plugin_named_for_a_built_in_replaces_its_module_in_place() {
+        let filters = vec![user("a", ""), user("my-auth", "trellis.builtin.auth"), user("b", "")];
+        let stage = vec![serde_json::json!({"action": "DENY", "policies": {}})];
+        // The RBAC filter sat after `a` and the replacement (position 2 of 3).
+        let chain = with_builtins(&filters, None, Some(&(2, stage)), None);
+        let names: Vec<&str> = chain.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["a", "trellis.builtin.auth", "b"]);
+        let auth = &chain[1];
+        assert_eq!(auth.code, WasmCode::File("/modules/my-auth.wasm".into()), "the pushed module's code");
+        assert_eq!(auth.sha256.as_deref(), Some("ab".repeat(32).as_str()));
+        assert_eq!(auth.policy, FailPolicy::Closed, "auth still fails closed");
+        assert!(String::from_utf8_lossy(&auth.configuration).contains("\"stages\""), "the generated configuration");
+        // Without a replacement: the embedded module.
+        let plain = with_builtins(&[user("a", "")], None, Some(&(1, vec![])), None);
+        assert!(matches!(plain[1].code, WasmCode::Builtin(_)));
+    }
 }

@@ -93,6 +93,14 @@ fn request_stream<B>(req: &Request<B>, peer: SocketAddr) -> Stream {
         p.insert("destination.port".into(), i64::from(local.port()).to_le_bytes().to_vec());
     }
     p.insert("connection.mtls".into(), vec![0]);
+    let protocol = match req.version() {
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    p.insert("request.protocol".into(), protocol.as_bytes().to_vec());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64);
+    p.insert("request.time".into(), now.unwrap_or(0).to_le_bytes().to_vec());
     s
 }
 
@@ -649,6 +657,12 @@ async fn respond(
                 s.resumed.clear();
                 s.properties.insert("response.code".into(), i64::from(resp.status().as_u16()).to_le_bytes().to_vec());
                 s.properties.insert("response.flags".into(), flag_bits(outcome.flags).to_le_bytes().to_vec());
+                if let Some(up) = outcome.upstream_host.as_deref() {
+                    s.properties.insert("upstream.address".into(), up.as_bytes().to_vec());
+                    if let Some(port) = up.rsplit_once(':').and_then(|(_, p)| p.parse::<i64>().ok()) {
+                        s.properties.insert("upstream.port".into(), port.to_le_bytes().to_vec());
+                    }
+                }
             }
             let (filter, id) = (&a.filter, a.id);
             filter.call(|| vm.on_response_headers(id, false))

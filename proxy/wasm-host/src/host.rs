@@ -52,6 +52,8 @@ struct Inner {
     cache_dir: Mutex<Option<std::path::PathBuf>>,
     /// A command that compiles out of process (`CMD... IN OUT`), when set.
     compiler: Mutex<Option<Vec<std::ffi::OsString>>>,
+    /// Properties every VM sees (`node.*`), by dotted path.
+    properties: Mutex<Arc<HashMap<String, Vec<u8>>>>,
 }
 
 impl Drop for Inner {
@@ -124,6 +126,7 @@ impl Host {
                 stop,
                 cache_dir: Mutex::new(None),
                 compiler: Mutex::new(None),
+                properties: Mutex::new(Arc::new(HashMap::new())),
             }),
         })
     }
@@ -306,6 +309,19 @@ impl Host {
 
     pub(crate) fn foreign_functions(&self) -> Arc<HashMap<String, ForeignFunction>> {
         self.inner.foreign.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets a property every VM started from now on sees (dotted path, Envoy's encoding), e.g.
+    /// `node.id`.
+    pub fn set_property(&self, path: &str, value: Vec<u8>) {
+        let mut slot = self.inner.properties.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = (**slot).clone();
+        map.insert(path.to_string(), value);
+        *slot = Arc::new(map);
+    }
+
+    pub(crate) fn properties(&self) -> Arc<HashMap<String, Vec<u8>>> {
+        self.inner.properties.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Offers a foreign function to VMs started from now on.

@@ -101,14 +101,49 @@ fn buffer(s: &mut VmState, t: BufferType) -> Option<Vec<u8>> {
     })
 }
 
-/// Properties the VM knows without a stream.
+/// Properties the VM knows without a stream: the plugin's, and the host's (`node.*`, set by
+/// the embedder with `Host::set_property`).
 fn vm_property(s: &VmState, path: &str) -> Option<Vec<u8>> {
     Some(match path {
         "plugin_name" => s.plugin.name.as_bytes().to_vec(),
         "plugin_root_id" => s.plugin.root_id.as_bytes().to_vec(),
         "plugin_vm_id" => s.plugin.vm_id.as_bytes().to_vec(),
-        _ => return None,
+        _ => return s.host_properties.get(path).cloned(),
     })
+}
+
+/// Properties derived from a stream's headers, in Envoy's encodings: `request.headers.NAME`,
+/// `response.headers.NAME`, `response.trailers.NAME`, `request.useragent`, `request.referer`,
+/// `request.query`, `response.grpc_status` (int64).
+fn derived_property(s: &crate::state::Stream, path: &str) -> Option<Vec<u8>> {
+    let get = |pairs: &crate::abi::Pairs, name: &str| {
+        let name = name.to_ascii_lowercase();
+        pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+    };
+    if let Some(h) = path.strip_prefix("request.headers.") {
+        return get(&s.request_headers, h);
+    }
+    if let Some(h) = path.strip_prefix("response.headers.") {
+        return get(&s.response_headers, h);
+    }
+    if let Some(h) = path.strip_prefix("response.trailers.") {
+        return get(&s.response_trailers, h);
+    }
+    match path {
+        "request.useragent" => get(&s.request_headers, "user-agent"),
+        "request.referer" => get(&s.request_headers, "referer"),
+        "request.query" => {
+            let p = get(&s.request_headers, ":path")?;
+            let i = p.iter().position(|b| *b == b'?')?;
+            Some(p[i + 1..].to_vec())
+        }
+        "response.grpc_status" => {
+            let v = get(&s.response_headers, "grpc-status").or_else(|| get(&s.response_trailers, "grpc-status"))?;
+            let code: i64 = String::from_utf8_lossy(&v).trim().parse().ok()?;
+            Some(code.to_le_bytes().to_vec())
+        }
+        _ => None,
+    }
 }
 
 /// Foreign functions Trellis's host implements itself: `trellis.body_interest` (two bytes: whether
@@ -328,7 +363,7 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             let value = s
                 .streams
                 .get(&s.effective_context)
-                .and_then(|st| st.properties.get(&path).cloned())
+                .and_then(|st| st.properties.get(&path).cloned().or_else(|| derived_property(st, &path)))
                 .or_else(|| vm_property(s, &path));
             match value {
                 Some(v) => st(give(&mut c, &v, ret_ptr, ret_size)?),

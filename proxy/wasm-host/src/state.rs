@@ -159,6 +159,8 @@ pub struct VmState {
     pub queue_ready: Vec<(u32, u32)>,
     /// What the module said it reads (`trellis.body_interest`): request, response bodies.
     pub body_interest: Option<(bool, bool)>,
+    /// Properties the host sets for every VM (`node.id`, `node.metadata.NAMESPACE`, ...).
+    pub host_properties: Arc<HashMap<String, Vec<u8>>>,
 }
 
 impl std::fmt::Debug for VmState {

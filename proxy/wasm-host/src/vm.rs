@@ -116,6 +116,7 @@ impl Vm {
             done: Vec::new(),
             queue_ready: Vec::new(),
             body_interest: None,
+            host_properties: host.properties(),
         };
         let mut store = Store::new(host.engine(), state);
         store.limiter(|s| &mut s.limits);

@@ -342,3 +342,50 @@ fn a_trap_in_any_callback_fails_that_callback_and_poisons_the_vm() {
         assert!(matches!(vm.on_request_headers(id, true), Err(VmError::Poisoned { .. })), "{name}");
     }
 }
+
+#[test]
+fn derived_and_host_properties_are_found_and_unknown_ones_are_not() {
+    // get_property on a path (as NUL-separated segments at offset 0) must answer `want`.
+    let h = host();
+    h.set_property("node.id", b"sidecar~10.0.0.1~a.ns~ns.svc.cluster.local".to_vec());
+    let paths: [(&[u8], i32); 5] = [
+        (b"request\0headers\0x-a", 0),
+        (b"request\0query", 0),
+        (b"node\0id", 0),
+        (b"request\0headers\0x-missing", 1),
+        (b"no\0such", 1),
+    ];
+    let mut data = String::new();
+    let mut checks = String::new();
+    let mut at = 0;
+    for (p, want) in paths {
+        let escaped: String = p.iter().map(|b| format!("\\{b:02x}")).collect();
+        data.push_str(&format!("(data (i32.const {at}) \"{escaped}\")"));
+        checks.push_str(&format!(
+            "(if (i32.ne (call $prop (i32.const {at}) (i32.const {}) (i32.const 512) (i32.const 516)) (i32.const {want})) (then unreachable))",
+            p.len()
+        ));
+        at += 64;
+    }
+    let wat = format!(
+        r#"(module
+  (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  {data}
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (local $p i32) (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $n))) (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) {checks} (i32.const 0)))"#
+    );
+    let m = h.load(&wat::parse_str(wat).unwrap(), None).unwrap();
+    let mut vm = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap();
+    let stream = Stream {
+        request_headers: vec![(":path".into(), b"/p?q=1".to_vec()), ("x-a".into(), b"1".to_vec())],
+        ..Default::default()
+    };
+    let id = vm.create_stream(stream).unwrap();
+    assert_eq!(vm.on_request_headers(id, true).unwrap(), Action::Continue);
+}
