@@ -65,6 +65,10 @@ pub struct WasmFilter {
     failed: Mutex<Option<(Instant, Duration)>>,
     metrics: WasmMetrics,
     label: PluginLabel,
+    /// This plugin's counters (looked up once, not per callback).
+    calls: prometheus_client::metrics::counter::Counter,
+    errors: prometheus_client::metrics::counter::Counter,
+    time: prometheus_client::metrics::counter::Counter<f64>,
 }
 
 impl std::fmt::Debug for WasmFilter {
@@ -125,6 +129,9 @@ impl WasmFilter {
             next: std::sync::atomic::AtomicUsize::new(0),
             max_slots,
             failed: Mutex::new(None),
+            calls: metrics.calls.get_or_create(&label).clone(),
+            errors: metrics.errors.get_or_create(&label).clone(),
+            time: metrics.time.get_or_create(&label).clone(),
             metrics: metrics.clone(),
             label,
         };
@@ -161,10 +168,10 @@ impl WasmFilter {
     pub fn call<T>(&self, f: impl FnOnce() -> Result<T, VmError>) -> Result<T, VmError> {
         let t = Instant::now();
         let r = f();
-        self.metrics.calls.get_or_create(&self.label).inc();
-        self.metrics.time.get_or_create(&self.label).inc_by(t.elapsed().as_secs_f64());
+        self.calls.inc();
+        self.time.inc_by(t.elapsed().as_secs_f64());
         if r.is_err() {
-            self.metrics.errors.get_or_create(&self.label).inc();
+            self.errors.inc();
         }
         r
     }

@@ -61,31 +61,31 @@ struct Active {
     id: u32,
 }
 
-fn request_stream<B>(req: &Request<B>, peer: SocketAddr) -> Stream {
-    let authority = crate::http::request_authority(req);
-    let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
-    let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
-    let mut headers: Pairs = vec![
-        (":method".into(), req.method().as_str().as_bytes().to_vec()),
-        (":path".into(), path.as_bytes().to_vec()),
-        (":authority".into(), authority.as_bytes().to_vec()),
-        (":scheme".into(), scheme.as_bytes().to_vec()),
-    ];
+/// The request headers as filters see them, with Envoy's pseudo-headers.
+fn request_pairs<B>(req: &Request<B>) -> Pairs {
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut headers: Pairs = Vec::with_capacity(req.headers().len() + 4);
+    headers.push((":method".into(), req.method().as_str().as_bytes().to_vec()));
+    headers.push((":path".into(), path.as_bytes().to_vec()));
+    headers.push((":authority".into(), crate::http::request_authority(req).into_bytes()));
+    headers.push((":scheme".into(), req.uri().scheme_str().unwrap_or("http").as_bytes().to_vec()));
     for (k, v) in req.headers() {
         if k != header::HOST {
             headers.push((k.as_str().to_string(), v.as_bytes().to_vec()));
         }
     }
-    let mut s = Stream { request_headers: headers, ..Default::default() };
-    let p = &mut s.properties;
-    p.insert("request.path".into(), path.as_bytes().to_vec());
-    p.insert("request.url_path".into(), req.uri().path().as_bytes().to_vec());
-    p.insert("request.method".into(), req.method().as_str().as_bytes().to_vec());
-    p.insert("request.host".into(), authority.into_bytes());
-    p.insert("request.scheme".into(), scheme.into_bytes());
-    if let Some(id) = req.headers().get("x-request-id") {
-        p.insert("request.id".into(), id.as_bytes().to_vec());
-    }
+    headers
+}
+
+/// The properties every filter of a request shares (those in the headers — `request.path`,
+/// `request.method`, ... — the host reads from the headers the filter sees).
+fn request_properties<B>(
+    req: &Request<B>,
+    peer: SocketAddr,
+    route: Option<&str>,
+    cluster: Option<&str>,
+) -> Arc<std::collections::HashMap<String, Vec<u8>>> {
+    let mut p = std::collections::HashMap::with_capacity(14);
     p.insert("source.address".into(), peer.to_string().into_bytes());
     p.insert("source.port".into(), i64::from(peer.port()).to_le_bytes().to_vec());
     if let Some(crate::http::LocalAddr(local)) = req.extensions().get() {
@@ -101,7 +101,29 @@ fn request_stream<B>(req: &Request<B>, peer: SocketAddr) -> Stream {
     p.insert("request.protocol".into(), protocol.as_bytes().to_vec());
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64);
     p.insert("request.time".into(), now.unwrap_or(0).to_le_bytes().to_vec());
-    s
+    if let Some(r) = route {
+        p.insert("route_name".into(), r.as_bytes().to_vec());
+        p.insert("xds.route_name".into(), r.as_bytes().to_vec());
+    }
+    if let Some(c) = cluster {
+        p.insert("cluster_name".into(), c.as_bytes().to_vec());
+        p.insert("xds.cluster_name".into(), c.as_bytes().to_vec());
+    }
+    Arc::new(p)
+}
+
+/// The properties of a response every filter shares.
+fn response_properties(resp: &Response<BoxBody>, outcome: &Outcome) -> Arc<std::collections::HashMap<String, Vec<u8>>> {
+    let mut p = std::collections::HashMap::with_capacity(4);
+    p.insert("response.code".into(), i64::from(resp.status().as_u16()).to_le_bytes().to_vec());
+    p.insert("response.flags".into(), flag_bits(outcome.flags).to_le_bytes().to_vec());
+    if let Some(up) = outcome.upstream_host.as_deref() {
+        p.insert("upstream.address".into(), up.as_bytes().to_vec());
+        if let Some(port) = up.rsplit_once(':').and_then(|(_, p)| p.parse::<i64>().ok()) {
+            p.insert("upstream.port".into(), port.to_le_bytes().to_vec());
+        }
+    }
+    Arc::new(p)
 }
 
 /// Writes the filter's view of the request back into it.
@@ -527,6 +549,9 @@ pub async fn run(
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let mut req = req.map(crate::boxed);
     let chain: Shared = Arc::new(Mutex::new(Chain(Vec::new())));
+    let shared = request_properties(&req, peer, route_name.as_deref(), cluster_name.as_deref());
+    // What the filters see, changed by each in turn.
+    let mut pairs = request_pairs(&req);
     for filter in filters {
         let slot = match filter.take() {
             Ok(slot) => slot,
@@ -535,16 +560,8 @@ pub async fn run(
                 Some(r) => return r,
             },
         };
-        let mut stream = request_stream(&req, peer);
-        let p = &mut stream.properties;
-        if let Some(r) = &route_name {
-            p.insert("route_name".into(), r.as_bytes().to_vec());
-            p.insert("xds.route_name".into(), r.as_bytes().to_vec());
-        }
-        if let Some(c) = &cluster_name {
-            p.insert("cluster_name".into(), c.as_bytes().to_vec());
-            p.insert("xds.cluster_name".into(), c.as_bytes().to_vec());
-        }
+        let stream =
+            Stream { request_headers: pairs.clone(), request_properties: shared.clone(), ..Default::default() };
         let result = {
             let mut vm = slot.lock();
             filter.call(|| {
@@ -580,7 +597,14 @@ pub async fn run(
                 let outcome = Outcome { status: resp.status().as_u16(), flags: "-", ..Default::default() };
                 return (resp, outcome);
             }
-            waited.and_then(|()| apply_request(&mut req, &s.map(|s| s.request_headers.clone()).unwrap_or_default()))
+            // The request changes only when the filter changed its headers.
+            waited.and_then(|()| match s.filter(|s| s.request_headers_changed) {
+                Some(s) => {
+                    pairs = s.request_headers.clone();
+                    apply_request(&mut req, &pairs)
+                }
+                None => Ok(()),
+            })
         };
         if let Err(e) = applied
             && let Some(r) = fail_filter(filter, &e)
@@ -647,22 +671,18 @@ async fn respond(
     can_resend: bool,
 ) -> Option<Duration> {
     let n = lock(chain).0.len();
+    let mut pairs = response_pairs(resp);
+    let mut shared = response_properties(resp, outcome);
     for i in (0..n).rev() {
         let action = {
             let mut c = lock(chain);
             let a = &mut c.0[i];
             let mut vm = a.vm.lock();
             if let Some(s) = vm.stream_mut(a.id) {
-                s.response_headers = response_pairs(resp);
+                s.response_headers = pairs.clone();
+                s.response_headers_changed = false;
                 s.resumed.clear();
-                s.properties.insert("response.code".into(), i64::from(resp.status().as_u16()).to_le_bytes().to_vec());
-                s.properties.insert("response.flags".into(), flag_bits(outcome.flags).to_le_bytes().to_vec());
-                if let Some(up) = outcome.upstream_host.as_deref() {
-                    s.properties.insert("upstream.address".into(), up.as_bytes().to_vec());
-                    if let Some(port) = up.rsplit_once(':').and_then(|(_, p)| p.parse::<i64>().ok()) {
-                        s.properties.insert("upstream.port".into(), port.to_le_bytes().to_vec());
-                    }
-                }
+                s.response_properties = shared.clone();
             }
             let (filter, id) = (&a.filter, a.id);
             filter.call(|| vm.on_response_headers(id, false))
@@ -694,15 +714,24 @@ async fn respond(
                 if let Some(l) = &s.local_response {
                     *resp = local(l);
                     outcome.status = resp.status().as_u16();
+                    (pairs, shared) = (response_pairs(resp), response_properties(resp, outcome));
                     continue;
                 }
-                if let Err(e) = apply_response(resp, &s.response_headers)
+                if !s.response_headers_changed {
+                    continue;
+                }
+                pairs = s.response_headers.clone();
+                if let Err(e) = apply_response(resp, &pairs)
                     && policy != FailPolicy::Open
                 {
                     (*resp, *outcome) = failed(&filter, &e, outcome.clone());
+                    (pairs, shared) = (response_pairs(resp), response_properties(resp, outcome));
                 }
             }
-            Err(e) if policy != FailPolicy::Open => (*resp, *outcome) = failed(&filter, &e, outcome.clone()),
+            Err(e) if policy != FailPolicy::Open => {
+                (*resp, *outcome) = failed(&filter, &e, outcome.clone());
+                (pairs, shared) = (response_pairs(resp), response_properties(resp, outcome));
+            }
             Err(_) => {}
         }
     }

@@ -73,6 +73,17 @@ fn give(c: &mut C<'_>, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> wasmtime::R
     Ok(Status::Ok)
 }
 
+/// Notes that a filter changes a header map (before a write).
+fn mark_changed(s: &mut VmState, t: MapType) {
+    if let Some(st) = s.stream() {
+        match t {
+            MapType::HttpRequestHeaders => st.request_headers_changed = true,
+            MapType::HttpResponseHeaders => st.response_headers_changed = true,
+            _ => {}
+        }
+    }
+}
+
 /// A header map, if it is there now (Envoy answers BadArgument for one that is not).
 fn map_mut(s: &mut VmState, t: MapType) -> Result<&mut Pairs, Status> {
     if matches!(t, MapType::HttpCallResponseHeaders | MapType::HttpCallResponseTrailers) {
@@ -130,6 +141,16 @@ fn derived_property(s: &crate::state::Stream, path: &str) -> Option<Vec<u8>> {
         return get(&s.response_trailers, h);
     }
     match path {
+        "request.path" => get(&s.request_headers, ":path"),
+        "request.url_path" => {
+            let p = get(&s.request_headers, ":path")?;
+            let end = p.iter().position(|b| *b == b'?').unwrap_or(p.len());
+            Some(p[..end].to_vec())
+        }
+        "request.method" => get(&s.request_headers, ":method"),
+        "request.host" => get(&s.request_headers, ":authority"),
+        "request.scheme" => get(&s.request_headers, ":scheme"),
+        "request.id" => get(&s.request_headers, "x-request-id"),
         "request.useragent" => get(&s.request_headers, "user-agent"),
         "request.referer" => get(&s.request_headers, "referer"),
         "request.query" => {
@@ -288,6 +309,7 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
         let Some(bytes) = read(&mut c, ptr, len) else { return st(Status::BadArgument) };
         let Some(pairs) = deserialize_pairs(&bytes) else { return st(Status::SerializationFailure) };
+        mark_changed(c.data_mut(), t);
         let map = match map_mut(c.data_mut(), t) {
             Ok(m) => m,
             Err(e) => return st(e),
@@ -322,6 +344,7 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
                 return st(Status::BadArgument);
             };
             let key = key.to_ascii_lowercase();
+            mark_changed(c.data_mut(), t);
             let map = match map_mut(c.data_mut(), t) {
                 Ok(m) => m,
                 Err(e) => return st(e),
@@ -337,6 +360,7 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
         let Some(key) = read_str(&mut c, kp, kl) else { return st(Status::BadArgument) };
         let key = key.to_ascii_lowercase();
+        mark_changed(c.data_mut(), t);
         let map = match map_mut(c.data_mut(), t) {
             Ok(m) => m,
             Err(e) => return st(e),
@@ -363,7 +387,14 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             let value = s
                 .streams
                 .get(&s.effective_context)
-                .and_then(|st| st.properties.get(&path).cloned().or_else(|| derived_property(st, &path)))
+                .and_then(|st| {
+                    st.properties
+                        .get(&path)
+                        .or_else(|| st.response_properties.get(&path))
+                        .or_else(|| st.request_properties.get(&path))
+                        .cloned()
+                        .or_else(|| derived_property(st, &path))
+                })
                 .or_else(|| vm_property(s, &path));
             match value {
                 Some(v) => st(give(&mut c, &v, ret_ptr, ret_size)?),

@@ -43,9 +43,17 @@ pub struct Stream {
     pub response_headers: Pairs,
     pub response_body: Vec<u8>,
     pub response_trailers: Pairs,
-    /// Standard properties by dotted path (`request.path`, `source.address`, ...), in Envoy's
-    /// encodings; filters may set more.
+    /// Properties by dotted path, in Envoy's encodings: what filters set, then what the
+    /// embedder shares between the filters of a stream (`request_properties`, and in the
+    /// response callbacks `response_properties`); `request.*` / `response.*` values that live
+    /// in the headers are read from them (imports.rs).
     pub properties: HashMap<String, Vec<u8>>,
+    pub request_properties: Arc<HashMap<String, Vec<u8>>>,
+    pub response_properties: Arc<HashMap<String, Vec<u8>>>,
+    /// Whether the filter changed the request / response headers (the embedder applies them
+    /// only then).
+    pub request_headers_changed: bool,
+    pub response_headers_changed: bool,
     pub local_response: Option<LocalResponse>,
     /// Streams the filter resumed (`proxy_continue_stream`) or closed.
     pub resumed: Vec<crate::abi::StreamType>,
