@@ -624,14 +624,22 @@ fn header<'a>(a: &'a trellis_e2e::http::Answer, name: &str) -> Option<&'a str> {
 
 async fn the_abi_probe_answers_the_same_in_both_hosts(under: Under) {
     // A module written with the upstream proxy-wasm crate (not the SDK): headers, bodies,
-    // local replies, an http call to a mesh cluster, shared data, root ticks and a metric.
+    // local replies, an http call to a mesh cluster, a gRPC call, shared data, root ticks and
+    // a metric.
+    // A gRPC server for /grpc: another control plane's xDS port (an unknown method answers
+    // UNIMPLEMENTED, 12).
+    let dir = tempfile::tempdir().unwrap();
+    let grpc = ControlPlane::start(dir.path(), &[]).unwrap();
+    let grpc_port: u16 = grpc.xds_addr.rsplit_once(':').unwrap().1.parse().unwrap();
     let m = mesh_with(under, |_, _| {
-        vec![wasm_plugin(
-            "probe",
-            "abi-probe",
-            json!({"header": "x-probe-resp", "deny": "/deny",
-            "callout": "outbound|9080|v2|reviews.bookinfo.svc.cluster.local", "calloutAuthority": REVIEWS}),
-        )]
+        vec![
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "grpc-server", "namespace": "default"},
+                "spec": {"hosts": ["grpc.test"], "ports": [{"number": grpc_port, "name": "grpc", "protocol": "GRPC"}],
+                         "location": "MESH_EXTERNAL", "resolution": "STATIC", "endpoints": [{"address": "127.0.0.1"}]}}),
+            wasm_plugin("probe", "abi-probe", json!({"header": "x-probe-resp", "deny": "/deny",
+                "callout": "outbound|9080|v2|reviews.bookinfo.svc.cluster.local", "calloutAuthority": REVIEWS,
+                "grpcCluster": format!("outbound|{grpc_port}||grpc.test")})),
+        ]
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -656,6 +664,9 @@ async fn the_abi_probe_answers_the_same_in_both_hosts(under: Under) {
     let a = m.client.get(REVIEWS, "/callout", &[]).await.unwrap();
     assert_eq!((a.status, header(&a, "x-callout-resp")), (200, Some("200:v2")), "{a:?}");
     assert!(m.v2.requests() > v2_before, "the call reached the v2 cluster");
+    // A unary gRPC call; its status reaches the response.
+    let a = m.client.get(REVIEWS, "/grpc", &[]).await.unwrap();
+    assert_eq!((a.status, header(&a, "x-grpc-status")), (200, Some("12")), "{a:?}");
     m.client.get(REVIEWS, "/shared-set", &[]).await.unwrap();
     let a = m.client.get(REVIEWS, "/shared-get", &[]).await.unwrap();
     assert_eq!(header(&a, "x-shared"), Some("probe-value"), "{a:?}");

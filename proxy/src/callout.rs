@@ -20,7 +20,97 @@ const MAX_BODY: usize = 4 << 20;
 /// The answer: (headers with `:status`, body, trailers); `None` when the call failed.
 pub type Answer = Option<(Pairs, Vec<u8>, Pairs)>;
 
-/// Performs an http callout; gRPC callouts are not supported here (answered as failed).
+/// A call's answer, to deliver to the filter.
+#[derive(Debug)]
+pub enum Delivery {
+    Http(Answer),
+    /// (grpc-status, grpc-message, the response message if one came).
+    Grpc(u32, String, Option<Vec<u8>>),
+}
+
+/// Performs a call of either kind.
+pub async fn perform_any(rt: Arc<Runtime>, call: Callout) -> Delivery {
+    match call {
+        Callout::Http { .. } => Delivery::Http(perform(rt, call).await),
+        Callout::Grpc { upstream, service, method, metadata, message, timeout_ms, .. } => {
+            let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
+            let (cluster, authority) = grpc_target(&upstream);
+            let call = grpc(&rt, &cluster, &authority, &service, &method, metadata, message);
+            match tokio::time::timeout(timeout, call).await {
+                Ok(Ok((status, msg, body))) => Delivery::Grpc(status, msg, body),
+                // UNAVAILABLE, as Envoy answers a call that could not be made.
+                Ok(Err(e)) => Delivery::Grpc(14, e, None),
+                Err(_) => Delivery::Grpc(4, "deadline exceeded".into(), None),
+            }
+        }
+    }
+}
+
+/// The cluster and `:authority` of a gRPC call: the upstream is a cluster name, or (as Envoy
+/// accepts too) a serialized `envoy.config.core.v3.GrpcService` with `envoy_grpc`.
+fn grpc_target(upstream: &str) -> (String, String) {
+    use envoy_types::pb::envoy::config::core::v3::{GrpcService, grpc_service};
+    use prost::Message;
+    if upstream.starts_with('\n')
+        && let Ok(g) = GrpcService::decode(upstream.as_bytes())
+        && let Some(grpc_service::TargetSpecifier::EnvoyGrpc(e)) = g.target_specifier
+    {
+        let authority = if e.authority.is_empty() { e.cluster_name.clone() } else { e.authority };
+        return (e.cluster_name, authority);
+    }
+    (upstream.to_string(), upstream.to_string())
+}
+
+/// A unary gRPC call to a cluster (HTTP/2): the request message framed, the response's
+/// first message and its grpc-status / grpc-message (from the trailers, or the headers of a
+/// trailers-only answer).
+async fn grpc(
+    rt: &Runtime,
+    cluster_name: &str,
+    authority: &str,
+    service: &str,
+    method: &str,
+    metadata: Pairs,
+    message: Vec<u8>,
+) -> Result<(u32, String, Option<Vec<u8>>), String> {
+    let mut framed = Vec::with_capacity(message.len() + 5);
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let mut headers: Pairs = vec![
+        (":method".into(), b"POST".to_vec()),
+        (":path".into(), format!("/{service}/{method}").into_bytes()),
+        // Envoy's default is the cluster name; `|` is not allowed in a URI authority.
+        (":authority".into(), authority.replace('|', "_").into_bytes()),
+        ("content-type".into(), b"application/grpc".to_vec()),
+        ("te".into(), b"trailers".to_vec()),
+    ];
+    headers.extend(metadata);
+    let (resp_headers, body, trailers) = send(rt, cluster_name, headers, framed).await?;
+    let get = |pairs: &Pairs, name: &str| {
+        pairs.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    let status = get(&trailers, "grpc-status").or_else(|| get(&resp_headers, "grpc-status"));
+    let http: u16 = get(&resp_headers, ":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+    // Without a grpc-status, the HTTP status says it (the gRPC spec's mapping, as Envoy does).
+    let status = status.and_then(|s| s.trim().parse::<u32>().ok()).unwrap_or(match http {
+        200 => 2,
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    });
+    let message = get(&trailers, "grpc-message").or_else(|| get(&resp_headers, "grpc-message")).unwrap_or_default();
+    let reply = (body.len() >= 5).then(|| {
+        let n = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        body[5..(5 + n).min(body.len())].to_vec()
+    });
+    Ok((status, message, reply))
+}
+
+/// Performs an http callout (a gRPC one answers `None`; see [`perform_any`]).
 pub async fn perform(rt: Arc<Runtime>, call: Callout) -> Answer {
     let Callout::Http { upstream, headers, body, timeout_ms, .. } = call else { return None };
     let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
@@ -42,7 +132,7 @@ pub fn detach(rt: &Arc<Runtime>, calls: Vec<Callout>) {
     for call in calls {
         let rt = rt.clone();
         tokio::spawn(async move {
-            perform(rt, call).await;
+            perform_any(rt, call).await;
         });
     }
 }

@@ -396,7 +396,7 @@ const MAX_RESENDS: u32 = 10;
 /// context's ticks and delivering the answers of the calls it makes.
 async fn wait_resumed(rt: &Arc<Runtime>, chain: &Shared, i: usize, which: StreamType) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + MAX_PAUSE;
-    let mut calls: tokio::task::JoinSet<(u32, u32, crate::callout::Answer)> = tokio::task::JoinSet::new();
+    let mut calls: tokio::task::JoinSet<(u32, u32, crate::callout::Delivery)> = tokio::task::JoinSet::new();
     let (filter, slot, id) = {
         let c = lock(chain);
         (c.0[i].filter.clone(), c.0[i].vm.clone(), c.0[i].id)
@@ -415,7 +415,7 @@ async fn wait_resumed(rt: &Arc<Runtime>, chain: &Shared, i: usize, which: Stream
                     }
                 };
                 let rt = rt.clone();
-                calls.spawn(async move { (token, id, crate::callout::perform(rt, call).await) });
+                calls.spawn(async move { (token, id, crate::callout::perform_any(rt, call).await) });
             }
             vm.tick_period()
         };
@@ -428,7 +428,13 @@ async fn wait_resumed(rt: &Arc<Runtime>, chain: &Shared, i: usize, which: Stream
             Some(done) = calls.join_next(), if !calls.is_empty() => {
                 let Ok((token, context, answer)) = done else { continue };
                 let mut vm = slot.lock();
-                filter.call(|| vm.on_http_call_response(context, token, answer)).map_err(|e| e.to_string())?;
+                let delivered = match answer {
+                    crate::callout::Delivery::Http(a) => filter.call(|| vm.on_http_call_response(context, token, a)),
+                    crate::callout::Delivery::Grpc(status, message, body) => {
+                        filter.call(|| vm.on_grpc_response(context, token, status, message, body))
+                    }
+                };
+                delivered.map_err(|e| e.to_string())?;
             }
             _ = tokio::time::sleep_until(tick_at.unwrap_or(deadline)), if tick_at.is_some() => {
                 slot.tick_if_due(&filter).map_err(|e| e.to_string())?;

@@ -4,11 +4,13 @@
 //! The wasm host's tests run it; the differential scenario runs it in Envoy and trellis-proxy.
 //!
 //! Configuration (JSON): `{"header": "x-probe-resp", "deny": "/deny"}`, optionally
-//! `"callout": "CLUSTER"` and `"calloutAuthority": "HOST"` (default: cluster `auth`).
+//! `"callout": "CLUSTER"` and `"calloutAuthority": "HOST"` (default: cluster `auth`), and
+//! `"grpcCluster": "CLUSTER"` (an HTTP/2 cluster for `/grpc`).
 //!
 //! Paths: `/deny` (the configured one) → 403; `/callout` → an http call to the cluster whose
 //! answer goes into the request header `x-callout` and the response header `x-callout-resp`;
-//! `/shared-set`, `/shared-get` → shared data; `/tick` → held until the root context's second
+//! `/grpc` → a unary gRPC call (`grpc.health.v1.Health/Check`) to the gRPC cluster, its
+//! status code in the response header `x-grpc-status`; `/shared-set`, `/shared-get` → shared data; `/tick` → held until the root context's second
 //! tick (20 ms period), then `x-ticked` is set; bodies are upper-cased.
 
 use proxy_wasm::traits::*;
@@ -34,6 +36,7 @@ struct Settings {
     deny: String,
     callout: String,
     callout_authority: String,
+    grpc_cluster: String,
     metric: u32,
 }
 
@@ -49,7 +52,7 @@ impl Context for Root {}
 fn parse(config: &str) -> Option<Settings> {
     let v: serde_json::Value = serde_json::from_str(config).ok()?;
     let obj = v.as_object()?;
-    if obj.keys().any(|k| !["header", "deny", "callout", "calloutAuthority"].contains(&k.as_str())) {
+    if obj.keys().any(|k| !["header", "deny", "callout", "calloutAuthority", "grpcCluster"].contains(&k.as_str())) {
         return None;
     }
     let opt = |k: &str, default: &str| obj.get(k).and_then(|v| v.as_str()).unwrap_or(default).to_string();
@@ -58,6 +61,7 @@ fn parse(config: &str) -> Option<Settings> {
         deny: obj.get("deny")?.as_str()?.to_string(),
         callout: opt("callout", "auth"),
         callout_authority: opt("calloutAuthority", "auth"),
+        grpc_cluster: opt("grpcCluster", "grpc"),
         metric: 0,
     })
 }
@@ -75,7 +79,13 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { settings: self.settings.clone(), context_id, callout: None, shared: None }))
+        Some(Box::new(Http {
+            settings: self.settings.clone(),
+            context_id,
+            callout: None,
+            shared: None,
+            grpc_status: None,
+        }))
     }
 
     fn on_tick(&mut self) {
@@ -109,6 +119,21 @@ impl RootContext for Root {
     }
 }
 
+/// `envoy.config.core.v3.GrpcService { envoy_grpc: { cluster_name, authority } }`, encoded
+/// (short ASCII fields, so the bytes are a valid `&str`).
+fn grpc_service(cluster: &str, authority: &str) -> String {
+    let field = |tag: u8, s: &str| {
+        let mut v = vec![tag, s.len() as u8];
+        v.extend_from_slice(s.as_bytes());
+        v
+    };
+    let mut inner = field(0x0a, cluster);
+    inner.extend(field(0x12, authority));
+    let mut out = vec![0x0a, inner.len() as u8];
+    out.extend(inner);
+    String::from_utf8(out).unwrap_or_default()
+}
+
 struct Http {
     settings: Settings,
     context_id: u32,
@@ -116,9 +141,22 @@ struct Http {
     callout: Option<String>,
     /// What `/shared-get` read, for the response header.
     shared: Option<String>,
+    /// The status and message of the `/grpc` call.
+    grpc_status: Option<(u32, String)>,
 }
 
 impl Context for Http {
+    fn on_grpc_call_response(&mut self, _token: u32, status_code: u32, response_size: usize) {
+        // The message (if any) comes first with status 0, then the close with the status.
+        if response_size > 0 && status_code == 0 {
+            return;
+        }
+        self.callout = None;
+        let message = self.get_grpc_status().1.unwrap_or_default();
+        self.grpc_status = Some((status_code, message));
+        self.resume_http_request();
+    }
+
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
         let status = self.get_http_call_response_header(":status").unwrap_or_default();
@@ -148,6 +186,20 @@ impl HttpContext for Http {
                     vec![(":method", "GET"), (":path", "/check"), (":authority", &self.settings.callout_authority)],
                     None,
                     vec![],
+                    Duration::from_secs(5),
+                );
+                return if call.is_ok() { Action::Pause } else { Action::Continue };
+            }
+            "/grpc" => {
+                // The upstream as a serialized GrpcService (envoy_grpc: cluster and authority),
+                // which Envoy and Trellis both accept; a bare cluster name works too.
+                let target = grpc_service(&self.settings.grpc_cluster, "grpc.test");
+                let call = self.dispatch_grpc_call(
+                    &target,
+                    "grpc.health.v1.Health",
+                    "Check",
+                    vec![],
+                    Some(&[]),
                     Duration::from_secs(5),
                 );
                 return if call.is_ok() { Action::Pause } else { Action::Continue };
@@ -200,6 +252,10 @@ impl HttpContext for Http {
         }
         // What the request phase saw, for clients to check (the request's headers are gone by
         // now in Envoy, so the context kept it).
+        if let Some((code, message)) = self.grpc_status.take() {
+            self.add_http_response_header("x-grpc-status", &code.to_string());
+            self.add_http_response_header("x-grpc-message", &message);
+        }
         if let Some(v) = self.shared.take() {
             self.add_http_response_header("x-shared", &v);
         }

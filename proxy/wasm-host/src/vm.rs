@@ -61,6 +61,8 @@ struct Exports {
     on_delete: Option<TypedFunc<i32, ()>>,
     on_tick: Option<TypedFunc<i32, ()>>,
     on_http_call_response: Option<Cb5>,
+    on_grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
+    on_grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
     on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
 }
 
@@ -357,6 +359,32 @@ impl Vm {
         r
     }
 
+    /// Delivers the end of a gRPC call: its response message, if any
+    /// (`proxy_on_grpc_receive`, the message in the gRPC receive buffer), then its status
+    /// (`proxy_on_grpc_close`; `proxy_get_status` answers the code and message).
+    pub fn on_grpc_response(
+        &mut self,
+        context: u32,
+        token: u32,
+        status: u32,
+        message: String,
+        body: Option<Vec<u8>>,
+    ) -> Result<(), VmError> {
+        self.store.data_mut().effective_context = context;
+        if let (Some(b), Some(f)) = (body, self.exports.on_grpc_receive.clone()) {
+            let n = b.len() as i32;
+            self.store.data_mut().call_data = b;
+            let r = self.guard("proxy_on_grpc_receive", |s| f.call(s, (context as i32, token as i32, n)));
+            self.store.data_mut().call_data = Vec::new();
+            r?;
+        }
+        self.store.data_mut().grpc_status = (status, message);
+        if let Some(f) = self.exports.on_grpc_close.clone() {
+            self.guard("proxy_on_grpc_close", |s| f.call(s, (context as i32, token as i32, status as i32)))?;
+        }
+        Ok(())
+    }
+
     /// Delivers pending `proxy_on_queue_ready` notifications.
     pub fn deliver_queue_ready(&mut self) -> Result<(), VmError> {
         let ready = std::mem::take(&mut self.store.data_mut().queue_ready);
@@ -410,6 +438,8 @@ fn exports(store: &mut Store<VmState>, instance: &Instance) -> Result<Exports, S
         on_delete: opt!("proxy_on_delete"),
         on_tick: opt!("proxy_on_tick"),
         on_http_call_response: opt!("proxy_on_http_call_response"),
+        on_grpc_receive: opt!("proxy_on_grpc_receive"),
+        on_grpc_close: opt!("proxy_on_grpc_close"),
         on_queue_ready: opt!("proxy_on_queue_ready"),
     })
 }
