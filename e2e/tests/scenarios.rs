@@ -638,7 +638,7 @@ async fn the_abi_probe_answers_the_same_in_both_hosts(under: Under) {
                          "location": "MESH_EXTERNAL", "resolution": "STATIC", "endpoints": [{"address": "127.0.0.1"}]}}),
             wasm_plugin("probe", "abi-probe", json!({"header": "x-probe-resp", "deny": "/deny",
                 "callout": "outbound|9080|v2|reviews.bookinfo.svc.cluster.local", "calloutAuthority": REVIEWS,
-                "grpcCluster": format!("outbound|{grpc_port}||grpc.test")})),
+                "grpcCluster": format!("outbound|{grpc_port}||grpc.test"), "tickMs": 20})),
         ]
     })
     .await;
@@ -670,6 +670,19 @@ async fn the_abi_probe_answers_the_same_in_both_hosts(under: Under) {
     m.client.get(REVIEWS, "/shared-set", &[]).await.unwrap();
     let a = m.client.get(REVIEWS, "/shared-get", &[]).await.unwrap();
     assert_eq!(header(&a, "x-shared"), Some("probe-value"), "{a:?}");
+    // Root contexts tick every 20 ms with no stream waiting on them: the count grows between
+    // requests.
+    let ticks = |a: &trellis_e2e::http::Answer| header(a, "x-shared").and_then(|v| v.parse::<u64>().ok());
+    let first = ticks(&m.client.get(REVIEWS, "/ticks", &[]).await.unwrap()).expect("a tick count");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = ticks(&m.client.get(REVIEWS, "/ticks", &[]).await.unwrap()).expect("a tick count");
+        if now >= first + 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "root ticks stalled at {now} (from {first})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Held until the root context's second tick (20 ms apart).
     let t = Instant::now();
     let a = m.client.get(REVIEWS, "/tick", &[]).await.unwrap();

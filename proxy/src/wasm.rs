@@ -200,6 +200,52 @@ impl WasmFilter {
     pub fn sha256(&self) -> &str {
         &self.module.sha256
     }
+
+    fn slots(&self) -> Vec<Arc<VmSlot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Ticks the root contexts of a filter's VMs at their period while no stream waits on them
+/// (a waiting stream drives them itself), and performs the calls root contexts make,
+/// delivering the answers to them. Ends when the filter is gone (replaced or removed).
+pub fn spawn_ticker(filter: &Arc<WasmFilter>, proxy: std::sync::Weak<crate::Proxy>) {
+    let weak = Arc::downgrade(filter);
+    tokio::spawn(async move {
+        loop {
+            let period = {
+                let Some(f) = weak.upgrade() else { return };
+                f.slots().iter().filter_map(|s| s.vm.try_lock().ok().and_then(|vm| vm.tick_period())).min()
+            };
+            // Without ticks asked for, look again now and then (a configuration may ask).
+            tokio::time::sleep(period.unwrap_or(Duration::from_millis(500)).max(Duration::from_millis(1))).await;
+            let (Some(f), Some(proxy)) = (weak.upgrade(), proxy.upgrade()) else { return };
+            for slot in f.slots() {
+                if slot.tick_if_due(&f).is_err() {
+                    continue;
+                }
+                let calls = slot.lock().take_callouts_for(trellis_wasm_host::vm::ROOT_CONTEXT);
+                for call in calls {
+                    let token = match &call {
+                        trellis_wasm_host::Callout::Http { token, .. }
+                        | trellis_wasm_host::Callout::Grpc { token, .. } => *token,
+                    };
+                    let (rt, slot, f) = (proxy.runtime.load_full(), slot.clone(), f.clone());
+                    tokio::spawn(async move {
+                        let answer = crate::callout::perform_any(rt, call).await;
+                        let mut vm = slot.lock();
+                        let root = trellis_wasm_host::vm::ROOT_CONTEXT;
+                        let _ = match answer {
+                            crate::callout::Delivery::Http(a) => f.call(|| vm.on_http_call_response(root, token, a)),
+                            crate::callout::Delivery::Grpc(status, message, body) => {
+                                f.call(|| vm.on_grpc_response(root, token, status, message, body))
+                            }
+                        };
+                    });
+                }
+            }
+        }
+    });
 }
 
 /// The root id (a WasmPlugin's `pluginName`) that makes a plugin replace a built-in module:

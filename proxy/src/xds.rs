@@ -268,6 +268,12 @@ impl Proxy {
             .await
             .map_err(|e| format!("building wasm filters: {e}"))??
         };
+        // New filters get a ticker for their root contexts (old ones' end with them).
+        for f in filters.values().flatten() {
+            if !current.filters.values().flatten().any(|o| Arc::ptr_eq(o, f)) {
+                crate::wasm::spawn_ticker(f, Arc::downgrade(self));
+            }
+        }
         let mut listeners = self.listeners.lock().await;
         let prepared = listeners.prepare(&snap).await?;
         let clusters = crate::upstream::rebuild(&current.clusters, &snap);

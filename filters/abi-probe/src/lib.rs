@@ -10,7 +10,8 @@
 //! Paths: `/deny` (the configured one) → 403; `/callout` → an http call to the cluster whose
 //! answer goes into the request header `x-callout` and the response header `x-callout-resp`;
 //! `/grpc` → a unary gRPC call (`grpc.health.v1.Health/Check`) to the gRPC cluster, its
-//! status code in the response header `x-grpc-status`; `/shared-set`, `/shared-get` → shared data; `/tick` → held until the root context's second
+//! status code in the response header `x-grpc-status`; `/ticks` → the root ticks the plugin has seen (`tickMs` makes them periodic), in
+//! `x-shared`; `/shared-set`, `/shared-get` → shared data; `/tick` → held until the root context's second
 //! tick (20 ms period), then `x-ticked` is set; bodies are upper-cased.
 
 use proxy_wasm::traits::*;
@@ -37,6 +38,8 @@ struct Settings {
     callout: String,
     callout_authority: String,
     grpc_cluster: String,
+    /// Root ticks every this many ms (0: only while a `/tick` request is held).
+    tick_ms: u64,
     metric: u32,
 }
 
@@ -52,7 +55,8 @@ impl Context for Root {}
 fn parse(config: &str) -> Option<Settings> {
     let v: serde_json::Value = serde_json::from_str(config).ok()?;
     let obj = v.as_object()?;
-    if obj.keys().any(|k| !["header", "deny", "callout", "calloutAuthority", "grpcCluster"].contains(&k.as_str())) {
+    let known = ["header", "deny", "callout", "calloutAuthority", "grpcCluster", "tickMs"];
+    if obj.keys().any(|k| !known.contains(&k.as_str())) {
         return None;
     }
     let opt = |k: &str, default: &str| obj.get(k).and_then(|v| v.as_str()).unwrap_or(default).to_string();
@@ -62,6 +66,7 @@ fn parse(config: &str) -> Option<Settings> {
         callout: opt("callout", "auth"),
         callout_authority: opt("calloutAuthority", "auth"),
         grpc_cluster: opt("grpcCluster", "grpc"),
+        tick_ms: obj.get("tickMs").and_then(|v| v.as_u64()).unwrap_or(0),
         metric: 0,
     })
 }
@@ -74,6 +79,9 @@ impl RootContext for Root {
             return false;
         };
         settings.metric = proxy_wasm::hostcalls::define_metric(MetricType::Counter, "probe_requests").unwrap_or(0);
+        if settings.tick_ms > 0 {
+            let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(settings.tick_ms));
+        }
         self.settings = settings;
         true
     }
@@ -89,6 +97,11 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        // Ticks seen by every root context of the plugin (shared data), for `/ticks`.
+        let (value, cas) = self.get_shared_data("probe-ticks");
+        let n = value.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
+        let _ = self.set_shared_data("probe-ticks", Some(&(n + 1).to_le_bytes()), cas);
+        let keep = self.settings.tick_ms;
         let due: Vec<(u32, u32)> = HELD.with(|h| {
             let mut h = h.borrow_mut();
             for held in h.iter_mut() {
@@ -97,7 +110,7 @@ impl RootContext for Root {
             let (due, rest): (Vec<_>, Vec<_>) = h.drain(..).partition(|(_, ticks)| *ticks >= 2);
             *h = rest;
             if h.is_empty() {
-                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::ZERO);
+                let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(keep));
             }
             due
         });
@@ -211,6 +224,11 @@ impl HttpContext for Http {
             }
             "/shared-set" => {
                 let _ = self.set_shared_data("probe-key", Some(b"probe-value"), None);
+            }
+            "/ticks" => {
+                let (value, _) = self.get_shared_data("probe-ticks");
+                let n = value.and_then(|v| v.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0);
+                self.shared = Some(n.to_string());
             }
             "/shared-get" => {
                 let (value, _cas) = self.get_shared_data("probe-key");
