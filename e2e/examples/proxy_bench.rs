@@ -3,7 +3,11 @@
 //! release binaries (`cargo build --release --bins`), nginx, oha (`cargo install oha`), root
 //! for pinning (taskset / chrt). Not part of CI; `tests/proxy_bench_smoke.rs` keeps it working.
 //!
-//! `cargo run --release -p trellis-e2e --example proxy_bench [-- REPS MEASURE_SECS]`
+//! `cargo run --release -p trellis-e2e --example proxy_bench [-- REPS MEASURE_SECS [FILTERS]]`
+//!
+//! FILTERS (default `0`) is a comma-separated list of wasm filter counts to measure each proxy
+//! with: `0,1,4` is the filter benchmark (docs/benchmarks.md, "Wasm filters"; the modules and
+//! their configuration: `trellis_e2e::bench::filter_plugins`).
 
 #![allow(clippy::print_stdout)]
 
@@ -16,6 +20,10 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let reps = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
     let secs = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(15);
+    let filters: Vec<u8> = match args.get(3) {
+        Some(list) => list.split(',').map(|f| f.trim().parse()).collect::<Result<_, _>>()?,
+        None => vec![0],
+    };
     let cfg = Config {
         rates: vec![1000, 3200],
         repetitions: reps,
@@ -23,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
         measure: Duration::from_secs(secs),
         connections: 32,
         pin: true,
-        filters: vec![0],
+        filters,
     };
     println!(
         "load generator: {}",

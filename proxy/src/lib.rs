@@ -40,6 +40,22 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the proxy sends or receives.
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
+/// Temporary module caches are `TMPDIR/trellis-proxy-wasm-PID`.
+const TEMP_CACHE: &str = "trellis-proxy-wasm-";
+
+/// Removes temporary module caches of trellis-proxy processes that are gone (killed before
+/// they could clean up).
+fn remove_stale_caches() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(TEMP_CACHE).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// The hidden subcommand of the trellis-proxy binary that compiles a module out of process:
 /// `trellis-proxy __compile-wasm IN.wasm OUT.cwasm`.
 pub const COMPILE_WASM: &str = "__compile-wasm";
@@ -147,9 +163,10 @@ impl Proxy {
         // Compiled artifacts go to the cache directory — a private temporary one when none is
         // configured — and modules compile in a helper process (this binary's
         // `__compile-wasm`), so the compiler's working memory is never this process's.
-        let dir = self
-            .wasm_cache_dir
-            .get_or_init(|| std::env::temp_dir().join(format!("trellis-proxy-wasm-{}", std::process::id())));
+        let dir = self.wasm_cache_dir.get_or_init(|| {
+            remove_stale_caches();
+            std::env::temp_dir().join(format!("{TEMP_CACHE}{}", std::process::id()))
+        });
         h.set_cache_dir(dir)?;
         // Envoy's `node` attribute, the parts filters read.
         let w = &self.workload;

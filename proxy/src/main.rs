@@ -147,7 +147,8 @@ fn main() -> anyhow::Result<()> {
     rt.enable_all().build()?.block_on(async move {
         let access_log = b.access_log().map_err(|e| anyhow::anyhow!(e))?;
         let proxy = Proxy::new(&b.node_id(), b.workload(), access_log);
-        if let Some(dir) = &args.wasm_cache_dir.clone().or(b.wasm_cache_dir.clone()) {
+        let configured_cache = args.wasm_cache_dir.clone().or(b.wasm_cache_dir.clone());
+        if let Some(dir) = &configured_cache {
             let _ = proxy.wasm_cache_dir.set(dir.clone());
         }
         let set_level: trellis_proxy::admin::SetLogLevel = Arc::new(move |level: &str| {
@@ -163,6 +164,12 @@ fn main() -> anyhow::Result<()> {
         shutdown_signal().await;
         tracing::info!("shutting down: draining listeners");
         proxy.shutdown(trellis_proxy::listeners::DRAIN_TIME).await;
+        // A temporary module cache (none was configured) goes with the process.
+        if configured_cache.is_none()
+            && let Some(dir) = proxy.wasm_cache_dir.get()
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         Ok(())
     })
 }

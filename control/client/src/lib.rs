@@ -214,6 +214,11 @@ impl Client {
     /// Sends a request and returns the JSON answer, or the server's `Status` as an error.
     pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
         let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        self.call_raw(method, path, body).await
+    }
+
+    /// [`Client::call`] with the request body as bytes.
+    async fn call_raw(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Value> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.map_err(|e| self.transport(e))?.to_bytes();
@@ -230,14 +235,7 @@ impl Client {
     /// Uploads a wasm module; the answer has its `sha256`, `size`, `url` (`trellis://SHA256`)
     /// and whether it was `created` (false: stored already).
     pub async fn push_module(&self, bytes: Vec<u8>) -> Result<Value> {
-        let resp = self.send(Method::POST, "/apis/trellis.dev/v1alpha1/wasmmodules", Some(bytes)).await?;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| self.transport(e))?.to_bytes();
-        let value: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Protocol {
-            server: self.server.clone(),
-            detail: format!("{status}: not JSON ({e}): {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)])),
-        })?;
-        if status.is_success() { Ok(value) } else { Err(status_error(status, &value)) }
+        self.call_raw(Method::POST, "/apis/trellis.dev/v1alpha1/wasmmodules", Some(bytes)).await
     }
 
     /// Stored modules: `{"items": [{"sha256", "size", "url"}]}`.
