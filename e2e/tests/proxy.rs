@@ -695,6 +695,26 @@ async fn a_crashing_filter_follows_its_fail_strategy() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_writing_huge_headers_gets_its_fail_strategy_and_the_proxy_serves_on() {
+    for (strategy, want) in [("FAIL_CLOSE", 503), ("FAIL_OPEN", 200)] {
+        let s = setup(|_| vec![probe_plugin(strategy)], &[]).await;
+        await_status(&s, "/deny", 403).await;
+        // The probe sets a 100 KiB header: over the 60 KiB trellis-proxy accepts from anyone.
+        let a = s.client.get(WEB, "/huge", &[]).await.unwrap();
+        assert_eq!(a.status, want, "{strategy}: {a:?}");
+        if want == 200 {
+            let seen = s.client.get(WEB, "/huge", &[]).await.unwrap();
+            assert!(
+                seen.headers.get("x-probe-resp").is_some(),
+                "{strategy}: the response still went through the filter"
+            );
+        }
+        // The filter (not poisoned: the host refused the headers) keeps working.
+        assert_eq!(s.client.get(WEB, "/deny", &[]).await.unwrap().status, 403, "{strategy}");
+    }
+}
+
 fn hello_plugin(value: &str) -> Value {
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
     let path = trellis_filter_testkit::build(manifest, "hello").expect("build filters/hello").canonicalize().unwrap();

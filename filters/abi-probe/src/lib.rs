@@ -237,6 +237,10 @@ impl HttpContext for Http {
                 self.shared = Some(v);
             }
             "/panic" => panic!("the probe was asked to panic"),
+            "/huge" => {
+                // 100 KiB of header value: more than any proxy should forward.
+                self.set_http_request_header("x-huge", Some(&"h".repeat(100 * 1024)));
+            }
             "/loop" => {
                 // Spins until the host's CPU deadline stops it.
                 let mut n: u64 = 1;
