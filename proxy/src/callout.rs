@@ -28,10 +28,25 @@ pub enum Delivery {
     Grpc(u32, String, Option<Vec<u8>>),
 }
 
+impl Delivery {
+    /// Hands the answer to the filter's context that made the call.
+    pub fn deliver(
+        self,
+        vm: &mut trellis_wasm_host::Vm,
+        context: u32,
+        token: u32,
+    ) -> Result<(), trellis_wasm_host::VmError> {
+        match self {
+            Delivery::Http(a) => vm.on_http_call_response(context, token, a),
+            Delivery::Grpc(status, message, body) => vm.on_grpc_response(context, token, status, message, body),
+        }
+    }
+}
+
 /// Performs a call of either kind.
 pub async fn perform_any(rt: Arc<Runtime>, call: Callout) -> Delivery {
     match call {
-        Callout::Http { .. } => Delivery::Http(perform(rt, call).await),
+        Callout::Http { .. } => Delivery::Http(http_call(rt, call).await),
         Callout::Grpc { upstream, service, method, metadata, message, timeout_ms, .. } => {
             let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
             let (cluster, authority) = grpc_target(&upstream);
@@ -111,7 +126,7 @@ async fn grpc(
 }
 
 /// Performs an http callout (a gRPC one answers `None`; see [`perform_any`]).
-pub async fn perform(rt: Arc<Runtime>, call: Callout) -> Answer {
+async fn http_call(rt: Arc<Runtime>, call: Callout) -> Answer {
     let Callout::Http { upstream, headers, body, timeout_ms, .. } = call else { return None };
     let timeout = Duration::from_millis(u64::from(timeout_ms.max(1)));
     match tokio::time::timeout(timeout, send(&rt, &upstream, headers, body)).await {

@@ -93,17 +93,17 @@ impl WasmFilter {
             }
             WasmCode::Inline(b) => host.load(b, config.sha256.as_deref()),
             WasmCode::Builtin(b) => host.load(b, None),
-            WasmCode::Remote { sha256, .. } if host.has_module(sha256) => {
-                host.compiled(sha256).ok_or(trellis_wasm_host::LoadError::Invalid("evicted".into()))
-            }
-            WasmCode::Remote { uri, sha256 } => {
-                let bytes = fetched
-                    .get(sha256)
-                    .cloned()
-                    .or_else(|| host.cached_bytes(sha256).map(Arc::new))
-                    .ok_or_else(|| format!("{what}: module {uri} was not fetched"))?;
-                host.load(&bytes, Some(sha256))
-            }
+            WasmCode::Remote { uri, sha256 } => match host.compiled(sha256) {
+                Some(compiled) => Ok(compiled),
+                None => {
+                    let bytes = fetched
+                        .get(sha256)
+                        .cloned()
+                        .or_else(|| host.cached_bytes(sha256).map(Arc::new))
+                        .ok_or_else(|| format!("{what}: module {uri} was not fetched"))?;
+                    host.load(&bytes, Some(sha256))
+                }
+            },
         }
         .map_err(|e| format!("{what}: {e}"))?;
         let plugin = PluginConfig {
@@ -226,21 +226,12 @@ pub fn spawn_ticker(filter: &Arc<WasmFilter>, proxy: std::sync::Weak<crate::Prox
                 }
                 let calls = slot.lock().take_callouts_for(trellis_wasm_host::vm::ROOT_CONTEXT);
                 for call in calls {
-                    let token = match &call {
-                        trellis_wasm_host::Callout::Http { token, .. }
-                        | trellis_wasm_host::Callout::Grpc { token, .. } => *token,
-                    };
+                    let token = call.token();
                     let (rt, slot, f) = (proxy.runtime.load_full(), slot.clone(), f.clone());
                     tokio::spawn(async move {
                         let answer = crate::callout::perform_any(rt, call).await;
                         let mut vm = slot.lock();
-                        let root = trellis_wasm_host::vm::ROOT_CONTEXT;
-                        let _ = match answer {
-                            crate::callout::Delivery::Http(a) => f.call(|| vm.on_http_call_response(root, token, a)),
-                            crate::callout::Delivery::Grpc(status, message, body) => {
-                                f.call(|| vm.on_grpc_response(root, token, status, message, body))
-                            }
-                        };
+                        let _ = f.call(|| answer.deliver(&mut vm, trellis_wasm_host::vm::ROOT_CONTEXT, token));
                     });
                 }
             }

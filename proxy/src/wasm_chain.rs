@@ -409,11 +409,7 @@ async fn wait_resumed(rt: &Arc<Runtime>, chain: &Shared, i: usize, which: Stream
                 return Ok(());
             }
             for call in vm.take_callouts_for(id) {
-                let token = match &call {
-                    trellis_wasm_host::Callout::Http { token, .. } | trellis_wasm_host::Callout::Grpc { token, .. } => {
-                        *token
-                    }
-                };
+                let token = call.token();
                 let rt = rt.clone();
                 calls.spawn(async move { (token, id, crate::callout::perform_any(rt, call).await) });
             }
@@ -428,13 +424,7 @@ async fn wait_resumed(rt: &Arc<Runtime>, chain: &Shared, i: usize, which: Stream
             Some(done) = calls.join_next(), if !calls.is_empty() => {
                 let Ok((token, context, answer)) = done else { continue };
                 let mut vm = slot.lock();
-                let delivered = match answer {
-                    crate::callout::Delivery::Http(a) => filter.call(|| vm.on_http_call_response(context, token, a)),
-                    crate::callout::Delivery::Grpc(status, message, body) => {
-                        filter.call(|| vm.on_grpc_response(context, token, status, message, body))
-                    }
-                };
-                delivered.map_err(|e| e.to_string())?;
+                filter.call(|| answer.deliver(&mut vm, context, token)).map_err(|e| e.to_string())?;
             }
             _ = tokio::time::sleep_until(tick_at.unwrap_or(deadline)), if tick_at.is_some() => {
                 slot.tick_if_due(&filter).map_err(|e| e.to_string())?;
@@ -693,8 +683,8 @@ async fn respond(
             let (filter, id) = (&a.filter, a.id);
             filter.call(|| vm.on_response_headers(id, false))
         };
-        let policy = lock(chain).0[i].filter.config.policy;
         let filter = lock(chain).0[i].filter.clone();
+        let policy = filter.config.policy;
         let mut result = action.map_err(|e| e.to_string());
         if let Ok(Action::Pause) = result {
             let (resend, answered) = {

@@ -97,6 +97,15 @@ pub enum Callout {
     },
 }
 
+impl Callout {
+    /// The token the filter was given for the call.
+    pub fn token(&self) -> u32 {
+        match self {
+            Callout::Http { token, .. } | Callout::Grpc { token, .. } => *token,
+        }
+    }
+}
+
 /// A foreign function the host offers (`proxy_call_foreign_function`).
 pub type ForeignFunction = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, Status> + Send + Sync>;
 

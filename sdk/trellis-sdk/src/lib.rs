@@ -188,6 +188,10 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     hostcalls::get_property(path.to_vec()).ok().flatten()
 }
 
+fn cluster_name() -> Option<String> {
+    property_string(&["xds", "cluster_name"]).or_else(|| property_string(&["cluster_name"]))
+}
+
 fn route_name() -> Option<String> {
     property_string(&["xds", "route_name"]).or_else(|| property_string(&["route_name"]))
 }
@@ -270,7 +274,7 @@ impl Request {
 
     /// The upstream cluster of the route (`xds.cluster_name`, or `cluster_name`).
     pub fn cluster_name(&self) -> Option<String> {
-        property_string(&["xds", "cluster_name"]).or_else(|| property_string(&["cluster_name"]))
+        cluster_name()
     }
 
     pub fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
@@ -566,8 +570,7 @@ impl<F: Filter> Stream<F> {
         }
         // No host support: send the kept request to the route's cluster ourselves.
         let Some(kept) = self.kept.as_ref().filter(|k| !k.overflow) else { return Action::Continue };
-        let cluster = property_string(&["xds", "cluster_name"]).or_else(|| property_string(&["cluster_name"]));
-        let Some(cluster) = cluster else { return Action::Continue };
+        let Some(cluster) = cluster_name() else { return Action::Continue };
         let body = if kept.body.is_empty() { None } else { Some(kept.body.as_slice()) };
         match dispatch(&cluster, &kept.headers, body, RESEND_TIMEOUT) {
             Ok(_) => {
