@@ -624,8 +624,8 @@ fn header<'a>(a: &'a trellis_e2e::http::Answer, name: &str) -> Option<&'a str> {
 
 async fn the_abi_probe_answers_the_same_in_both_hosts(under: Under) {
     // A module written with the upstream proxy-wasm crate (not the SDK): headers, bodies,
-    // local replies, an http call to a mesh cluster, a gRPC call, shared data, root ticks and
-    // a metric.
+    // local replies, an http call to a mesh cluster, a gRPC call and a gRPC stream, shared
+    // data, root ticks and a metric.
     // A gRPC server for /grpc: another control plane's xDS port (an unknown method answers
     // UNIMPLEMENTED, 12).
     let dir = tempfile::tempdir().unwrap();
@@ -667,6 +667,16 @@ async fn the_abi_probe_answers_the_same_in_both_hosts(under: Under) {
     // A unary gRPC call; its status reaches the response.
     let a = m.client.get(REVIEWS, "/grpc", &[]).await.unwrap();
     assert_eq!((a.status, header(&a, "x-grpc-status")), (200, Some("12")), "{a:?}");
+    // A bidirectional gRPC stream (that control plane's ADS): the request goes out, the
+    // initial metadata and the first message come back as they arrive, the filter half-closes,
+    // the server's trailers and close follow.
+    let a = m.client.get(REVIEWS, "/grpc-stream", &[]).await.unwrap();
+    let want = "initial:application/grpc,message:true,trailing:0,close:0";
+    assert_eq!((a.status, header(&a, "x-grpc-stream")), (200, Some(want)), "{a:?}");
+    // Cancelled after the first message: nothing more, and a later send is refused.
+    let a = m.client.get(REVIEWS, "/grpc-stream-cancel", &[]).await.unwrap();
+    let want = "initial:application/grpc,message:true,cancelled,send-after:Err(NotFound)";
+    assert_eq!((a.status, header(&a, "x-grpc-stream")), (200, Some(want)), "{a:?}");
     m.client.get(REVIEWS, "/shared-set", &[]).await.unwrap();
     let a = m.client.get(REVIEWS, "/shared-get", &[]).await.unwrap();
     assert_eq!(header(&a, "x-shared"), Some("probe-value"), "{a:?}");

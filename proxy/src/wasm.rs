@@ -23,11 +23,13 @@ pub struct VmSlot {
     vm: Mutex<Vm>,
     /// When the root context last had a tick.
     last_tick: Mutex<Option<Instant>>,
+    /// The calls its contexts have out.
+    pub calls: crate::callout::Calls,
 }
 
 impl VmSlot {
     fn new(vm: Vm) -> Arc<VmSlot> {
-        Arc::new(VmSlot { vm: Mutex::new(vm), last_tick: Mutex::new(None) })
+        Arc::new(VmSlot { vm: Mutex::new(vm), last_tick: Mutex::new(None), calls: Default::default() })
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Vm> {
@@ -224,16 +226,8 @@ pub fn spawn_ticker(filter: &Arc<WasmFilter>, proxy: std::sync::Weak<crate::Prox
                 if slot.tick_if_due(&f).is_err() {
                     continue;
                 }
-                let calls = slot.lock().take_callouts_for(trellis_wasm_host::vm::ROOT_CONTEXT);
-                for call in calls {
-                    let token = call.token();
-                    let (rt, slot, f) = (proxy.runtime.load_full(), slot.clone(), f.clone());
-                    tokio::spawn(async move {
-                        let answer = crate::callout::perform_any(rt, call).await;
-                        let mut vm = slot.lock();
-                        let _ = f.call(|| answer.deliver(&mut vm, trellis_wasm_host::vm::ROOT_CONTEXT, token));
-                    });
-                }
+                let rt = proxy.runtime.load_full();
+                crate::callout::start(&rt, &f, &slot, &mut slot.lock(), trellis_wasm_host::vm::ROOT_CONTEXT);
             }
         }
     });

@@ -221,6 +221,8 @@ fn done(active: Vec<Active>) {
         {
             let mut vm = a.vm.lock();
             let _ = a.filter.call(|| vm.finish_stream(a.id));
+            // Its gRPC streams are reset.
+            a.vm.calls.route_grpc_ops(&mut vm);
         }
         a.filter.finished(&a.vm);
     }
@@ -292,7 +294,7 @@ impl FilteredBody {
                 }
             }
             let r = filter.call(|| if request { vm.on_request_body(id, end) } else { vm.on_response_body(id, end) });
-            crate::callout::detach(&self.rt, vm.take_callouts_for(id));
+            crate::callout::start(&self.rt, filter, &slot, &mut vm, id);
             let answered = vm.stream(id).is_some_and(|s| s.local_response.is_some());
             let out =
                 vm.stream_mut(id)
@@ -393,39 +395,37 @@ const MAX_PAUSE: Duration = Duration::from_secs(300);
 const MAX_RESENDS: u32 = 10;
 
 /// Waits until filter `i` resumes (or answers) the stream it paused, driving its root
-/// context's ticks and delivering the answers of the calls it makes.
+/// context's ticks while the calls it makes are performed and answered (`crate::callout`).
 async fn wait_resumed(rt: &Arc<Runtime>, chain: &Shared, i: usize, which: StreamType) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + MAX_PAUSE;
-    let mut calls: tokio::task::JoinSet<(u32, u32, crate::callout::Delivery)> = tokio::task::JoinSet::new();
     let (filter, slot, id) = {
         let c = lock(chain);
         (c.0[i].filter.clone(), c.0[i].vm.clone(), c.0[i].id)
     };
     loop {
+        // Registered before looking, so an answer that lands meanwhile is not missed.
+        let answered = slot.calls.answered.notified();
+        tokio::pin!(answered);
+        answered.as_mut().enable();
         let period = {
             let mut vm = slot.lock();
+            if vm.poisoned() {
+                return Err("the filter failed while answering a call".into());
+            }
             let s = vm.stream(id).ok_or("the stream is gone")?;
             if s.resumed.contains(&which) || s.local_response.is_some() {
                 return Ok(());
             }
-            for call in vm.take_callouts_for(id) {
-                let token = call.token();
-                let rt = rt.clone();
-                calls.spawn(async move { (token, id, crate::callout::perform_any(rt, call).await) });
-            }
+            crate::callout::start(rt, &filter, &slot, &mut vm, id);
             vm.tick_period()
         };
-        if period.is_none() && calls.is_empty() {
+        if period.is_none() && slot.calls.in_flight(id) == 0 {
             return Err("the filter paused the stream with nothing to resume it (no call out, no timer)".into());
         }
         // Ticks at the root context's period (the VM keeps the schedule across its streams).
         let tick_at = period.map(|p| tokio::time::Instant::now() + p.min(Duration::from_millis(50)));
         tokio::select! {
-            Some(done) = calls.join_next(), if !calls.is_empty() => {
-                let Ok((token, context, answer)) = done else { continue };
-                let mut vm = slot.lock();
-                filter.call(|| answer.deliver(&mut vm, context, token)).map_err(|e| e.to_string())?;
-            }
+            _ = answered => {}
             _ = tokio::time::sleep_until(tick_at.unwrap_or(deadline)), if tick_at.is_some() => {
                 slot.tick_if_due(&filter).map_err(|e| e.to_string())?;
             }
@@ -586,7 +586,7 @@ pub async fn run(
             let mut c = lock(&chain);
             let a = &mut c.0[i];
             let mut vm = a.vm.lock();
-            crate::callout::detach(rt, vm.take_callouts_for(id));
+            crate::callout::start(rt, &a.filter, &a.vm, &mut vm, id);
             let s = vm.stream(id);
             if let Some(l) = s.and_then(|s| s.local_response.as_ref()) {
                 let resp = local(l);
@@ -701,7 +701,7 @@ async fn respond(
         let a = &mut c.0[i];
         let slot = a.vm.clone();
         let mut vm = slot.lock();
-        crate::callout::detach(rt, vm.take_callouts_for(a.id));
+        crate::callout::start(rt, &a.filter, &slot, &mut vm, a.id);
         let Some(s) = vm.stream_mut(a.id) else { continue };
         let resend = s.resend.take();
         match result {

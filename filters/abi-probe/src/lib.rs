@@ -10,7 +10,11 @@
 //! Paths: `/deny` (the configured one) → 403; `/callout` → an http call to the cluster whose
 //! answer goes into the request header `x-callout` and the response header `x-callout-resp`;
 //! `/grpc` → a unary gRPC call (`grpc.health.v1.Health/Check`) to the gRPC cluster, its
-//! status code in the response header `x-grpc-status`; `/ticks` → the root ticks the plugin has seen (`tickMs` makes them periodic), in
+//! status code in the response header `x-grpc-status`; `/grpc-stream` → a bidirectional
+//! gRPC stream (ADS, `StreamAggregatedResources`) to the same cluster: one request sent, the
+//! initial metadata, the first message, the half-close, the trailing metadata and the close
+//! recorded in `x-grpc-stream`; `/grpc-stream-cancel` → the same, cancelled after the first
+//! message (and a send after the cancel refused); `/ticks` → the root ticks the plugin has seen (`tickMs` makes them periodic), in
 //! `x-shared`; `/shared-set`, `/shared-get` → shared data; `/tick` → held until the root context's second
 //! tick (20 ms period), then `x-ticked` is set; bodies are upper-cased.
 
@@ -93,6 +97,8 @@ impl RootContext for Root {
             callout: None,
             shared: None,
             grpc_status: None,
+            stream: Vec::new(),
+            cancel: false,
         }))
     }
 
@@ -156,17 +162,66 @@ struct Http {
     shared: Option<String>,
     /// The status and message of the `/grpc` call.
     grpc_status: Option<(u32, String)>,
+    /// What the `/grpc-stream` stream delivered, in order.
+    stream: Vec<String>,
+    /// `/grpc-stream-cancel`: cancel after the first message.
+    cancel: bool,
 }
+
+/// An ADS `DiscoveryRequest` for every cluster, from node `grpc-probe` (protobuf written out:
+/// node = 2 { id = 1 }, type_url = 4).
+fn discovery_request() -> Vec<u8> {
+    let node_id = b"grpc-probe";
+    let type_url = CLUSTER_TYPE.as_bytes();
+    let mut m = vec![0x12, node_id.len() as u8 + 2, 0x0a, node_id.len() as u8];
+    m.extend_from_slice(node_id);
+    m.extend_from_slice(&[0x22, type_url.len() as u8]);
+    m.extend_from_slice(type_url);
+    m
+}
+
+const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 impl Context for Http {
     fn on_grpc_call_response(&mut self, _token: u32, status_code: u32, response_size: usize) {
-        // The message (if any) comes first with status 0, then the close with the status.
-        if response_size > 0 && status_code == 0 {
-            return;
-        }
-        self.callout = None;
-        let message = self.get_grpc_status().1.unwrap_or_default();
+        // A call that succeeded gets its message (status 0, no close follows); one that
+        // failed gets its status.
+        let message = if status_code == 0 {
+            format!("{response_size} bytes")
+        } else {
+            self.get_grpc_status().1.unwrap_or_default()
+        };
         self.grpc_status = Some((status_code, message));
+        self.resume_http_request();
+    }
+
+    fn on_grpc_stream_initial_metadata(&mut self, _token: u32, _num_elements: u32) {
+        let ct = self.get_grpc_stream_initial_metadata_value("content-type").unwrap_or_default();
+        self.stream.push(format!("initial:{}", String::from_utf8_lossy(&ct)));
+    }
+
+    fn on_grpc_stream_message(&mut self, token: u32, message_size: usize) {
+        let m = self.get_grpc_stream_message(0, message_size).unwrap_or_default();
+        let typed = m.windows(CLUSTER_TYPE.len()).any(|w| w == CLUSTER_TYPE.as_bytes());
+        self.stream.push(format!("message:{typed}"));
+        if self.cancel {
+            self.cancel_grpc_stream(token);
+            let again = proxy_wasm::hostcalls::send_grpc_stream_message(token, Some(b"late"), false);
+            self.stream.push(format!("cancelled,send-after:{again:?}"));
+            self.resume_http_request();
+        } else {
+            // Half-close: the server ends the stream.
+            self.close_grpc_stream(token);
+        }
+    }
+
+    fn on_grpc_stream_trailing_metadata(&mut self, _token: u32, _num_elements: u32) {
+        let status = self.get_grpc_stream_trailing_metadata_value("grpc-status").unwrap_or_default();
+        self.stream.push(format!("trailing:{}", String::from_utf8_lossy(&status)));
+    }
+
+    fn on_grpc_stream_close(&mut self, _token: u32, status_code: u32) {
+        self.stream.push(format!("close:{status_code}"));
         self.resume_http_request();
     }
 
@@ -216,6 +271,16 @@ impl HttpContext for Http {
                     Duration::from_secs(5),
                 );
                 return if call.is_ok() { Action::Pause } else { Action::Continue };
+            }
+            "/grpc-stream" | "/grpc-stream-cancel" => {
+                self.cancel = path.ends_with("-cancel");
+                let target = grpc_service(&self.settings.grpc_cluster, "grpc.test");
+                let service = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+                let Ok(token) = self.open_grpc_stream(&target, service, "StreamAggregatedResources", vec![]) else {
+                    return Action::Continue;
+                };
+                self.send_grpc_stream_message(token, Some(&discovery_request()), false);
+                return Action::Pause;
             }
             "/tick" => {
                 HELD.with(|h| h.borrow_mut().push((self.context_id, 0)));
@@ -277,6 +342,10 @@ impl HttpContext for Http {
         if let Some((code, message)) = self.grpc_status.take() {
             self.add_http_response_header("x-grpc-status", &code.to_string());
             self.add_http_response_header("x-grpc-message", &message);
+        }
+        if !self.stream.is_empty() {
+            let log = self.stream.join(",");
+            self.add_http_response_header("x-grpc-stream", &log);
         }
         if let Some(v) = self.shared.take() {
             self.add_http_response_header("x-shared", &v);

@@ -12,7 +12,7 @@ use crate::abi::{
     BufferType, LogLevel, MapType, MetricType, Pairs, Status, StreamType, deserialize_pairs, property_path,
     serialize_pairs,
 };
-use crate::state::{Callout, LocalResponse, VmState};
+use crate::state::{Callout, GrpcOp, GrpcOpen, LocalResponse, VmState};
 
 type C<'a> = Caller<'a, VmState>;
 type R = wasmtime::Result<i32>;
@@ -89,6 +89,12 @@ fn map_mut(s: &mut VmState, t: MapType) -> Result<&mut Pairs, Status> {
     if matches!(t, MapType::HttpCallResponseHeaders | MapType::HttpCallResponseTrailers) {
         let (h, _, tr) = s.call_response.as_mut().ok_or(Status::BadArgument)?;
         return Ok(if t == MapType::HttpCallResponseHeaders { h } else { tr });
+    }
+    if matches!(t, MapType::GrpcReceiveInitialMetadata | MapType::GrpcReceiveTrailingMetadata) {
+        return match &mut s.grpc_metadata {
+            Some((kind, pairs)) if *kind == t => Ok(pairs),
+            _ => Err(Status::BadArgument),
+        };
     }
     let stream = s.stream().ok_or(Status::BadArgument)?;
     Ok(match t {
@@ -217,16 +223,19 @@ fn grpc_callout(mut c: C<'_>, strings: [i32; 8], message: Option<(i32, i32)>, ti
     };
     let message = match message {
         Some((p, l)) => match read(&mut c, p, l) {
-            Some(m) => m,
+            Some(m) => Some(m),
             None => return st(Status::BadArgument),
         },
-        None => Vec::new(),
+        None => None,
     };
     let Some(metadata) = deserialize_pairs(&metadata) else { return st(Status::SerializationFailure) };
     let s = c.data_mut();
     s.next_token += 1;
     let token = s.next_token;
     let context = s.effective_context;
+    let stream = message.is_none();
+    let message = message.unwrap_or_default();
+    s.grpc_open.insert(token, GrpcOpen { context, stream, local_closed: false, remote_closed: false });
     s.callouts.push(Callout::Grpc {
         token,
         context,
@@ -236,8 +245,20 @@ fn grpc_callout(mut c: C<'_>, strings: [i32; 8], message: Option<(i32, i32)>, ti
         metadata,
         message,
         timeout_ms: timeout as u32,
+        stream,
     });
     st(if write_u32(&mut c, ret, token) { Status::Ok } else { Status::BadArgument })
+}
+
+/// Forgets an open gRPC call or stream: nothing more is delivered for it, and a call not yet
+/// started never starts. False if `token` is not open.
+pub(crate) fn cancel_grpc(s: &mut VmState, token: u32) -> bool {
+    if s.grpc_open.remove(&token).is_none() {
+        return false;
+    }
+    s.callouts.retain(|k| k.token() != token);
+    s.grpc_ops.retain(|(t, _)| *t != token);
+    true
 }
 
 /// Defines every import on `linker`.
@@ -621,21 +642,45 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             grpc_callout(c, [up, ul, sp, sl, mp, ml, ip, il], None, 0, ret)
         },
     )?;
-    linker.func_wrap(env, "proxy_grpc_send", |c: C<'_>, token: i32, _mp: i32, _ml: i32, _end: i32| -> R {
-        st(if c.data().callouts.iter().any(|k| matches!(k, Callout::Grpc { token: t, .. } if *t == token as u32)) {
-            Status::Ok
-        } else {
-            Status::NotFound
-        })
+    linker.func_wrap(env, "proxy_grpc_send", |mut c: C<'_>, token: i32, mp: i32, ml: i32, end: i32| -> R {
+        let token = token as u32;
+        let Some(message) = read(&mut c, mp, ml) else { return st(Status::BadArgument) };
+        let s = c.data_mut();
+        let Some(open) = s.grpc_open.get_mut(&token) else { return st(Status::NotFound) };
+        if !open.stream {
+            return st(Status::BadArgument);
+        }
+        // After a half-close, or once the server closed, there is nobody to send to (Envoy
+        // drops such messages too).
+        if !open.local_closed && !open.remote_closed {
+            open.local_closed = end != 0;
+            s.grpc_ops.push((token, GrpcOp::Send { message, end_stream: end != 0 }));
+        }
+        OK
     })?;
-    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
-        linker.func_wrap(env, name, |mut c: C<'_>, token: i32| -> R {
-            let s = c.data_mut();
-            let before = s.callouts.len();
-            s.callouts.retain(|k| !matches!(k, Callout::Grpc { token: t, .. } if *t == token as u32));
-            st(if s.callouts.len() < before { Status::Ok } else { Status::NotFound })
-        })?;
-    }
+    linker.func_wrap(env, "proxy_grpc_cancel", |mut c: C<'_>, token: i32| -> R {
+        st(if cancel_grpc(c.data_mut(), token as u32) { Status::Ok } else { Status::NotFound })
+    })?;
+    linker.func_wrap(env, "proxy_grpc_close", |mut c: C<'_>, token: i32| -> R {
+        let token = token as u32;
+        let s = c.data_mut();
+        match s.grpc_open.get(&token).copied() {
+            None => st(Status::NotFound),
+            // Closing a unary call cancels it, as in Envoy.
+            Some(open) if !open.stream => st(if cancel_grpc(s, token) { Status::Ok } else { Status::NotFound }),
+            Some(open) => {
+                if !open.local_closed && !open.remote_closed {
+                    s.grpc_ops.push((token, GrpcOp::Close));
+                }
+                if open.remote_closed {
+                    s.grpc_open.remove(&token);
+                } else if let Some(o) = s.grpc_open.get_mut(&token) {
+                    o.local_closed = true;
+                }
+                OK
+            }
+        }
+    })?;
     linker.func_wrap(env, "proxy_get_status", |mut c: C<'_>, ret_code: i32, ret_ptr: i32, ret_size: i32| -> R {
         let (code, message) = c.data().grpc_status.clone();
         if !write_u32(&mut c, ret_code, code) {

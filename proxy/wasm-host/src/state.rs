@@ -85,6 +85,8 @@ pub enum Callout {
         trailers: Pairs,
         timeout_ms: u32,
     },
+    /// A unary call (`proxy_grpc_call`), or with `stream` a stream (`proxy_grpc_stream`; no
+    /// message yet, no timeout: its messages come as [`GrpcOp`]s).
     Grpc {
         token: u32,
         context: u32,
@@ -94,7 +96,30 @@ pub enum Callout {
         metadata: Pairs,
         message: Vec<u8>,
         timeout_ms: u32,
+        stream: bool,
     },
+}
+
+/// What a filter asked of a gRPC stream it opened (`proxy_grpc_send`, `proxy_grpc_close`),
+/// for the embedder to do in order. A cancelled stream (`proxy_grpc_cancel`, or its context
+/// gone) is no longer open: the embedder resets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcOp {
+    /// A message; `end_stream` half-closes the stream after it.
+    Send { message: Vec<u8>, end_stream: bool },
+    /// Half-close: no more messages from the filter.
+    Close,
+}
+
+/// A gRPC call or stream a VM has open: answers for it are delivered while it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcOpen {
+    pub context: u32,
+    pub stream: bool,
+    /// The filter half-closed the stream.
+    pub local_closed: bool,
+    /// The server closed it (its close was delivered).
+    pub remote_closed: bool,
 }
 
 impl Callout {
@@ -170,6 +195,13 @@ pub struct VmState {
     pub call_data: Vec<u8>,
     /// Status of the last gRPC call delivered (`proxy_get_status`).
     pub grpc_status: (u32, String),
+    /// gRPC calls and streams open, by token.
+    pub grpc_open: HashMap<u32, GrpcOpen>,
+    /// What filters asked of their open gRPC streams, by token, in order.
+    pub grpc_ops: Vec<(u32, GrpcOp)>,
+    /// The metadata being delivered (`proxy_on_grpc_receive_initial_metadata` /
+    /// `_trailing_metadata`): header map type 4 or 5.
+    pub grpc_metadata: Option<(crate::abi::MapType, Pairs)>,
     /// Contexts that called `proxy_done`.
     pub done: Vec<u32>,
     /// Queue ids with new items, for the embedder to deliver `proxy_on_queue_ready`.

@@ -47,6 +47,7 @@ type Ctx2 = TypedFunc<(i32, i32), ()>;
 type Cb2 = TypedFunc<(i32, i32), i32>;
 type Cb3 = TypedFunc<(i32, i32, i32), i32>;
 type Cb5 = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+type Cb3Void = TypedFunc<(i32, i32, i32), ()>;
 
 struct Exports {
     on_context_create: Ctx2,
@@ -61,8 +62,10 @@ struct Exports {
     on_delete: Option<TypedFunc<i32, ()>>,
     on_tick: Option<TypedFunc<i32, ()>>,
     on_http_call_response: Option<Cb5>,
-    on_grpc_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
-    on_grpc_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+    on_grpc_receive_initial_metadata: Option<Cb3Void>,
+    on_grpc_receive: Option<Cb3Void>,
+    on_grpc_receive_trailing_metadata: Option<Cb3Void>,
+    on_grpc_close: Option<Cb3Void>,
     on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
 }
 
@@ -115,6 +118,9 @@ impl Vm {
             call_response: None,
             call_data: Vec::new(),
             grpc_status: (0, String::new()),
+            grpc_open: HashMap::new(),
+            grpc_ops: Vec::new(),
+            grpc_metadata: None,
             done: Vec::new(),
             queue_ready: Vec::new(),
             body_interest: None,
@@ -308,9 +314,25 @@ impl Vm {
         if let Some(f) = self.exports.on_delete.clone() {
             self.guard("proxy_on_delete", |s| f.call(s, id as i32))?;
         }
-        self.store.data_mut().streams.remove(&id);
-        self.store.data_mut().effective_context = ROOT_CONTEXT;
+        self.forget_context(id);
         Ok(())
+    }
+
+    /// A stream context is gone: its gRPC calls and streams are cancelled (as Envoy does when
+    /// it destroys a context) and nothing more is delivered to it.
+    fn forget_context(&mut self, id: u32) {
+        let s = self.store.data_mut();
+        s.streams.remove(&id);
+        s.effective_context = ROOT_CONTEXT;
+        let mine: Vec<u32> = s.grpc_open.iter().filter(|(_, o)| o.context == id).map(|(t, _)| *t).collect();
+        for token in mine {
+            crate::imports::cancel_grpc(s, token);
+        }
+    }
+
+    /// Whether context `id` is there (the root context, or a stream not yet finished).
+    pub fn has_context(&self, id: u32) -> bool {
+        id == self.store.data().root_context || self.store.data().streams.contains_key(&id)
     }
 
     /// The tick period the root context asked for (`None`: no ticks).
@@ -348,6 +370,10 @@ impl Vm {
         response: Option<(crate::abi::Pairs, Vec<u8>, crate::abi::Pairs)>,
     ) -> Result<(), VmError> {
         let Some(f) = self.exports.on_http_call_response.clone() else { return Ok(()) };
+        if !self.has_context(context) {
+            // The stream that made the call is over: nobody to tell.
+            return Ok(());
+        }
         let (h, b, t) = match &response {
             Some((h, b, t)) => (h.len() as i32, b.len() as i32, t.len() as i32),
             None => (0, 0, 0),
@@ -359,30 +385,91 @@ impl Vm {
         r
     }
 
-    /// Delivers the end of a gRPC call: its response message, if any
-    /// (`proxy_on_grpc_receive`, the message in the gRPC receive buffer), then its status
-    /// (`proxy_on_grpc_close`; `proxy_get_status` answers the code and message).
-    pub fn on_grpc_response(
-        &mut self,
-        context: u32,
-        token: u32,
-        status: u32,
-        message: String,
-        body: Option<Vec<u8>>,
-    ) -> Result<(), VmError> {
+    /// Whether answers for gRPC call or stream `token` are still wanted (it is open: not
+    /// cancelled, its context not gone, a call not yet answered, a stream not closed at both
+    /// ends).
+    pub fn grpc_wanted(&self, token: u32) -> bool {
+        self.store.data().grpc_open.contains_key(&token)
+    }
+
+    /// What filters asked of their open gRPC streams since the last time, in order.
+    pub fn take_grpc_ops(&mut self) -> Vec<(u32, crate::state::GrpcOp)> {
+        std::mem::take(&mut self.store.data_mut().grpc_ops)
+    }
+
+    /// The context a delivery for `token` goes to, if it is still wanted.
+    fn grpc_context(&mut self, token: u32) -> Option<u32> {
+        let context = self.store.data().grpc_open.get(&token)?.context;
         self.store.data_mut().effective_context = context;
-        if let (Some(b), Some(f)) = (body, self.exports.on_grpc_receive.clone()) {
-            let n = b.len() as i32;
-            self.store.data_mut().call_data = b;
-            let r = self.guard("proxy_on_grpc_receive", |s| f.call(s, (context as i32, token as i32, n)));
-            self.store.data_mut().call_data = Vec::new();
-            r?;
+        Some(context)
+    }
+
+    /// Delivers a gRPC stream's initial metadata (`proxy_on_grpc_receive_initial_metadata`,
+    /// header map type 4 during the callback).
+    pub fn on_grpc_initial_metadata(&mut self, token: u32, metadata: crate::abi::Pairs) -> Result<(), VmError> {
+        self.grpc_metadata(token, crate::abi::MapType::GrpcReceiveInitialMetadata, metadata)
+    }
+
+    /// Delivers a gRPC stream's trailing metadata (`proxy_on_grpc_receive_trailing_metadata`,
+    /// header map type 5 during the callback).
+    pub fn on_grpc_trailing_metadata(&mut self, token: u32, metadata: crate::abi::Pairs) -> Result<(), VmError> {
+        self.grpc_metadata(token, crate::abi::MapType::GrpcReceiveTrailingMetadata, metadata)
+    }
+
+    fn grpc_metadata(
+        &mut self,
+        token: u32,
+        kind: crate::abi::MapType,
+        metadata: crate::abi::Pairs,
+    ) -> Result<(), VmError> {
+        let initial = kind == crate::abi::MapType::GrpcReceiveInitialMetadata;
+        let f = if initial {
+            self.exports.on_grpc_receive_initial_metadata.clone()
+        } else {
+            self.exports.on_grpc_receive_trailing_metadata.clone()
+        };
+        let (Some(f), Some(context)) = (f, self.grpc_context(token)) else { return Ok(()) };
+        let n = metadata.len() as i32;
+        self.store.data_mut().grpc_metadata = Some((kind, metadata));
+        let name =
+            if initial { "proxy_on_grpc_receive_initial_metadata" } else { "proxy_on_grpc_receive_trailing_metadata" };
+        let r = self.guard(name, |s| f.call(s, (context as i32, token as i32, n)));
+        self.store.data_mut().grpc_metadata = None;
+        r
+    }
+
+    /// Delivers a message: a unary call's answer (the call is then over, as in Envoy: no
+    /// close follows a successful call) or one of a stream's (`proxy_on_grpc_receive`, the
+    /// message in the gRPC receive buffer).
+    pub fn on_grpc_message(&mut self, token: u32, message: Vec<u8>) -> Result<(), VmError> {
+        let Some(context) = self.grpc_context(token) else { return Ok(()) };
+        if self.store.data().grpc_open.get(&token).is_some_and(|o| !o.stream) {
+            self.store.data_mut().grpc_open.remove(&token);
         }
-        self.store.data_mut().grpc_status = (status, message);
-        if let Some(f) = self.exports.on_grpc_close.clone() {
-            self.guard("proxy_on_grpc_close", |s| f.call(s, (context as i32, token as i32, status as i32)))?;
+        let Some(f) = self.exports.on_grpc_receive.clone() else { return Ok(()) };
+        let n = message.len() as i32;
+        self.store.data_mut().call_data = message;
+        let r = self.guard("proxy_on_grpc_receive", |s| f.call(s, (context as i32, token as i32, n)));
+        self.store.data_mut().call_data = Vec::new();
+        r
+    }
+
+    /// Delivers the end of a gRPC call that failed, or of a stream the server closed
+    /// (`proxy_on_grpc_close`; `proxy_get_status` answers the code and message).
+    pub fn on_grpc_close(&mut self, token: u32, status: u32, message: String) -> Result<(), VmError> {
+        let Some(context) = self.grpc_context(token) else { return Ok(()) };
+        let s = self.store.data_mut();
+        match s.grpc_open.get_mut(&token) {
+            Some(o) if o.stream && !o.local_closed => o.remote_closed = true,
+            _ => {
+                s.grpc_open.remove(&token);
+            }
         }
-        Ok(())
+        s.grpc_status = (status, message);
+        let Some(f) = self.exports.on_grpc_close.clone() else { return Ok(()) };
+        let r = self.guard("proxy_on_grpc_close", |s| f.call(s, (context as i32, token as i32, status as i32)));
+        self.store.data_mut().grpc_status.1.clear();
+        r
     }
 
     /// Delivers pending `proxy_on_queue_ready` notifications.
@@ -438,7 +525,9 @@ fn exports(store: &mut Store<VmState>, instance: &Instance) -> Result<Exports, S
         on_delete: opt!("proxy_on_delete"),
         on_tick: opt!("proxy_on_tick"),
         on_http_call_response: opt!("proxy_on_http_call_response"),
+        on_grpc_receive_initial_metadata: opt!("proxy_on_grpc_receive_initial_metadata"),
         on_grpc_receive: opt!("proxy_on_grpc_receive"),
+        on_grpc_receive_trailing_metadata: opt!("proxy_on_grpc_receive_trailing_metadata"),
         on_grpc_close: opt!("proxy_on_grpc_close"),
         on_queue_ready: opt!("proxy_on_queue_ready"),
     })

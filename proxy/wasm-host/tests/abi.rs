@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use trellis_wasm_host::abi::{LogLevel, StreamType};
-use trellis_wasm_host::{Action, Callout, Host, Limits, LoadError, PluginConfig, Stream, Vm, VmError};
+use trellis_wasm_host::{Action, Callout, GrpcOp, Host, Limits, LoadError, PluginConfig, Stream, Vm, VmError};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -135,6 +135,103 @@ fn http_callouts_are_handed_to_the_embedder_and_their_response_resumes_the_strea
     let s = vm.stream(id).unwrap();
     assert_eq!(header(&s.request_headers, "x-callout"), Some("200:allowed"));
     assert_eq!(s.resumed, vec![StreamType::HttpRequest]);
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+    list.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
+}
+
+/// Opens the probe's `/grpc-stream` (or `-cancel`) and checks what the embedder is handed:
+/// the stream to open and the request message to send on it.
+fn open_probe_stream(vm: &mut Vm, path: &str) -> (u32, u32) {
+    let id = vm.create_stream(request(path, &[])).unwrap();
+    assert_eq!(vm.on_request_headers(id, true).unwrap(), Action::Pause);
+    let callouts = vm.take_callouts_for(id);
+    let [Callout::Grpc { token, context, service, method, stream: true, .. }] = callouts.as_slice() else {
+        panic!("{callouts:?}")
+    };
+    assert_eq!(
+        (*context, service.as_str(), method.as_str()),
+        (id, "envoy.service.discovery.v3.AggregatedDiscoveryService", "StreamAggregatedResources")
+    );
+    let ops = vm.take_grpc_ops();
+    let [(t, GrpcOp::Send { message, end_stream: false })] = ops.as_slice() else { panic!("{ops:?}") };
+    assert_eq!(t, token);
+    assert!(message.windows(10).any(|w| w == b"grpc-probe"), "the request names the node");
+    (id, *token)
+}
+
+const CLUSTERS: &[u8] = b"\x12type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+#[test]
+fn grpc_streams_deliver_metadata_messages_and_close_as_they_come() {
+    let h = host();
+    let mut vm = start(&h, "a");
+    let (id, token) = open_probe_stream(&mut vm, "/grpc-stream");
+    vm.on_grpc_initial_metadata(token, pairs(&[(":status", "200"), ("content-type", "application/grpc")])).unwrap();
+    vm.on_grpc_message(token, CLUSTERS.to_vec()).unwrap();
+    // The probe half-closes after the first message.
+    assert_eq!(vm.take_grpc_ops(), vec![(token, GrpcOp::Close)]);
+    assert!(vm.grpc_wanted(token), "still open until the server closes");
+    vm.on_grpc_trailing_metadata(token, pairs(&[("grpc-status", "0")])).unwrap();
+    vm.on_grpc_close(token, 0, String::new()).unwrap();
+    assert!(!vm.grpc_wanted(token), "closed at both ends");
+    // Nothing is delivered after the close.
+    vm.on_grpc_message(token, b"late".to_vec()).unwrap();
+    let s = vm.stream_mut(id).unwrap();
+    assert_eq!(s.resumed, vec![StreamType::HttpRequest]);
+    s.response_headers = vec![(":status".into(), b"200".to_vec())];
+    vm.on_response_headers(id, true).unwrap();
+    let log = header(&vm.stream(id).unwrap().response_headers, "x-grpc-stream").map(str::to_string);
+    assert_eq!(log.as_deref(), Some("initial:application/grpc,message:true,trailing:0,close:0"));
+}
+
+#[test]
+fn a_cancelled_grpc_stream_gets_nothing_more_and_refuses_sends() {
+    let h = host();
+    let mut vm = start(&h, "a");
+    let (id, token) = open_probe_stream(&mut vm, "/grpc-stream-cancel");
+    vm.on_grpc_initial_metadata(token, pairs(&[("content-type", "application/grpc")])).unwrap();
+    vm.on_grpc_message(token, CLUSTERS.to_vec()).unwrap();
+    assert!(!vm.grpc_wanted(token), "cancelled");
+    assert!(vm.take_grpc_ops().is_empty(), "a send after the cancel goes nowhere");
+    vm.on_grpc_close(token, 0, String::new()).unwrap();
+    let s = vm.stream_mut(id).unwrap();
+    s.response_headers = vec![(":status".into(), b"200".to_vec())];
+    vm.on_response_headers(id, true).unwrap();
+    let log = header(&vm.stream(id).unwrap().response_headers, "x-grpc-stream").map(str::to_string);
+    assert_eq!(log.as_deref(), Some("initial:application/grpc,message:true,cancelled,send-after:Err(NotFound)"));
+    // A stream context that ends takes its open streams with it.
+    let (id, token) = open_probe_stream(&mut vm, "/grpc-stream");
+    vm.finish_stream(id).unwrap();
+    assert!(!vm.grpc_wanted(token));
+}
+
+#[test]
+fn a_unary_grpc_call_ends_with_its_message_or_its_failure() {
+    let h = host();
+    let mut vm = start(&h, "a");
+    for (answer, expect) in
+        [(Ok(b"pong".to_vec()), ("0", "4 bytes")), (Err((14, "no upstream")), ("14", "no upstream"))]
+    {
+        let id = vm.create_stream(request("/grpc", &[])).unwrap();
+        assert_eq!(vm.on_request_headers(id, true).unwrap(), Action::Pause);
+        let callouts = vm.take_callouts_for(id);
+        let [Callout::Grpc { token, stream: false, .. }] = callouts.as_slice() else { panic!("{callouts:?}") };
+        match answer {
+            Ok(m) => vm.on_grpc_message(*token, m).unwrap(),
+            Err((code, msg)) => vm.on_grpc_close(*token, code, msg.into()).unwrap(),
+        }
+        assert!(!vm.grpc_wanted(*token), "a call is over with its answer");
+        let s = vm.stream_mut(id).unwrap();
+        assert_eq!(s.resumed, vec![StreamType::HttpRequest]);
+        s.response_headers = vec![(":status".into(), b"200".to_vec())];
+        vm.on_response_headers(id, true).unwrap();
+        let s = vm.stream(id).unwrap();
+        let got = (header(&s.response_headers, "x-grpc-status"), header(&s.response_headers, "x-grpc-message"));
+        assert_eq!(got, (Some(expect.0), Some(expect.1)));
+        vm.finish_stream(id).unwrap();
+    }
 }
 
 #[test]
