@@ -3,11 +3,12 @@
 //! release binaries (`cargo build --release --bins`), nginx, oha (`cargo install oha`), root
 //! for pinning (taskset / chrt). Not part of CI; `tests/proxy_bench_smoke.rs` keeps it working.
 //!
-//! `cargo run --release -p trellis-e2e --example proxy_bench [-- REPS MEASURE_SECS [FILTERS]]`
+//! `cargo run --release -p trellis-e2e --example proxy_bench [-- REPS MEASURE_SECS [FILTERS [RATES]]]`
 //!
 //! FILTERS (default `0`) is a comma-separated list of wasm filter counts to measure each proxy
 //! with: `0,1,4` is the filter benchmark (docs/benchmarks.md, "Wasm filters"; the modules and
-//! their configuration: `trellis_e2e::bench::filter_plugins`).
+//! their configuration: `trellis_e2e::bench::filter_plugins`). RATES (default `1000,3200`):
+//! the request rates, comma-separated.
 
 #![allow(clippy::print_stdout)]
 
@@ -24,8 +25,12 @@ async fn main() -> anyhow::Result<()> {
         Some(list) => list.split(',').map(|f| f.trim().parse()).collect::<Result<_, _>>()?,
         None => vec![0],
     };
+    let rates: Vec<u32> = match args.get(4) {
+        Some(list) => list.split(',').map(|r| r.trim().parse()).collect::<Result<_, _>>()?,
+        None => vec![1000, 3200],
+    };
     let cfg = Config {
-        rates: vec![1000, 3200],
+        rates,
         repetitions: reps,
         warmup: Duration::from_secs(3),
         measure: Duration::from_secs(secs),

@@ -16,6 +16,9 @@ use crate::config::listener::{FailPolicy, WasmCode, WasmFilterConfig};
 use crate::config::{ListenerKind, Snapshot};
 use crate::metrics::{PluginLabel, WasmMetrics};
 
+/// Callbacks per time measurement (`WasmFilter::call`).
+const TIME_SAMPLE: u64 = 8;
+
 /// One VM of a filter, shared by the streams that run on it (each its own context), as
 /// Envoy shares a VM per worker thread. Callbacks lock it; they are short.
 #[derive(Debug)]
@@ -166,12 +169,16 @@ impl WasmFilter {
         Ok(slot)
     }
 
-    /// Runs one callback, counting it, its time and its failure.
+    /// Runs one callback, counting it, its time and its failure. The time is measured on one
+    /// callback in [`TIME_SAMPLE`] and counted for all of them (two clock reads per callback
+    /// were a tenth of a four-filter chain's cost).
     pub fn call<T>(&self, f: impl FnOnce() -> Result<T, VmError>) -> Result<T, VmError> {
-        let t = Instant::now();
+        let timed = self.calls.inc() % TIME_SAMPLE == 0;
+        let t = timed.then(Instant::now);
         let r = f();
-        self.calls.inc();
-        self.time.inc_by(t.elapsed().as_secs_f64());
+        if let Some(t) = t {
+            self.time.inc_by(t.elapsed().as_secs_f64() * TIME_SAMPLE as f64);
+        }
         if r.is_err() {
             self.errors.inc();
         }

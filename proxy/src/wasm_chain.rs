@@ -47,7 +47,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use trellis_wasm_host::abi::StreamType;
-use trellis_wasm_host::{Action, Pairs, Stream};
+use trellis_wasm_host::{Action, Pairs, SharedProperties, Stream};
 
 use crate::config::listener::FailPolicy;
 use crate::http::{Outcome, local_reply, route_request};
@@ -62,7 +62,7 @@ struct Active {
 }
 
 /// The request headers as filters see them, with Envoy's pseudo-headers.
-fn request_pairs<B>(req: &Request<B>) -> Pairs {
+fn request_pairs<B>(req: &Request<B>) -> Arc<Pairs> {
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut headers: Pairs = Vec::with_capacity(req.headers().len() + 4);
     headers.push((":method".into(), req.method().as_str().as_bytes().to_vec()));
@@ -74,56 +74,93 @@ fn request_pairs<B>(req: &Request<B>) -> Pairs {
             headers.push((k.as_str().to_string(), v.as_bytes().to_vec()));
         }
     }
-    headers
+    Arc::new(headers)
 }
 
 /// The properties every filter of a request shares (those in the headers — `request.path`,
-/// `request.method`, ... — the host reads from the headers the filter sees).
+/// `request.headers.*`, ... — the host reads from the headers each filter sees), computed when a
+/// filter reads one.
+#[derive(Debug)]
+struct RequestInfo {
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    version: http::Version,
+    time_nanos: i64,
+    route: Option<String>,
+    cluster: Option<String>,
+}
+
+impl trellis_wasm_host::Properties for RequestInfo {
+    fn get(&self, path: &str) -> Option<Vec<u8>> {
+        let int = |v: i64| Some(v.to_le_bytes().to_vec());
+        match path {
+            "source.address" => Some(self.peer.to_string().into_bytes()),
+            "source.port" => int(i64::from(self.peer.port())),
+            "destination.address" => self.local.map(|l| l.to_string().into_bytes()),
+            "destination.port" => self.local.and_then(|l| int(i64::from(l.port()))),
+            "connection.mtls" => Some(vec![0]),
+            "request.protocol" => Some(
+                match self.version {
+                    http::Version::HTTP_2 => "HTTP/2",
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                }
+                .into(),
+            ),
+            "request.time" => int(self.time_nanos),
+            "route_name" | "xds.route_name" => self.route.as_ref().map(|r| r.as_bytes().to_vec()),
+            "cluster_name" | "xds.cluster_name" => self.cluster.as_ref().map(|c| c.as_bytes().to_vec()),
+            _ => None,
+        }
+    }
+}
+
 fn request_properties<B>(
     req: &Request<B>,
     peer: SocketAddr,
-    route: Option<&str>,
-    cluster: Option<&str>,
-) -> Arc<std::collections::HashMap<String, Vec<u8>>> {
-    let mut p = std::collections::HashMap::with_capacity(14);
-    p.insert("source.address".into(), peer.to_string().into_bytes());
-    p.insert("source.port".into(), i64::from(peer.port()).to_le_bytes().to_vec());
-    if let Some(crate::http::LocalAddr(local)) = req.extensions().get() {
-        p.insert("destination.address".into(), local.to_string().into_bytes());
-        p.insert("destination.port".into(), i64::from(local.port()).to_le_bytes().to_vec());
-    }
-    p.insert("connection.mtls".into(), vec![0]);
-    let protocol = match req.version() {
-        http::Version::HTTP_2 => "HTTP/2",
-        http::Version::HTTP_10 => "HTTP/1.0",
-        _ => "HTTP/1.1",
-    };
-    p.insert("request.protocol".into(), protocol.as_bytes().to_vec());
+    route: Option<String>,
+    cluster: Option<String>,
+) -> SharedProperties {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64);
-    p.insert("request.time".into(), now.unwrap_or(0).to_le_bytes().to_vec());
-    if let Some(r) = route {
-        p.insert("route_name".into(), r.as_bytes().to_vec());
-        p.insert("xds.route_name".into(), r.as_bytes().to_vec());
-    }
-    if let Some(c) = cluster {
-        p.insert("cluster_name".into(), c.as_bytes().to_vec());
-        p.insert("xds.cluster_name".into(), c.as_bytes().to_vec());
-    }
-    Arc::new(p)
+    SharedProperties(Arc::new(RequestInfo {
+        peer,
+        local: req.extensions().get::<crate::http::LocalAddr>().map(|l| l.0),
+        version: req.version(),
+        time_nanos: now.unwrap_or(0),
+        route,
+        cluster,
+    }))
 }
 
 /// The properties of a response every filter shares.
-fn response_properties(resp: &Response<BoxBody>, outcome: &Outcome) -> Arc<std::collections::HashMap<String, Vec<u8>>> {
-    let mut p = std::collections::HashMap::with_capacity(4);
-    p.insert("response.code".into(), i64::from(resp.status().as_u16()).to_le_bytes().to_vec());
-    p.insert("response.flags".into(), flag_bits(outcome.flags).to_le_bytes().to_vec());
-    if let Some(up) = outcome.upstream_host.as_deref() {
-        p.insert("upstream.address".into(), up.as_bytes().to_vec());
-        if let Some(port) = up.rsplit_once(':').and_then(|(_, p)| p.parse::<i64>().ok()) {
-            p.insert("upstream.port".into(), port.to_le_bytes().to_vec());
+#[derive(Debug)]
+struct ResponseInfo {
+    code: u16,
+    flags: u64,
+    upstream: Option<String>,
+}
+
+impl trellis_wasm_host::Properties for ResponseInfo {
+    fn get(&self, path: &str) -> Option<Vec<u8>> {
+        match path {
+            "response.code" => Some(i64::from(self.code).to_le_bytes().to_vec()),
+            "response.flags" => Some(self.flags.to_le_bytes().to_vec()),
+            "upstream.address" => self.upstream.as_ref().map(|u| u.as_bytes().to_vec()),
+            "upstream.port" => {
+                let port = self.upstream.as_ref()?.rsplit_once(':')?.1.parse::<i64>().ok()?;
+                Some(port.to_le_bytes().to_vec())
+            }
+            _ => None,
         }
     }
-    Arc::new(p)
+}
+
+fn response_properties(resp: &Response<BoxBody>, outcome: &Outcome) -> SharedProperties {
+    SharedProperties(Arc::new(ResponseInfo {
+        code: resp.status().as_u16(),
+        flags: flag_bits(outcome.flags),
+        upstream: outcome.upstream_host.clone(),
+    }))
 }
 
 /// Writes the filter's view of the request back into it.
@@ -170,10 +207,11 @@ fn apply_request<B>(req: &mut Request<B>, pairs: &Pairs) -> Result<(), String> {
     Ok(())
 }
 
-fn response_pairs(resp: &Response<BoxBody>) -> Pairs {
-    let mut pairs: Pairs = vec![(":status".into(), resp.status().as_str().as_bytes().to_vec())];
+fn response_pairs(resp: &Response<BoxBody>) -> Arc<Pairs> {
+    let mut pairs: Pairs = Vec::with_capacity(resp.headers().len() + 1);
+    pairs.push((":status".into(), resp.status().as_str().as_bytes().to_vec()));
     pairs.extend(resp.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())));
-    pairs
+    Arc::new(pairs)
 }
 
 fn apply_response(resp: &mut Response<BoxBody>, pairs: &Pairs) -> Result<(), String> {
@@ -545,7 +583,7 @@ pub async fn run(
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let mut req = req.map(crate::boxed);
     let chain: Shared = Arc::new(Mutex::new(Chain(Vec::new())));
-    let shared = request_properties(&req, peer, route_name.as_deref(), cluster_name.as_deref());
+    let shared = request_properties(&req, peer, route_name, cluster_name);
     // What the filters see, changed by each in turn.
     let mut pairs = request_pairs(&req);
     for filter in filters {

@@ -21,6 +21,7 @@
 //! (`connection.uri_san_peer_certificate`, or `source.principal`) — absent without mTLS, so
 //! principal matchers do not match then.
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -175,15 +176,17 @@ fn check_tree_match(m: &Match) -> Result<(), String> {
     m.check()
 }
 
-/// What a request looks like to the matchers.
-struct Seen {
-    path: String,
-    peer: Option<IpAddr>,
-    remote: Option<IpAddr>,
-    destination: Option<IpAddr>,
-    destination_port: Option<u32>,
-    sni: String,
-    principal: Option<String>,
+/// What a request looks like to the matchers, each attribute read from the host the first
+/// time a matcher needs it (most policies look at one or two).
+struct Seen<'a> {
+    req: &'a Request,
+    path: OnceCell<String>,
+    peer: OnceCell<Option<IpAddr>>,
+    remote: OnceCell<Option<IpAddr>>,
+    destination: OnceCell<Option<IpAddr>>,
+    destination_port: OnceCell<Option<u32>>,
+    sni: OnceCell<String>,
+    principal: OnceCell<Option<String>>,
 }
 
 fn le_u64(b: &[u8]) -> Option<u64> {
@@ -194,27 +197,57 @@ fn ip_of(addr: &str) -> Option<IpAddr> {
     addr.parse::<std::net::SocketAddr>().map(|a| a.ip()).ok().or_else(|| addr.parse().ok())
 }
 
-impl Seen {
-    fn of(req: &Request) -> Seen {
-        let text = |p: &[&str]| req.property(p).map(|b| String::from_utf8_lossy(&b).into_owned());
-        let path = req.path();
-        let path = path.split(['?', '#']).next().unwrap_or("").to_string();
-        let peer = text(&["source", "address"]).and_then(|a| ip_of(&a));
-        let remote = req
-            .header("x-forwarded-for")
-            .and_then(|x| x.split(',').next().and_then(|f| f.trim().parse().ok()))
-            .or(peer);
-        let destination = text(&["destination", "address"]).and_then(|a| ip_of(&a));
-        let destination_port = req.property(&["destination", "port"]).and_then(|b| le_u64(&b)).map(|p| p as u32);
+impl<'a> Seen<'a> {
+    fn of(req: &'a Request) -> Seen<'a> {
         Seen {
-            path,
-            peer,
-            remote,
-            destination,
-            destination_port,
-            sni: text(&["connection", "requested_server_name"]).unwrap_or_default(),
-            principal: req.peer_principal(),
+            req,
+            path: OnceCell::new(),
+            peer: OnceCell::new(),
+            remote: OnceCell::new(),
+            destination: OnceCell::new(),
+            destination_port: OnceCell::new(),
+            sni: OnceCell::new(),
+            principal: OnceCell::new(),
         }
+    }
+
+    fn text(&self, p: &[&str]) -> Option<String> {
+        self.req.property(p).map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    fn path(&self) -> &str {
+        self.path.get_or_init(|| self.req.path().split(['?', '#']).next().unwrap_or("").to_string())
+    }
+
+    fn peer(&self) -> Option<IpAddr> {
+        *self.peer.get_or_init(|| self.text(&["source", "address"]).and_then(|a| ip_of(&a)))
+    }
+
+    fn remote(&self) -> Option<IpAddr> {
+        *self.remote.get_or_init(|| {
+            self.req
+                .header("x-forwarded-for")
+                .and_then(|x| x.split(',').next().and_then(|f| f.trim().parse().ok()))
+                .or(self.peer())
+        })
+    }
+
+    fn destination(&self) -> Option<IpAddr> {
+        *self.destination.get_or_init(|| self.text(&["destination", "address"]).and_then(|a| ip_of(&a)))
+    }
+
+    fn destination_port(&self) -> Option<u32> {
+        *self
+            .destination_port
+            .get_or_init(|| self.req.property(&["destination", "port"]).and_then(|b| le_u64(&b)).map(|p| p as u32))
+    }
+
+    fn sni(&self) -> &str {
+        self.sni.get_or_init(|| self.text(&["connection", "requested_server_name"]).unwrap_or_default())
+    }
+
+    fn principal(&self) -> Option<&str> {
+        self.principal.get_or_init(|| self.req.peer_principal()).as_deref()
     }
 }
 
@@ -239,17 +272,17 @@ impl Perm {
         }
     }
 
-    fn matches(&self, req: &Request, s: &Seen) -> bool {
+    fn matches(&self, req: &Request, s: &Seen<'_>) -> bool {
         match self {
             Perm::Any(a) => *a,
             Perm::And(v) => v.iter().all(|p| p.matches(req, s)),
             Perm::Or(v) => v.iter().any(|p| p.matches(req, s)),
             Perm::Not(p) => !p.matches(req, s),
             Perm::Header(h) => header_matches(req, h),
-            Perm::Path(m) => m.matches(&s.path),
-            Perm::DestinationPort(p) => s.destination_port == Some(*p),
-            Perm::DestinationIp(c) => s.destination.is_some_and(|ip| in_cidr(ip, c)),
-            Perm::Sni(m) => m.matches(&s.sni),
+            Perm::Path(m) => m.matches(s.path()),
+            Perm::DestinationPort(p) => s.destination_port() == Some(*p),
+            Perm::DestinationIp(c) => s.destination().is_some_and(|ip| in_cidr(ip, c)),
+            Perm::Sni(m) => m.matches(s.sni()),
         }
     }
 }
@@ -265,23 +298,23 @@ impl Peer {
         }
     }
 
-    fn matches(&self, req: &Request, s: &Seen) -> bool {
+    fn matches(&self, req: &Request, s: &Seen<'_>) -> bool {
         match self {
             Peer::Any(a) => *a,
             Peer::And(v) => v.iter().all(|p| p.matches(req, s)),
             Peer::Or(v) => v.iter().any(|p| p.matches(req, s)),
             Peer::Not(p) => !p.matches(req, s),
-            Peer::Principal(m) => s.principal.as_deref().is_some_and(|p| m.matches(p)),
-            Peer::DirectRemoteIp(c) => s.peer.is_some_and(|ip| in_cidr(ip, c)),
-            Peer::RemoteIp(c) => s.remote.is_some_and(|ip| in_cidr(ip, c)),
+            Peer::Principal(m) => s.principal().is_some_and(|p| m.matches(p)),
+            Peer::DirectRemoteIp(c) => s.peer().is_some_and(|ip| in_cidr(ip, c)),
+            Peer::RemoteIp(c) => s.remote().is_some_and(|ip| in_cidr(ip, c)),
             Peer::Header(h) => header_matches(req, h),
-            Peer::Path(m) => m.matches(&s.path),
+            Peer::Path(m) => m.matches(s.path()),
         }
     }
 }
 
 impl Policy {
-    fn matches(&self, req: &Request, s: &Seen) -> bool {
+    fn matches(&self, req: &Request, s: &Seen<'_>) -> bool {
         self.permissions.iter().any(|p| p.matches(req, s)) && self.principals.iter().any(|p| p.matches(req, s))
     }
 }
@@ -332,7 +365,7 @@ impl Filter for Auth {
             match (stage.action, hit) {
                 (StageAction::Log, Some(name)) => {
                     self.audited.inc(1);
-                    trellis_sdk::log::info!("audit: {name} matched {} {}", req.method(), seen.path);
+                    trellis_sdk::log::info!("audit: {name} matched {} {}", req.method(), seen.path());
                 }
                 (StageAction::Log, None) => {}
                 (StageAction::Deny, Some(_)) | (StageAction::Allow, None) => {

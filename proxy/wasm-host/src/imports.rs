@@ -4,6 +4,7 @@
 //! to the guest are allocated with its own allocator (`proxy_on_memory_allocate`, or
 //! `malloc` for modules built for `wasm32-unknown-unknown`).
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Extern, Linker, Memory};
@@ -24,7 +25,8 @@ fn st(s: Status) -> R {
 }
 
 fn memory(c: &mut C<'_>) -> Option<Memory> {
-    c.get_export("memory").and_then(Extern::into_memory)
+    // Looked up once per VM; a call made while the module instantiates looks it up itself.
+    c.data().memory.or_else(|| c.get_export("memory").and_then(Extern::into_memory))
 }
 
 /// Guest bytes at `ptr..ptr+len`, copied out.
@@ -57,12 +59,16 @@ fn write_u32(c: &mut C<'_>, ptr: i32, v: u32) -> bool {
 /// Copies `bytes` into memory the guest allocates, and stores its address and size at
 /// `ret_ptr` / `ret_size`.
 fn give(c: &mut C<'_>, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> wasmtime::Result<Status> {
-    let alloc = c
-        .get_export("proxy_on_memory_allocate")
-        .or_else(|| c.get_export("malloc"))
-        .and_then(Extern::into_func)
-        .ok_or_else(|| wasmtime::Error::msg("module exports no allocator"))?;
-    let alloc = alloc.typed::<i32, i32>(&*c)?;
+    let alloc = match c.data().alloc.clone() {
+        Some(f) => f,
+        None => std::sync::Arc::new(
+            c.get_export("proxy_on_memory_allocate")
+                .or_else(|| c.get_export("malloc"))
+                .and_then(Extern::into_func)
+                .ok_or_else(|| wasmtime::Error::msg("module exports no allocator"))?
+                .typed::<i32, i32>(&*c)?,
+        ),
+    };
     let addr = if bytes.is_empty() { 0 } else { alloc.call(&mut *c, bytes.len() as i32)? };
     if (!bytes.is_empty() && (addr == 0 || !write(c, addr, bytes)))
         || !write_u32(c, ret_ptr, addr as u32)
@@ -84,25 +90,48 @@ fn mark_changed(s: &mut VmState, t: MapType) {
     }
 }
 
+/// Where a header map lives: shared between the filters of a chain (copied on the first
+/// write), or the filter's own.
+enum MapSlot<'a> {
+    Shared(&'a mut Arc<Pairs>),
+    Own(&'a mut Pairs),
+}
+
 /// A header map, if it is there now (Envoy answers BadArgument for one that is not).
-fn map_mut(s: &mut VmState, t: MapType) -> Result<&mut Pairs, Status> {
+fn map_slot(s: &mut VmState, t: MapType) -> Result<MapSlot<'_>, Status> {
     if matches!(t, MapType::HttpCallResponseHeaders | MapType::HttpCallResponseTrailers) {
         let (h, _, tr) = s.call_response.as_mut().ok_or(Status::BadArgument)?;
-        return Ok(if t == MapType::HttpCallResponseHeaders { h } else { tr });
+        return Ok(MapSlot::Own(if t == MapType::HttpCallResponseHeaders { h } else { tr }));
     }
     if matches!(t, MapType::GrpcReceiveInitialMetadata | MapType::GrpcReceiveTrailingMetadata) {
         return match &mut s.grpc_metadata {
-            Some((kind, pairs)) if *kind == t => Ok(pairs),
+            Some((kind, pairs)) if *kind == t => Ok(MapSlot::Own(pairs)),
             _ => Err(Status::BadArgument),
         };
     }
     let stream = s.stream().ok_or(Status::BadArgument)?;
     Ok(match t {
-        MapType::HttpRequestHeaders if stream.request_headers_open => &mut stream.request_headers,
-        MapType::HttpRequestTrailers => &mut stream.request_trailers,
-        MapType::HttpResponseHeaders if stream.response_headers_open => &mut stream.response_headers,
-        MapType::HttpResponseTrailers => &mut stream.response_trailers,
+        MapType::HttpRequestHeaders if stream.request_headers_open => MapSlot::Shared(&mut stream.request_headers),
+        MapType::HttpRequestTrailers => MapSlot::Own(&mut stream.request_trailers),
+        MapType::HttpResponseHeaders if stream.response_headers_open => MapSlot::Shared(&mut stream.response_headers),
+        MapType::HttpResponseTrailers => MapSlot::Own(&mut stream.response_trailers),
         _ => return Err(Status::BadArgument),
+    })
+}
+
+/// A header map to read.
+fn map_ref(s: &mut VmState, t: MapType) -> Result<&Pairs, Status> {
+    Ok(match map_slot(s, t)? {
+        MapSlot::Shared(m) => &**m,
+        MapSlot::Own(m) => &*m,
+    })
+}
+
+/// A header map to change.
+fn map_mut(s: &mut VmState, t: MapType) -> Result<&mut Pairs, Status> {
+    Ok(match map_slot(s, t)? {
+        MapSlot::Shared(m) => Arc::make_mut(m),
+        MapSlot::Own(m) => m,
     })
 }
 
@@ -318,7 +347,7 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "proxy_get_header_map_pairs",
         |mut c: C<'_>, kind: i32, ret_ptr: i32, ret_size: i32| -> R {
             let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
-            let map = match map_mut(c.data_mut(), t) {
+            let map = match map_ref(c.data_mut(), t) {
                 Ok(m) => m,
                 Err(e) => return st(e),
             };
@@ -345,16 +374,22 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
             let Some(key) = read_str(&mut c, kp, kl) else { return st(Status::BadArgument) };
             let key = key.to_ascii_lowercase();
-            let map = match map_mut(c.data_mut(), t) {
+            let map = match map_ref(c.data_mut(), t) {
                 Ok(m) => m,
                 Err(e) => return st(e),
             };
             // Repeated headers are joined with commas, as Envoy does.
-            let values: Vec<Vec<u8>> = map.iter().filter(|(k, _)| *k == key).map(|(_, v)| v.clone()).collect();
-            if values.is_empty() {
-                return st(Status::NotFound);
+            let mut joined: Option<Vec<u8>> = None;
+            for (_, v) in map.iter().filter(|(k, _)| *k == key) {
+                match &mut joined {
+                    None => joined = Some(v.clone()),
+                    Some(j) => {
+                        j.push(b',');
+                        j.extend_from_slice(v);
+                    }
+                }
             }
-            let joined = values.join(&b","[..]);
+            let Some(joined) = joined else { return st(Status::NotFound) };
             st(give(&mut c, &joined, ret_ptr, ret_size)?)
         },
     )?;
@@ -391,7 +426,7 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     })?;
     linker.func_wrap(env, "proxy_get_header_map_size", |mut c: C<'_>, kind: i32, ret: i32| -> R {
         let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
-        let map = match map_mut(c.data_mut(), t) {
+        let map = match map_ref(c.data_mut(), t) {
             Ok(m) => m,
             Err(e) => return st(e),
         };
@@ -411,9 +446,9 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
                 .and_then(|st| {
                     st.properties
                         .get(&path)
+                        .cloned()
                         .or_else(|| st.response_properties.get(&path))
                         .or_else(|| st.request_properties.get(&path))
-                        .cloned()
                         .or_else(|| derived_property(st, &path))
                 })
                 .or_else(|| vm_property(s, &path));

@@ -17,5 +17,5 @@ pub mod vm;
 
 pub use abi::{Action, Pairs};
 pub use host::{CompiledModule, Host, LoadError, compile_to_file, sha256_hex};
-pub use state::{Callout, GrpcOp, LocalResponse, PluginConfig, Stream};
+pub use state::{Callout, GrpcOp, LocalResponse, PluginConfig, Properties, SharedProperties, Stream};
 pub use vm::{Limits, Vm, VmError};

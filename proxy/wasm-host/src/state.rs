@@ -34,13 +34,43 @@ pub struct LocalResponse {
     pub grpc_status: i32,
 }
 
-/// One HTTP stream as a filter sees it.
+/// Properties the embedder answers for every filter of a stream, computed when a filter reads
+/// one (most are never read).
+pub trait Properties: Send + Sync + std::fmt::Debug {
+    /// The value of `path` (dotted, e.g. `source.address`) in Envoy's encoding.
+    fn get(&self, path: &str) -> Option<Vec<u8>>;
+}
+
+impl Properties for HashMap<String, Vec<u8>> {
+    fn get(&self, path: &str) -> Option<Vec<u8>> {
+        HashMap::get(self, path).cloned()
+    }
+}
+
+/// A stream's [`Properties`], shared by its filters (none by default).
+#[derive(Debug, Clone)]
+pub struct SharedProperties(pub Arc<dyn Properties>);
+
+impl Default for SharedProperties {
+    fn default() -> Self {
+        SharedProperties(Arc::new(HashMap::new()))
+    }
+}
+
+impl SharedProperties {
+    pub fn get(&self, path: &str) -> Option<Vec<u8>> {
+        self.0.get(path)
+    }
+}
+
+/// One HTTP stream as a filter sees it. The header maps are shared (`Arc`) so the filters of
+/// a chain see one copy until one of them changes it.
 #[derive(Debug, Clone, Default)]
 pub struct Stream {
-    pub request_headers: Pairs,
+    pub request_headers: Arc<Pairs>,
     pub request_body: Vec<u8>,
     pub request_trailers: Pairs,
-    pub response_headers: Pairs,
+    pub response_headers: Arc<Pairs>,
     pub response_body: Vec<u8>,
     pub response_trailers: Pairs,
     /// Properties by dotted path, in Envoy's encodings: what filters set, then what the
@@ -48,8 +78,8 @@ pub struct Stream {
     /// response callbacks `response_properties`); `request.*` / `response.*` values that live
     /// in the headers are read from them (imports.rs).
     pub properties: HashMap<String, Vec<u8>>,
-    pub request_properties: Arc<HashMap<String, Vec<u8>>>,
-    pub response_properties: Arc<HashMap<String, Vec<u8>>>,
+    pub request_properties: SharedProperties,
+    pub response_properties: SharedProperties,
     /// Whether the filter changed the request / response headers (the embedder applies them
     /// only then).
     pub request_headers_changed: bool,
@@ -210,6 +240,10 @@ pub struct VmState {
     pub body_interest: Option<(bool, bool)>,
     /// Properties the host sets for every VM (`node.id`, `node.metadata.NAMESPACE`, ...).
     pub host_properties: Arc<HashMap<String, Vec<u8>>>,
+    /// The module's memory and allocator, looked up once at instantiation (imports use them
+    /// on every call).
+    pub(crate) memory: Option<wasmtime::Memory>,
+    pub(crate) alloc: Option<Arc<wasmtime::TypedFunc<i32, i32>>>,
 }
 
 impl std::fmt::Debug for VmState {

@@ -73,7 +73,9 @@ struct Exports {
 pub struct Vm {
     store: Store<VmState>,
     instance: Instance,
-    exports: Exports,
+    /// Shared so a callback can hold its export while the VM is borrowed mutably (cloning a
+    /// wasmtime `TypedFunc` clones its registered type: atomics on every call).
+    exports: Arc<Exports>,
     limits: Limits,
     host: Host,
     next_context: u32,
@@ -125,6 +127,8 @@ impl Vm {
             queue_ready: Vec::new(),
             body_interest: None,
             host_properties: host.properties(),
+            memory: None,
+            alloc: None,
         };
         let mut store = Store::new(host.engine(), state);
         store.limiter(|s| &mut s.limits);
@@ -133,7 +137,13 @@ impl Vm {
             .linker()
             .instantiate(&mut store, module.module())
             .map_err(|e| refused(format!("cannot instantiate: {e:#}")))?;
-        let exports = exports(&mut store, &instance).map_err(refused)?;
+        let exports = Arc::new(exports(&mut store, &instance).map_err(refused)?);
+        let memory = instance.get_memory(&mut store, "memory");
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate")
+            .or_else(|_| instance.get_typed_func::<i32, i32>(&mut store, "malloc"))
+            .map_err(|e| refused(format!("the module's allocator has the wrong type: {e}")))?;
+        (store.data_mut().memory, store.data_mut().alloc) = (memory, Some(Arc::new(alloc)));
         let mut vm = Vm {
             store,
             instance,
@@ -151,16 +161,16 @@ impl Vm {
                 break;
             }
         }
-        let create = vm.exports.on_context_create.clone();
-        vm.guard("proxy_on_context_create", |s| create.call(s, (ROOT_CONTEXT as i32, 0)))?;
+        let e = Arc::clone(&vm.exports);
+        vm.guard("proxy_on_context_create", |s| e.on_context_create.call(s, (ROOT_CONTEXT as i32, 0)))?;
         let vm_config = vm.store.data().plugin.vm_configuration.len() as i32;
-        if let Some(f) = vm.exports.on_vm_start.clone()
+        if let Some(f) = &e.on_vm_start
             && vm.guard("proxy_on_vm_start", |s| f.call(s, (ROOT_CONTEXT as i32, vm_config)))? == 0
         {
             return Err(refused("proxy_on_vm_start returned false".into()));
         }
         let config = vm.store.data().plugin.configuration.len() as i32;
-        if let Some(f) = vm.exports.on_configure.clone()
+        if let Some(f) = &e.on_configure
             && vm.guard("proxy_on_configure", |s| f.call(s, (ROOT_CONTEXT as i32, config)))? == 0
         {
             let last = vm.store.data().logs.back().map(|(_, m)| format!(" (last log: {m})")).unwrap_or_default();
@@ -177,15 +187,15 @@ impl Vm {
         callback: &'static str,
         f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<T>,
     ) -> Result<T, VmError> {
-        let plugin = self.store.data().plugin.name.clone();
         if self.poisoned {
-            return Err(VmError::Poisoned { plugin });
+            return Err(VmError::Poisoned { plugin: self.store.data().plugin.name.clone() });
         }
         self.store.set_epoch_deadline(self.host.deadline_ticks(self.limits.deadline));
         match f(&mut self.store) {
             Ok(v) => Ok(v),
             Err(e) => {
                 self.poisoned = true;
+                let plugin = self.store.data().plugin.name.clone();
                 let interrupted = e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt);
                 if interrupted {
                     Err(VmError::Timeout { plugin, callback, deadline: self.limits.deadline })
@@ -218,8 +228,8 @@ impl Vm {
         self.next_context += 1;
         self.store.data_mut().streams.insert(id, stream);
         self.store.data_mut().effective_context = id;
-        let create = self.exports.on_context_create.clone();
-        self.guard("proxy_on_context_create", |s| create.call(s, (id as i32, ROOT_CONTEXT as i32)))?;
+        let e = Arc::clone(&self.exports);
+        self.guard("proxy_on_context_create", |s| e.on_context_create.call(s, (id as i32, ROOT_CONTEXT as i32)))?;
         Ok(id)
     }
 
@@ -235,14 +245,15 @@ impl Vm {
         &mut self,
         id: u32,
         callback: &'static str,
-        f: Option<Cb3>,
+        pick: fn(&Exports) -> &Option<Cb3>,
         a: i32,
         end: bool,
     ) -> Result<Action, VmError> {
         if !self.store.data().streams.contains_key(&id) {
             return Err(VmError::NoSuchContext { plugin: self.store.data().plugin.name.clone(), context: id });
         }
-        let Some(f) = f else { return Ok(Action::Continue) };
+        let e = Arc::clone(&self.exports);
+        let Some(f) = pick(&e) else { return Ok(Action::Continue) };
         self.store.data_mut().effective_context = id;
         let r = self.guard(callback, |s| f.call(s, (id as i32, a, i32::from(end))))?;
         Ok(Action::from_i32(r))
@@ -251,8 +262,7 @@ impl Vm {
     pub fn on_request_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.store.data().streams.get(&id).map(|s| s.request_headers.len()).unwrap_or(0) as i32;
         self.set_open(id, true, true);
-        let r =
-            self.stream_call(id, "proxy_on_request_headers", self.exports.on_request_headers.clone(), n, end_of_stream);
+        let r = self.stream_call(id, "proxy_on_request_headers", |e| &e.on_request_headers, n, end_of_stream);
         if r != Ok(Action::Pause) {
             self.set_open(id, true, false);
         }
@@ -271,19 +281,13 @@ impl Vm {
 
     pub fn on_request_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.store.data().streams.get(&id).map(|s| s.request_body.len()).unwrap_or(0) as i32;
-        self.stream_call(id, "proxy_on_request_body", self.exports.on_request_body.clone(), n, end_of_stream)
+        self.stream_call(id, "proxy_on_request_body", |e| &e.on_request_body, n, end_of_stream)
     }
 
     pub fn on_response_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.store.data().streams.get(&id).map(|s| s.response_headers.len()).unwrap_or(0) as i32;
         self.set_open(id, false, true);
-        let r = self.stream_call(
-            id,
-            "proxy_on_response_headers",
-            self.exports.on_response_headers.clone(),
-            n,
-            end_of_stream,
-        );
+        let r = self.stream_call(id, "proxy_on_response_headers", |e| &e.on_response_headers, n, end_of_stream);
         if r != Ok(Action::Pause) {
             self.set_open(id, false, false);
         }
@@ -299,19 +303,20 @@ impl Vm {
 
     pub fn on_response_body(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
         let n = self.store.data().streams.get(&id).map(|s| s.response_body.len()).unwrap_or(0) as i32;
-        self.stream_call(id, "proxy_on_response_body", self.exports.on_response_body.clone(), n, end_of_stream)
+        self.stream_call(id, "proxy_on_response_body", |e| &e.on_response_body, n, end_of_stream)
     }
 
     /// The end of a stream: on_log, on_done, on_delete; the context is gone afterwards.
     pub fn finish_stream(&mut self, id: u32) -> Result<(), VmError> {
         self.store.data_mut().effective_context = id;
-        if let Some(f) = self.exports.on_log.clone() {
+        let e = Arc::clone(&self.exports);
+        if let Some(f) = &e.on_log {
             self.guard("proxy_on_log", |s| f.call(s, id as i32))?;
         }
-        if let Some(f) = self.exports.on_done.clone() {
+        if let Some(f) = &e.on_done {
             self.guard("proxy_on_done", |s| f.call(s, id as i32))?;
         }
-        if let Some(f) = self.exports.on_delete.clone() {
+        if let Some(f) = &e.on_delete {
             self.guard("proxy_on_delete", |s| f.call(s, id as i32))?;
         }
         self.forget_context(id);
@@ -342,7 +347,8 @@ impl Vm {
     }
 
     pub fn on_tick(&mut self) -> Result<(), VmError> {
-        let Some(f) = self.exports.on_tick.clone() else { return Ok(()) };
+        let e = Arc::clone(&self.exports);
+        let Some(f) = &e.on_tick else { return Ok(()) };
         self.store.data_mut().effective_context = ROOT_CONTEXT;
         self.guard("proxy_on_tick", |s| f.call(s, ROOT_CONTEXT as i32))
     }
@@ -369,7 +375,8 @@ impl Vm {
         token: u32,
         response: Option<(crate::abi::Pairs, Vec<u8>, crate::abi::Pairs)>,
     ) -> Result<(), VmError> {
-        let Some(f) = self.exports.on_http_call_response.clone() else { return Ok(()) };
+        let e = Arc::clone(&self.exports);
+        let Some(f) = &e.on_http_call_response else { return Ok(()) };
         if !self.has_context(context) {
             // The stream that made the call is over: nobody to tell.
             return Ok(());
@@ -423,11 +430,8 @@ impl Vm {
         metadata: crate::abi::Pairs,
     ) -> Result<(), VmError> {
         let initial = kind == crate::abi::MapType::GrpcReceiveInitialMetadata;
-        let f = if initial {
-            self.exports.on_grpc_receive_initial_metadata.clone()
-        } else {
-            self.exports.on_grpc_receive_trailing_metadata.clone()
-        };
+        let e = Arc::clone(&self.exports);
+        let f = if initial { &e.on_grpc_receive_initial_metadata } else { &e.on_grpc_receive_trailing_metadata };
         let (Some(f), Some(context)) = (f, self.grpc_context(token)) else { return Ok(()) };
         let n = metadata.len() as i32;
         self.store.data_mut().grpc_metadata = Some((kind, metadata));
@@ -446,7 +450,8 @@ impl Vm {
         if self.store.data().grpc_open.get(&token).is_some_and(|o| !o.stream) {
             self.store.data_mut().grpc_open.remove(&token);
         }
-        let Some(f) = self.exports.on_grpc_receive.clone() else { return Ok(()) };
+        let e = Arc::clone(&self.exports);
+        let Some(f) = &e.on_grpc_receive else { return Ok(()) };
         let n = message.len() as i32;
         self.store.data_mut().call_data = message;
         let r = self.guard("proxy_on_grpc_receive", |s| f.call(s, (context as i32, token as i32, n)));
@@ -466,7 +471,8 @@ impl Vm {
             }
         }
         s.grpc_status = (status, message);
-        let Some(f) = self.exports.on_grpc_close.clone() else { return Ok(()) };
+        let e = Arc::clone(&self.exports);
+        let Some(f) = &e.on_grpc_close else { return Ok(()) };
         let r = self.guard("proxy_on_grpc_close", |s| f.call(s, (context as i32, token as i32, status as i32)));
         self.store.data_mut().grpc_status.1.clear();
         r
@@ -475,7 +481,8 @@ impl Vm {
     /// Delivers pending `proxy_on_queue_ready` notifications.
     pub fn deliver_queue_ready(&mut self) -> Result<(), VmError> {
         let ready = std::mem::take(&mut self.store.data_mut().queue_ready);
-        let Some(f) = self.exports.on_queue_ready.clone() else { return Ok(()) };
+        let e = Arc::clone(&self.exports);
+        let Some(f) = &e.on_queue_ready else { return Ok(()) };
         for (context, queue) in ready {
             self.store.data_mut().effective_context = context;
             self.guard("proxy_on_queue_ready", |s| f.call(s, (context as i32, queue as i32)))?;

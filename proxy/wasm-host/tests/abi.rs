@@ -69,10 +69,10 @@ fn start(h: &Host, vm_id: &str) -> Vm {
 
 fn request(path: &str, headers: &[(&str, &str)]) -> Stream {
     let mut s = Stream {
-        request_headers: vec![(":method".into(), b"GET".to_vec()), (":path".into(), path.as_bytes().to_vec())],
+        request_headers: vec![(":method".into(), b"GET".to_vec()), (":path".into(), path.as_bytes().to_vec())].into(),
         ..Default::default()
     };
-    s.request_headers.extend(headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())));
+    Arc::make_mut(&mut s.request_headers).extend(headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())));
     s.properties.insert("request.path".into(), path.as_bytes().to_vec());
     s
 }
@@ -95,7 +95,7 @@ fn headers_properties_metrics_and_logs_work_through_the_upstream_sdk() {
         "{:?}",
         vm.state().logs
     );
-    vm.stream_mut(id).unwrap().response_headers = vec![(":status".into(), b"200".to_vec())];
+    vm.stream_mut(id).unwrap().response_headers = vec![(":status".into(), b"200".to_vec())].into();
     assert_eq!(vm.on_response_headers(id, true).unwrap(), Action::Continue);
     assert_eq!(header(&vm.stream(id).unwrap().response_headers, "x-probe-resp"), Some("1"));
     vm.finish_stream(id).unwrap();
@@ -180,7 +180,7 @@ fn grpc_streams_deliver_metadata_messages_and_close_as_they_come() {
     vm.on_grpc_message(token, b"late".to_vec()).unwrap();
     let s = vm.stream_mut(id).unwrap();
     assert_eq!(s.resumed, vec![StreamType::HttpRequest]);
-    s.response_headers = vec![(":status".into(), b"200".to_vec())];
+    s.response_headers = vec![(":status".into(), b"200".to_vec())].into();
     vm.on_response_headers(id, true).unwrap();
     let log = header(&vm.stream(id).unwrap().response_headers, "x-grpc-stream").map(str::to_string);
     assert_eq!(log.as_deref(), Some("initial:application/grpc,message:true,trailing:0,close:0"));
@@ -197,7 +197,7 @@ fn a_cancelled_grpc_stream_gets_nothing_more_and_refuses_sends() {
     assert!(vm.take_grpc_ops().is_empty(), "a send after the cancel goes nowhere");
     vm.on_grpc_close(token, 0, String::new()).unwrap();
     let s = vm.stream_mut(id).unwrap();
-    s.response_headers = vec![(":status".into(), b"200".to_vec())];
+    s.response_headers = vec![(":status".into(), b"200".to_vec())].into();
     vm.on_response_headers(id, true).unwrap();
     let log = header(&vm.stream(id).unwrap().response_headers, "x-grpc-stream").map(str::to_string);
     assert_eq!(log.as_deref(), Some("initial:application/grpc,message:true,cancelled,send-after:Err(NotFound)"));
@@ -225,7 +225,7 @@ fn a_unary_grpc_call_ends_with_its_message_or_its_failure() {
         assert!(!vm.grpc_wanted(*token), "a call is over with its answer");
         let s = vm.stream_mut(id).unwrap();
         assert_eq!(s.resumed, vec![StreamType::HttpRequest]);
-        s.response_headers = vec![(":status".into(), b"200".to_vec())];
+        s.response_headers = vec![(":status".into(), b"200".to_vec())].into();
         vm.on_response_headers(id, true).unwrap();
         let s = vm.stream(id).unwrap();
         let got = (header(&s.response_headers, "x-grpc-status"), header(&s.response_headers, "x-grpc-message"));
@@ -394,10 +394,10 @@ fn header_maps_are_there_only_while_their_phase_runs_as_in_envoy() {
     );
     let m = h.load(&wat::parse_str(wat).unwrap(), None).unwrap();
     let mut vm = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap();
-    let stream = Stream { request_headers: vec![(":path".into(), b"/".to_vec())], ..Default::default() };
+    let stream = Stream { request_headers: vec![(":path".into(), b"/".to_vec())].into(), ..Default::default() };
     let id = vm.create_stream(stream).unwrap();
     assert_eq!(vm.on_request_headers(id, true).unwrap(), Action::Continue);
-    vm.stream_mut(id).unwrap().response_headers = vec![(":status".into(), b"200".to_vec())];
+    vm.stream_mut(id).unwrap().response_headers = vec![(":status".into(), b"200".to_vec())].into();
     assert_eq!(vm.on_response_headers(id, true).unwrap(), Action::Continue);
 }
 
@@ -480,7 +480,7 @@ fn derived_and_host_properties_are_found_and_unknown_ones_are_not() {
     let m = h.load(&wat::parse_str(wat).unwrap(), None).unwrap();
     let mut vm = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap();
     let stream = Stream {
-        request_headers: vec![(":path".into(), b"/p?q=1".to_vec()), ("x-a".into(), b"1".to_vec())],
+        request_headers: vec![(":path".into(), b"/p?q=1".to_vec()), ("x-a".into(), b"1".to_vec())].into(),
         ..Default::default()
     };
     let id = vm.create_stream(stream).unwrap();

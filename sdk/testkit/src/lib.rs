@@ -111,7 +111,7 @@ impl Running {
     /// A request to script.
     pub fn request(&mut self) -> RequestBuilder<'_> {
         let stream = Stream {
-            request_headers: vec![(":method".into(), b"GET".to_vec()), (":path".into(), b"/".to_vec())],
+            request_headers: vec![(":method".into(), b"GET".to_vec()), (":path".into(), b"/".to_vec())].into(),
             ..Default::default()
         };
         RequestBuilder { vm: &mut self.vm, stream, end_of_stream: true }
@@ -153,25 +153,26 @@ pub struct RequestBuilder<'a> {
 
 impl<'a> RequestBuilder<'a> {
     pub fn method(mut self, m: &str) -> Self {
-        set(&mut self.stream.request_headers, ":method", m.as_bytes());
+        set(std::sync::Arc::make_mut(&mut self.stream.request_headers), ":method", m.as_bytes());
         self.stream.properties.insert("request.method".into(), m.as_bytes().to_vec());
         self
     }
 
     pub fn path(mut self, p: &str) -> Self {
-        set(&mut self.stream.request_headers, ":path", p.as_bytes());
+        set(std::sync::Arc::make_mut(&mut self.stream.request_headers), ":path", p.as_bytes());
         self.stream.properties.insert("request.path".into(), p.as_bytes().to_vec());
         self
     }
 
     pub fn authority(mut self, a: &str) -> Self {
-        set(&mut self.stream.request_headers, ":authority", a.as_bytes());
+        set(std::sync::Arc::make_mut(&mut self.stream.request_headers), ":authority", a.as_bytes());
         self.stream.properties.insert("request.host".into(), a.as_bytes().to_vec());
         self
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
-        self.stream.request_headers.push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        std::sync::Arc::make_mut(&mut self.stream.request_headers)
+            .push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
         self
     }
 
@@ -306,8 +307,9 @@ impl<'a> Exchange<'a> {
     pub fn respond_with(self, status: u16, headers: &[(&str, &str)]) -> Result<Exchange<'a>, VmError> {
         let id = self.id;
         let s = self.vm.stream_mut(id).ok_or(VmError::NoSuchContext { plugin: "test".into(), context: id })?;
-        s.response_headers = vec![(":status".into(), status.to_string().into_bytes())];
-        s.response_headers.extend(headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_bytes().to_vec())));
+        s.response_headers = vec![(":status".into(), status.to_string().into_bytes())].into();
+        std::sync::Arc::make_mut(&mut s.response_headers)
+            .extend(headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_bytes().to_vec())));
         let action = self.vm.on_response_headers(id, true)?;
         Ok(Exchange { vm: self.vm, id, action })
     }

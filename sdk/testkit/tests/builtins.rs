@@ -153,7 +153,7 @@ fn retry_budget_caps_retries_in_flight() {
     let mut ids = Vec::new();
     for _ in 0..10 {
         let mut s = Stream {
-            request_headers: vec![(":method".into(), b"GET".to_vec()), (":path".into(), b"/".to_vec())],
+            request_headers: vec![(":method".into(), b"GET".to_vec()), (":path".into(), b"/".to_vec())].into(),
             ..Default::default()
         };
         s.properties.insert("route_name".into(), b"r".to_vec());
@@ -163,7 +163,7 @@ fn retry_budget_caps_retries_in_flight() {
     }
     let mut resent = 0;
     for id in &ids {
-        vm.stream_mut(*id).unwrap().response_headers = vec![(":status".into(), b"503".to_vec())];
+        vm.stream_mut(*id).unwrap().response_headers = vec![(":status".into(), b"503".to_vec())].into();
         vm.on_response_headers(*id, true).unwrap();
         resent += usize::from(vm.stream_mut(*id).unwrap().resend.take().is_some());
     }

@@ -310,13 +310,32 @@ impl Response {
     }
 }
 
-/// A counter metric, defined once per VM (in the filter's constructor or configuration).
+/// Metric ids by type and name: a filter's constructor runs per request, the host is asked
+/// once per VM.
+fn metric_id(kind: MetricType, name: &str) -> u32 {
+    thread_local! {
+        // A filter has a handful: a list beats a map.
+        static IDS: std::cell::RefCell<Vec<(u8, String, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    IDS.with(|ids| {
+        let k = kind as u8;
+        if let Some((_, _, id)) = ids.borrow().iter().find(|(t, n, _)| *t == k && n == name) {
+            return *id;
+        }
+        let id = hostcalls::define_metric(kind, name).unwrap_or(u32::MAX);
+        ids.borrow_mut().push((k, name.to_string(), id));
+        id
+    })
+}
+
+/// A counter metric (defining it again, e.g. in the filter's constructor, is cheap: the id is
+/// kept per VM).
 #[derive(Debug, Clone, Copy)]
 pub struct Counter(u32);
 
 impl Counter {
     pub fn define(name: &str) -> Counter {
-        Counter(hostcalls::define_metric(MetricType::Counter, name).unwrap_or(u32::MAX))
+        Counter(metric_id(MetricType::Counter, name))
     }
 
     pub fn inc(&self, by: u64) {
@@ -330,7 +349,7 @@ pub struct Gauge(u32);
 
 impl Gauge {
     pub fn define(name: &str) -> Gauge {
-        Gauge(hostcalls::define_metric(MetricType::Gauge, name).unwrap_or(u32::MAX))
+        Gauge(metric_id(MetricType::Gauge, name))
     }
 
     pub fn set(&self, value: u64) {
