@@ -321,9 +321,22 @@ impl Policy {
 
 struct Auth {
     config: Config,
+}
+
+/// The filter's metrics, defined once per VM (a filter is made per request).
+struct Counters {
     allowed: Counter,
     denied: Counter,
     audited: Counter,
+}
+
+fn counters() -> &'static Counters {
+    static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| Counters {
+        allowed: Counter::define("auth.allowed"),
+        denied: Counter::define("auth.denied"),
+        audited: Counter::define("auth.audited"),
+    })
 }
 
 fn denied() -> Decision {
@@ -334,12 +347,9 @@ impl Filter for Auth {
     type Config = Config;
 
     fn new(config: &Config) -> Self {
-        Auth {
-            config: config.clone(),
-            allowed: Counter::define("auth.allowed"),
-            denied: Counter::define("auth.denied"),
-            audited: Counter::define("auth.audited"),
-        }
+        // Defined with the first stream, so they show (at 0) before anything happens.
+        counters();
+        Auth { config: config.clone() }
     }
 
     fn check(config: &Config) -> Result<(), String> {
@@ -364,18 +374,18 @@ impl Filter for Auth {
             let hit = stage.policies.iter().find(|(_, p)| p.matches(req, &seen)).map(|(n, _)| n);
             match (stage.action, hit) {
                 (StageAction::Log, Some(name)) => {
-                    self.audited.inc(1);
+                    counters().audited.inc(1);
                     trellis_sdk::log::info!("audit: {name} matched {} {}", req.method(), seen.path());
                 }
                 (StageAction::Log, None) => {}
                 (StageAction::Deny, Some(_)) | (StageAction::Allow, None) => {
-                    self.denied.inc(1);
+                    counters().denied.inc(1);
                     return denied();
                 }
                 (StageAction::Deny, None) | (StageAction::Allow, Some(_)) => {}
             }
         }
-        self.allowed.inc(1);
+        counters().allowed.inc(1);
         Decision::Continue
     }
 }

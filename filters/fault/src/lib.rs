@@ -56,19 +56,29 @@ fn all() -> f64 {
 
 struct Fault {
     config: Config,
+}
+
+/// The filter's metrics, defined once per VM (a filter is made per request).
+struct Counters {
     delays: Counter,
     aborts: Counter,
+}
+
+fn counters() -> &'static Counters {
+    static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| Counters {
+        delays: Counter::define("fault.delays_injected"),
+        aborts: Counter::define("fault.aborts_injected"),
+    })
 }
 
 impl Filter for Fault {
     type Config = Config;
 
     fn new(config: &Config) -> Self {
-        Fault {
-            config: config.clone(),
-            delays: Counter::define("fault.delays_injected"),
-            aborts: Counter::define("fault.aborts_injected"),
-        }
+        // Defined with the first stream, so they show (at 0) before anything happens.
+        counters();
+        Fault { config: config.clone() }
     }
 
     fn on_request(&mut self, req: &mut Request) -> Decision {
@@ -79,7 +89,7 @@ impl Filter for Fault {
             return Decision::Continue;
         };
         let abort = fault.abort.as_ref().filter(|a| chance(a.percentage)).map(|a| {
-            self.aborts.inc(1);
+            counters().aborts.inc(1);
             let body = a.body.as_deref().unwrap_or("fault filter abort");
             match (a.http_status, a.grpc_status) {
                 (_, Some(code)) => LocalReply::grpc_code(code, body),
@@ -89,7 +99,7 @@ impl Filter for Fault {
         });
         match fault.delay.as_ref().filter(|d| d.fixed_delay_ms > 0 && chance(d.percentage)) {
             Some(d) => {
-                self.delays.inc(1);
+                counters().delays.inc(1);
                 Decision::Delay(Duration::from_millis(d.fixed_delay_ms), abort)
             }
             None => abort.map(Decision::Reply).unwrap_or(Decision::Continue),

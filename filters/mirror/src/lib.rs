@@ -50,8 +50,20 @@ struct MirrorFilter {
     pending: Vec<Mirror>,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
+}
+
+/// The filter's metrics, defined once per VM (a filter is made per request).
+struct Counters {
     sent: Counter,
     failed: Counter,
+}
+
+fn counters() -> &'static Counters {
+    static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| Counters {
+        sent: Counter::define("mirror.requests_sent"),
+        failed: Counter::define("mirror.requests_failed"),
+    })
 }
 
 impl MirrorFilter {
@@ -59,8 +71,8 @@ impl MirrorFilter {
         let body = (!self.body.is_empty() && self.body.len() <= BODY_LIMIT).then_some(self.body.as_slice());
         for m in std::mem::take(&mut self.pending) {
             match dispatch(&m.cluster, &self.headers, body, Duration::from_millis(m.timeout_ms)) {
-                Ok(_) => self.sent.inc(1),
-                Err(_) => self.failed.inc(1),
+                Ok(_) => counters().sent.inc(1),
+                Err(_) => counters().failed.inc(1),
             }
         }
         self.body = Vec::new();
@@ -73,14 +85,9 @@ impl Filter for MirrorFilter {
     const SEES_REQUEST_BODY: bool = true;
 
     fn new(config: &Config) -> Self {
-        MirrorFilter {
-            config: config.clone(),
-            pending: Vec::new(),
-            headers: Vec::new(),
-            body: Vec::new(),
-            sent: Counter::define("mirror.requests_sent"),
-            failed: Counter::define("mirror.requests_failed"),
-        }
+        // Defined with the first stream, so they show (at 0) before anything happens.
+        counters();
+        MirrorFilter { config: config.clone(), pending: Vec::new(), headers: Vec::new(), body: Vec::new() }
     }
 
     fn on_request(&mut self, req: &mut Request) -> Decision {

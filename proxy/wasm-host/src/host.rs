@@ -85,6 +85,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 fn engine_config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
+    // For profiling filters with `perf`: name the compiled functions in /tmp/perf-PID.map.
+    if std::env::var_os("TRELLIS_WASM_PERFMAP").is_some() {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     config
 }
 
