@@ -84,14 +84,19 @@ impl Calls {
     /// Hands what the VM's filters asked of their gRPC streams to those streams; a stream no
     /// longer open in the VM (cancelled, its context gone) loses its sender and is reset.
     pub fn route_grpc_ops(&self, vm: &mut Vm) {
-        let ops = vm.take_grpc_ops();
+        let (ops, ended) = (vm.take_grpc_ops(), vm.take_grpc_ended());
+        if ops.is_empty() && ended.is_empty() {
+            return;
+        }
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         for (token, op) in ops {
             if let Some(tx) = streams.get(&token) {
                 let _ = tx.send(op);
             }
         }
-        streams.retain(|token, _| vm.grpc_wanted(*token));
+        for token in ended {
+            streams.remove(&token);
+        }
     }
 }
 

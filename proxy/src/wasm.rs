@@ -68,6 +68,8 @@ pub struct WasmFilter {
     /// Failures: (when the filter may try a fresh VM again, the next backoff). Fail-closed
     /// filters never do once failed.
     failed: Mutex<Option<(Instant, Duration)>>,
+    /// Whether `failed` is set or a VM is poisoned (the healthy path takes no lock).
+    troubled: std::sync::atomic::AtomicBool,
     metrics: WasmMetrics,
     label: PluginLabel,
     /// This plugin's counters (looked up once, not per callback).
@@ -134,6 +136,7 @@ impl WasmFilter {
             next: std::sync::atomic::AtomicUsize::new(0),
             max_slots,
             failed: Mutex::new(None),
+            troubled: std::sync::atomic::AtomicBool::new(false),
             calls: metrics.calls.get_or_create(&label).clone(),
             errors: metrics.errors.get_or_create(&label).clone(),
             time: metrics.time.get_or_create(&label).clone(),
@@ -146,14 +149,18 @@ impl WasmFilter {
 
     /// The VM a new stream runs on.
     pub fn take(&self) -> Result<Arc<VmSlot>, VmError> {
-        if let Some((retry_at, _)) = *self.failed.lock().unwrap_or_else(|p| p.into_inner())
+        let troubled = self.troubled.load(std::sync::atomic::Ordering::Acquire);
+        if troubled
+            && let Some((retry_at, _)) = *self.failed.lock().unwrap_or_else(|p| p.into_inner())
             && (self.config.policy == FailPolicy::Closed || Instant::now() < retry_at)
         {
             return Err(VmError::Poisoned { plugin: self.config.name.clone() });
         }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         // A failed VM takes no new streams (those on it fail by their filter's policy).
-        slots.retain(|s| s.vm.try_lock().map(|vm| !vm.poisoned()).unwrap_or(true));
+        if troubled {
+            slots.retain(|s| s.vm.try_lock().map(|vm| !vm.poisoned()).unwrap_or(true));
+        }
         if !slots.is_empty() {
             let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % slots.len();
             let busy = slots[i].vm.try_lock().is_err();
@@ -190,13 +197,32 @@ impl WasmFilter {
     /// clears the record.
     pub fn finished(&self, slot: &VmSlot) {
         let poisoned = slot.lock().poisoned();
+        self.finished_with(poisoned);
+    }
+
+    /// [`WasmFilter::finished`] when the caller knows whether the VM is poisoned.
+    pub fn finished_with(&self, poisoned: bool) {
+        use std::sync::atomic::Ordering;
+        if !poisoned && !self.troubled.load(Ordering::Acquire) {
+            return;
+        }
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         if poisoned {
             let backoff =
                 failed.map(|(_, b)| (b * 2).min(Duration::from_secs(10))).unwrap_or(Duration::from_millis(100));
             *failed = Some((Instant::now() + backoff, backoff));
-        } else if failed.is_some() {
+            self.troubled.store(true, Ordering::Release);
+        } else {
+            // A stream ended well on a healthy VM: the filter recovered (poisoned VMs were
+            // dropped by `take`).
             *failed = None;
+            let any_poisoned = self
+                .slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|s| s.vm.try_lock().map(|vm| vm.poisoned()).unwrap_or(false));
+            self.troubled.store(any_poisoned, Ordering::Release);
         }
     }
 

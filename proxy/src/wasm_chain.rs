@@ -261,8 +261,8 @@ fn done(active: Vec<Active>) {
             let _ = a.filter.call(|| vm.finish_stream(a.id));
             // Its gRPC streams are reset.
             a.vm.calls.route_grpc_ops(&mut vm);
+            a.filter.finished_with(vm.poisoned());
         }
-        a.filter.finished(&a.vm);
     }
 }
 

@@ -44,7 +44,7 @@ members = ["filter", "tests"]
 
 [profile.wasm]
 inherits = "release"
-opt-level = "z"
+opt-level = 3
 lto = true
 codegen-units = 1
 panic = "abort"

@@ -89,6 +89,16 @@ pub struct Config {
     #[arg(long, env = "TRELLIS_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
 
+    /// The mesh's SPIFFE trust domain: workloads get `spiffe://TRUST_DOMAIN/ns/NS/sa/SA`.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// A plugged-in CA in Istio's `cacerts` layout (`ca-cert.pem`, `ca-key.pem`,
+    /// `root-cert.pem`, `cert-chain.pem`), e.g. an intermediate of a root several clusters
+    /// share. Default: a self-signed root, created at first start and kept in the store.
+    #[arg(long, env = "TRELLIS_CACERTS_DIR")]
+    pub cacerts_dir: Option<PathBuf>,
+
     /// Files or directories of configuration to apply at start (like `trellis apply -f`).
     #[arg(long = "apply", value_name = "PATH")]
     pub apply: Vec<PathBuf>,

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod config;
 pub mod config_apply;
 pub mod debug;

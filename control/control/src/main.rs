@@ -29,6 +29,10 @@ async fn main() -> anyhow::Result<()> {
     let store_config = config.store_config();
     let kv = trellis_store::open(&store_config).await.with_context(|| format!("opening the {store_config}"))?;
     let store = ResourceStore::new(kv);
+    let (ca, ca_source) = trellis_control::ca::load(&store, &config.trust_domain, config.cacerts_dir.as_deref())
+        .await
+        .context("the mesh CA")?;
+    tracing::info!(trust_domain = %ca.trust_domain(), source = %ca_source, roots = ca.roots().len(), "mesh CA ready");
 
     for path in &config.apply {
         let summary = trellis_control::config_apply::apply_path(&store, path).await?;
@@ -84,7 +88,8 @@ async fn main() -> anyhow::Result<()> {
         (false, _) => String::new(),
     };
     eprintln!(
-        "\nTrellis control plane is up.\n  config API:  {scheme}://{addr}\n  xDS (ADS):   {xds_addr} (plaintext gRPC)\n  debug:       http://{debug_addr}/debug/syncz\n  store:       {store_config}\n  admin token: {}\n\nTry:\n  export TRELLIS_SERVER={scheme}://{addr} TRELLIS_TOKEN_FILE={}{ca_env}\n  trellis get virtualservices -A\n  trellis apply -f examples/\n  trellis analyze\n",
+        "\nTrellis control plane is up.\n  config API:  {scheme}://{addr}\n  xDS (ADS):   {xds_addr} (plaintext gRPC)\n  debug:       http://{debug_addr}/debug/syncz\n  store:       {store_config}\n  mesh CA:     trust domain {}, {ca_source}\n  admin token: {}\n\nTry:\n  export TRELLIS_SERVER={scheme}://{addr} TRELLIS_TOKEN_FILE={}{ca_env}\n  trellis get virtualservices -A\n  trellis apply -f examples/\n  trellis analyze\n",
+        ca.trust_domain(),
         token_file.display(),
         token_file.display(),
     );

@@ -50,9 +50,13 @@ pub const BLOB_PREFIX: &str = "blobs/";
 /// Bytes per stored chunk of a blob (well under etcd's request limit).
 const CHUNK: usize = 256 << 10;
 
-/// Whether a key is a resource's (not a blob's).
+/// Keys of the control plane's own state that is not configuration (the CA's root, written
+/// once): `private/NAME`. Never listed, watched or served by the config API.
+pub const PRIVATE_PREFIX: &str = "private/";
+
+/// Whether a key is a resource's (not a blob's or the control plane's own).
 fn is_resource(key: &str) -> bool {
-    !key.starts_with(BLOB_PREFIX)
+    !key.starts_with(BLOB_PREFIX) && !key.starts_with(PRIVATE_PREFIX)
 }
 
 /// The key prefix selecting a kind (all kinds when `None`) and optionally one namespace.
@@ -272,5 +276,23 @@ impl ResourceStore {
 
     pub async fn current_revision(&self) -> Result<Revision> {
         self.kv.current_revision().await
+    }
+
+    /// Stores the control plane's own value `name` if it is not there yet (the first replica
+    /// to start wins; the others read its value). Returns the value stored under `name`.
+    pub async fn create_private(&self, name: &str, value: Vec<u8>) -> Result<Vec<u8>> {
+        let key = format!("{PRIVATE_PREFIX}{name}");
+        match self.kv.create(&key, value.clone()).await {
+            Ok(_) => Ok(value),
+            Err(Error::AlreadyExists { .. }) => {
+                Ok(self.kv.get(&key).await?.ok_or_else(|| Error::Corrupt(format!("{key} vanished")))?.value)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The control plane's own value `name`, if stored.
+    pub async fn get_private(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.kv.get(&format!("{PRIVATE_PREFIX}{name}")).await?.map(|e| e.value))
     }
 }

@@ -285,6 +285,7 @@ pub(crate) fn cancel_grpc(s: &mut VmState, token: u32) -> bool {
     if s.grpc_open.remove(&token).is_none() {
         return false;
     }
+    s.grpc_ended.push(token);
     s.callouts.retain(|k| k.token() != token);
     s.grpc_ops.retain(|(t, _)| *t != token);
     true
@@ -709,6 +710,7 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
                 }
                 if open.remote_closed {
                     s.grpc_open.remove(&token);
+                    s.grpc_ended.push(token);
                 } else if let Some(o) = s.grpc_open.get_mut(&token) {
                     o.local_closed = true;
                 }

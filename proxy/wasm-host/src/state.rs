@@ -52,8 +52,10 @@ impl Properties for HashMap<String, Vec<u8>> {
 pub struct SharedProperties(pub Arc<dyn Properties>);
 
 impl Default for SharedProperties {
+    /// None; one shared empty set (a stream is made per filter and request).
     fn default() -> Self {
-        SharedProperties(Arc::new(HashMap::new()))
+        static NONE: std::sync::OnceLock<Arc<dyn Properties>> = std::sync::OnceLock::new();
+        SharedProperties(NONE.get_or_init(|| Arc::new(HashMap::<String, Vec<u8>>::new())).clone())
     }
 }
 
@@ -229,6 +231,8 @@ pub struct VmState {
     pub grpc_open: HashMap<u32, GrpcOpen>,
     /// What filters asked of their open gRPC streams, by token, in order.
     pub grpc_ops: Vec<(u32, GrpcOp)>,
+    /// Tokens no longer open since the embedder last looked (`Vm::take_grpc_ended`).
+    pub grpc_ended: Vec<u32>,
     /// The metadata being delivered (`proxy_on_grpc_receive_initial_metadata` /
     /// `_trailing_metadata`): header map type 4 or 5.
     pub grpc_metadata: Option<(crate::abi::MapType, Pairs)>,

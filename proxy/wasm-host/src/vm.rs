@@ -122,6 +122,7 @@ impl Vm {
             grpc_status: (0, String::new()),
             grpc_open: HashMap::new(),
             grpc_ops: Vec::new(),
+            grpc_ended: Vec::new(),
             grpc_metadata: None,
             done: Vec::new(),
             queue_ready: Vec::new(),
@@ -360,6 +361,9 @@ impl Vm {
 
     /// The callouts made by one context (a VM shared by many streams keeps the others').
     pub fn take_callouts_for(&mut self, context: u32) -> Vec<Callout> {
+        if self.store.data().callouts.is_empty() {
+            return Vec::new();
+        }
         let all = std::mem::take(&mut self.store.data_mut().callouts);
         let (mine, others): (Vec<Callout>, Vec<Callout>) = all.into_iter().partition(|c| match c {
             Callout::Http { context: c, .. } | Callout::Grpc { context: c, .. } => *c == context,
@@ -402,6 +406,12 @@ impl Vm {
     /// What filters asked of their open gRPC streams since the last time, in order.
     pub fn take_grpc_ops(&mut self) -> Vec<(u32, crate::state::GrpcOp)> {
         std::mem::take(&mut self.store.data_mut().grpc_ops)
+    }
+
+    /// gRPC calls and streams that stopped being wanted (cancelled, their context gone, closed
+    /// at both ends) since the last time.
+    pub fn take_grpc_ended(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.store.data_mut().grpc_ended)
     }
 
     /// The context a delivery for `token` goes to, if it is still wanted.
@@ -449,6 +459,7 @@ impl Vm {
         let Some(context) = self.grpc_context(token) else { return Ok(()) };
         if self.store.data().grpc_open.get(&token).is_some_and(|o| !o.stream) {
             self.store.data_mut().grpc_open.remove(&token);
+            self.store.data_mut().grpc_ended.push(token);
         }
         let e = Arc::clone(&self.exports);
         let Some(f) = &e.on_grpc_receive else { return Ok(()) };
@@ -468,6 +479,7 @@ impl Vm {
             Some(o) if o.stream && !o.local_closed => o.remote_closed = true,
             _ => {
                 s.grpc_open.remove(&token);
+                s.grpc_ended.push(token);
             }
         }
         s.grpc_status = (status, message);
