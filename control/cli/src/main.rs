@@ -101,6 +101,12 @@ enum Command {
         #[command(subcommand)]
         action: TokenCommand,
     },
+    /// Manage workload tokens: the credentials proxies use to get their certificates (SPIFFE
+    /// identity of one service account) from the mesh CA.
+    WorkloadToken {
+        #[command(subcommand)]
+        action: WorkloadTokenCommand,
+    },
     /// Write proxy-wasm filters.
     Filter {
         #[command(subcommand)]
@@ -154,6 +160,89 @@ enum TokenCommand {
     Revoke { names: Vec<String> },
     /// List tokens (names, roles, namespaces; never secrets).
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkloadTokenCommand {
+    /// Create a token for a service account and print its secret (shown only this once).
+    Create {
+        name: String,
+        /// The namespace of the service account (and of the token).
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The service account whose identity the token's holder gets.
+        #[arg(long)]
+        service_account: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Revoke tokens: no certificate is issued for them from then on.
+    Revoke {
+        names: Vec<String>,
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+    },
+    /// List tokens (names, service accounts; never secrets).
+    List {
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
+}
+
+/// A new secret and its SHA-256 (hex), as tokens store it.
+fn new_secret() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let secret = format!("trl_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let sha: String = sha2::Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    (secret, sha)
+}
+
+/// Creates a token resource and prints its secret, or the server's reasons.
+async fn create_token(client: &Client, res: serde_json::Value, secret: &str, what: &str) -> anyhow::Result<ExitCode> {
+    let res: trellis_model::Resource = serde_json::from_value(res)?;
+    match client.create(&res).await {
+        Ok(_) => {
+            eprintln!("{what} created; its secret, shown only now:");
+            println!("{secret}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ClientError::Api { message, causes, .. }) => {
+            for c in &causes {
+                eprintln!("error: {}: {}", c.field, c.message);
+            }
+            if causes.is_empty() {
+                eprintln!("error: {message}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn workload_token(client: &Client, action: &WorkloadTokenCommand) -> anyhow::Result<ExitCode> {
+    match action {
+        WorkloadTokenCommand::Create { name, namespace, service_account, description } => {
+            let (secret, sha) = new_secret();
+            let res = serde_json::json!({
+                "apiVersion": "trellis.dev/v1alpha1", "kind": "WorkloadToken", "metadata": {"name": name, "namespace": namespace},
+                "spec": {"serviceAccount": service_account, "sha256": sha, "description": description},
+            });
+            create_token(
+                client,
+                res,
+                &secret,
+                &format!("workload token {namespace}/{name} (service account {service_account})"),
+            )
+            .await
+        }
+        WorkloadTokenCommand::Revoke { names, namespace } => {
+            delete(client, Some("workloadtokens"), names, namespace, &[], false).await
+        }
+        WorkloadTokenCommand::List { namespace } => {
+            let ns: Vec<String> = namespace.iter().cloned().collect();
+            output::get(client, Kind::WorkloadToken, &[], ns.first().map(String::as_str), "table").await
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -258,6 +347,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Analyze { files } if !files.is_empty() => validate(files),
         Command::Analyze { .. } => analyze_server(&client(&cli)?).await,
         Command::Token { action } => token(&client(&cli)?, action).await,
+        Command::WorkloadToken { action } => workload_token(&client(&cli)?, action).await,
         Command::ProxyStatus => proxy_status(&client(&cli)?).await,
         Command::Filter { action: FilterCommand::New { name, dir, repo } } => {
             let dir = scaffold::new_filter(name, dir.as_deref(), repo.as_deref())?;
@@ -444,35 +534,17 @@ async fn analyze_server(client: &Client) -> anyhow::Result<ExitCode> {
 async fn token(client: &Client, action: &TokenCommand) -> anyhow::Result<ExitCode> {
     match action {
         TokenCommand::Create { name, role, namespaces, description } => {
-            let bytes: [u8; 32] = rand::random();
-            let secret = format!("trl_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
-            let sha: String = sha2::Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+            let (secret, sha) = new_secret();
             let role = match role.as_str() {
                 "viewer" => "Viewer",
                 "editor" => "Editor",
                 _ => "Admin",
             };
-            let res: trellis_model::Resource = serde_json::from_value(serde_json::json!({
+            let res = serde_json::json!({
                 "apiVersion": "trellis.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name},
                 "spec": {"role": role, "namespaces": namespaces, "sha256": sha, "description": description},
-            }))?;
-            match client.create(&res).await {
-                Ok(_) => {
-                    eprintln!("token {name} created ({role}); its secret, shown only now:");
-                    println!("{secret}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(ClientError::Api { message, causes, .. }) => {
-                    for c in &causes {
-                        eprintln!("error: {}: {}", c.field, c.message);
-                    }
-                    if causes.is_empty() {
-                        eprintln!("error: {message}");
-                    }
-                    Ok(ExitCode::FAILURE)
-                }
-                Err(e) => Err(e.into()),
-            }
+            });
+            create_token(client, res, &secret, &format!("token {name} ({role})")).await
         }
         TokenCommand::Revoke { names } => delete(client, Some("apitokens"), names, "default", &[], false).await,
         TokenCommand::List => output::get(client, Kind::ApiToken, &[], None, "table").await,

@@ -106,6 +106,7 @@ fn columns(kind: Kind, spec: &Value) -> Vec<(&'static str, String)> {
             vec![("NETWORK", strings(&spec["network"])), ("GATEWAY", strings(&spec["eastWestGateway"]["address"]))]
         }
         Kind::ApiToken => vec![("ROLE", strings(&spec["role"])), ("NAMESPACES", strings(&spec["namespaces"]))],
+        Kind::WorkloadToken => vec![("SERVICE-ACCOUNT", strings(&spec["serviceAccount"]))],
         Kind::Sidecar | Kind::RequestAuthentication | Kind::Telemetry => Vec::new(),
     }
 }

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod certs;
 pub mod config;
 pub mod config_apply;
 pub mod debug;

@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("the mesh CA")?;
     tracing::info!(trust_domain = %ca.trust_domain(), source = %ca_source, roots = ca.roots().len(), "mesh CA ready");
+    let ca = Arc::new(ca);
 
     for path in &config.apply {
         let summary = trellis_control::config_apply::apply_path(&store, path).await?;
@@ -56,7 +57,11 @@ async fn main() -> anyhow::Result<()> {
     });
     tokio::spawn(hub.clone().run(trellis_control::index::spawn(store.clone(), module_server)));
     let ads = trellis_xds::AdsServer::new(hub.clone()).service();
-    let routes = tonic::service::Routes::from(trellis_control::api::module_router(store.clone())).add_service(ads);
+    // Workloads get their certificates on the xDS port too (CSR + WorkloadToken).
+    let certs = trellis_control::certs::CertificateService::new(ca.clone(), store.clone());
+    let routes = tonic::service::Routes::from(trellis_control::api::module_router(store.clone()))
+        .add_service(ads)
+        .add_service(certs);
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
         // HTTP/1.1 as well, for module fetches (`GET /wasm/{sha256}`).

@@ -18,6 +18,7 @@ pub enum Kind {
     WasmPlugin,
     MeshCluster,
     ApiToken,
+    WorkloadToken,
 }
 
 pub const NETWORKING_GROUP: &str = "networking.istio.io";
@@ -27,7 +28,7 @@ pub const EXTENSIONS_GROUP: &str = "extensions.istio.io";
 pub const TRELLIS_GROUP: &str = "trellis.dev";
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Gateway,
@@ -41,6 +42,7 @@ impl Kind {
         Kind::WasmPlugin,
         Kind::MeshCluster,
         Kind::ApiToken,
+        Kind::WorkloadToken,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +60,7 @@ impl Kind {
             Kind::WasmPlugin => "WasmPlugin",
             Kind::MeshCluster => "MeshCluster",
             Kind::ApiToken => "ApiToken",
+            Kind::WorkloadToken => "WorkloadToken",
         }
     }
 
@@ -72,7 +75,7 @@ impl Kind {
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => SECURITY_GROUP,
             Kind::Telemetry => TELEMETRY_GROUP,
             Kind::WasmPlugin => EXTENSIONS_GROUP,
-            Kind::MeshCluster | Kind::ApiToken => TRELLIS_GROUP,
+            Kind::MeshCluster | Kind::ApiToken | Kind::WorkloadToken => TRELLIS_GROUP,
         }
     }
 
@@ -112,6 +115,7 @@ impl Kind {
             Kind::WasmPlugin => "wasmplugins",
             Kind::MeshCluster => "meshclusters",
             Kind::ApiToken => "apitokens",
+            Kind::WorkloadToken => "workloadtokens",
         }
     }
 
@@ -131,6 +135,7 @@ impl Kind {
             Kind::WasmPlugin => &["wp"],
             Kind::MeshCluster => &["mc"],
             Kind::ApiToken => &["token", "tokens"],
+            Kind::WorkloadToken => &["wt"],
         }
     }
 

@@ -1024,6 +1024,20 @@ message! {
     }
 }
 
+message! {
+    /// A workload's bootstrap credential (namespaced, `trellis.dev/v1alpha1`): whoever holds the
+    /// secret may get certificates for one service account of the token's namespace from the
+    /// mesh CA, nothing else. Only the SHA-256 of the secret is stored; deleting the token
+    /// revokes it (certificates already issued live out their short lifetime).
+    pub struct WorkloadToken {
+        /// The service account (in the token's namespace) whose identity the holder gets.
+        pub service_account: String,
+        /// Lower-case hex SHA-256 of the secret.
+        pub sha256: String,
+        pub description: String,
+    }
+}
+
 /// A parsed spec of any kind. Built once per resource, so variant sizes do not matter.
 #[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::large_enum_variant)]
@@ -1041,4 +1055,5 @@ pub enum Spec {
     WasmPlugin(WasmPlugin),
     MeshCluster(MeshCluster),
     ApiToken(ApiToken),
+    WorkloadToken(WorkloadToken),
 }

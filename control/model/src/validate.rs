@@ -122,6 +122,7 @@ pub fn validate_resource(res: &Resource, default_namespace: &str) -> Result<(Res
         Kind::WasmPlugin => check(&spec_value, &mut v, wasm_plugin, Spec::WasmPlugin),
         Kind::MeshCluster => check(&spec_value, &mut v, |s, v| mesh_cluster(&meta.name, s, v), Spec::MeshCluster),
         Kind::ApiToken => check(&spec_value, &mut v, api_token, Spec::ApiToken),
+        Kind::WorkloadToken => check(&spec_value, &mut v, workload_token, Spec::WorkloadToken),
     };
     match spec {
         Some(spec) if v.errors.is_empty() => Ok((ResourceKey::new(kind, namespace, meta.name.clone()), spec)),
@@ -1663,6 +1664,17 @@ fn api_token(s: &ApiToken, v: &mut V) {
     }
     if s.role == Some(TokenRole::Admin) && !s.namespaces.is_empty() {
         v.err("spec.namespaces", "an Admin token reaches everything; use Editor or Viewer to limit it to namespaces");
+    }
+}
+
+fn workload_token(s: &WorkloadToken, v: &mut V) {
+    if s.service_account.is_empty() {
+        v.err("spec.serviceAccount", "required: the service account whose identity the token's holder gets");
+    } else if !is_dns1123_subdomain(&s.service_account) {
+        v.err("spec.serviceAccount", format!("{:?} is not a service account name", s.service_account));
+    }
+    if !(s.sha256.len() == 64 && s.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+        v.err("spec.sha256", "the SHA-256 of the secret, as 64 lower-case hexadecimal characters");
     }
 }
 

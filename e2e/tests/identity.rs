@@ -1,0 +1,144 @@
+//! Workload identities from the real control plane: a WorkloadToken made with the CLI, a CSR
+//! sent over gRPC (Istio's CreateCertificate) on the xDS port, an SVID back that verifies
+//! against the mesh's root; what a token may not get, it does not get; a revoked token gets
+//! nothing; a restart keeps the root.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use tonic::Code;
+use trellis_control::certs::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse};
+use trellis_e2e::ControlPlane;
+
+fn csr(sans: &[&str]) -> String {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = sans.iter().map(|s| SanType::URI(s.to_string().try_into().unwrap())).collect();
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+async fn create_certificate(
+    xds: &str,
+    token: Option<&str>,
+    csr: String,
+    ttl_s: i64,
+) -> Result<Vec<String>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{xds}")).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(IstioCertificateRequest { csr, validity_duration: ttl_s });
+    if let Some(t) = token {
+        req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let path = http::uri::PathAndQuery::from_static(CREATE_CERTIFICATE);
+    let resp: tonic::Response<IstioCertificateResponse> =
+        grpc.unary(req, path, tonic_prost::ProstCodec::default()).await?;
+    Ok(resp.into_inner().cert_chain)
+}
+
+fn der(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>().unwrap()
+}
+
+/// The leaf's URI SANs and lifetime, after checking the chain against its last certificate
+/// (the root).
+fn check(chain: &[String]) -> (Vec<String>, i64) {
+    let certs: Vec<CertificateDer<'static>> = chain.iter().flat_map(|p| der(p)).collect();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs.last().unwrap().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+    verifier.verify_client_cert(&certs[0], &certs[1..certs.len() - 1], UnixTime::now()).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&certs[0]).unwrap();
+    let uris = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (uris, leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp())
+}
+
+#[tokio::test]
+async fn a_workload_token_gets_its_service_accounts_identity_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path(), &[]).unwrap();
+    let out = cp
+        .cli(&["workload-token", "create", "reviews", "-n", "bookinfo", "--service-account", "bookinfo-reviews"])
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let me = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
+    // The token index catches up with the store: poll until the token is known.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let chain = loop {
+        match create_certificate(&cp.xds_addr, Some(&secret), csr(&[]), 0).await {
+            Ok(c) => break c,
+            Err(s) if s.code() == Code::Unauthenticated && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s:?}\n{}", cp.log_text()),
+        }
+    };
+    let (uris, life) = check(&chain);
+    assert_eq!(uris, vec![me]);
+    assert_eq!(life, 24 * 3600 + 60, "24 h by default (+1 min backdated)");
+    // A short lifetime, as rotation tests use; the CSR may name its own identity.
+    let short = create_certificate(&cp.xds_addr, Some(&secret), csr(&[me]), 30).await.unwrap();
+    assert_eq!(check(&short).1, 30 + 60);
+    // Another service account's identity is refused, naming both.
+    let other = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage";
+    let e = create_certificate(&cp.xds_addr, Some(&secret), csr(&[other]), 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains(other) && e.message().contains(me), "{}", e.message());
+    // No token, a wrong token, a broken CSR.
+    let e = create_certificate(&cp.xds_addr, None, csr(&[]), 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = create_certificate(&cp.xds_addr, Some("trl_not-a-token"), csr(&[]), 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = create_certificate(&cp.xds_addr, Some(&secret), "junk".into(), 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Revoked: nothing more is issued for it.
+    let out = cp.cli(&["workload-token", "revoke", "reviews", "-n", "bookinfo"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match create_certificate(&cp.xds_addr, Some(&secret), csr(&[]), 0).await {
+            Err(s) if s.code() == Code::Unauthenticated => break,
+            other => assert!(Instant::now() < deadline, "still issued after revocation: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A restart signs with the same root (kept in the store).
+    let root = chain.last().unwrap().clone();
+    let (addr, xds, debug) = (cp.addr.clone(), cp.xds_addr.clone(), cp.debug_addr.clone());
+    cp.kill_9().unwrap();
+    let cp = ControlPlane::restart(dir.path(), &addr, &xds, &debug).unwrap();
+    let out = cp
+        .cli(&["workload-token", "create", "again", "-n", "bookinfo", "--service-account", "bookinfo-reviews"])
+        .unwrap();
+    let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let chain = loop {
+        match create_certificate(&cp.xds_addr, Some(&secret), csr(&[]), 0).await {
+            Ok(c) => break c,
+            Err(s) if s.code() == Code::Unauthenticated && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    };
+    assert_eq!(der(chain.last().unwrap()), der(&root), "the root changed across a restart");
+}
