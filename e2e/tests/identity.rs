@@ -10,8 +10,10 @@ use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use tonic::Code;
-use trellis_control::certs::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse};
+use trellis_ca::api::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse};
 use trellis_e2e::ControlPlane;
+use trellis_e2e::http::ProxyClient;
+use trellis_e2e::proxies::{NodeSpec, TrellisProxy};
 
 fn csr(sans: &[&str]) -> String {
     let key = KeyPair::generate().unwrap();
@@ -141,4 +143,68 @@ async fn a_workload_token_gets_its_service_accounts_identity_and_nothing_else() 
         }
     };
     assert_eq!(der(chain.last().unwrap()), der(&root), "the root changed across a restart");
+}
+
+/// A workload token's secret, made with the CLI.
+fn workload_token(cp: &ControlPlane, name: &str, ns: &str, sa: &str) -> String {
+    let out = cp.cli(&["workload-token", "create", name, "-n", ns, "--service-account", sa]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+async fn certs(p: &TrellisProxy) -> serde_json::Value {
+    let a = ProxyClient::new(&p.admin).get(&p.admin, "/certs", &[]).await.unwrap();
+    serde_json::from_str(&a.body).unwrap()
+}
+
+#[tokio::test]
+async fn trellis_proxy_gets_its_certificate_and_renews_it_at_half_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), &[]).unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, workload_token(&cp, "reviews", "bookinfo", "bookinfo-reviews")).unwrap();
+    let spec = NodeSpec::sidecar("reviews-v1", "bookinfo", "");
+    let flags = ["--service-account", "bookinfo-reviews", "--identity-token-file", token_file.to_str().unwrap()];
+    // A 10-second certificate: renewed every 5 s.
+    let mut args = flags.to_vec();
+    args.extend(["--identity-ttl", "10"]);
+    let p = TrellisProxy::start_node(&cp.xds_addr, &spec, &args).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut serials = Vec::new();
+    loop {
+        let c = certs(&p).await;
+        if let Some(leaf) = c["certificates"][0]["cert_chain"][0].as_object() {
+            assert_eq!(leaf["subject_alt_names"][0]["uri"], "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews");
+            let life = leaf["expiration_time"].as_i64().unwrap() - leaf["valid_from"].as_i64().unwrap();
+            assert_eq!(life, 10 + 60, "the asked lifetime (+1 min backdated)");
+            let serial = leaf["serial_number"].as_str().unwrap().to_string();
+            if serials.last() != Some(&serial) {
+                serials.push(serial);
+            }
+        }
+        if serials.len() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "renewals: {serials:?}, /certs: {c}\n{}", p.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A token for another service account: the proxy refuses what the CA gives it.
+    let other_file = dir.path().join("other-token");
+    std::fs::write(&other_file, workload_token(&cp, "ratings", "bookinfo", "bookinfo-ratings")).unwrap();
+    let flags = ["--service-account", "bookinfo-reviews", "--identity-token-file", other_file.to_str().unwrap()];
+    let wrong =
+        TrellisProxy::start_node(&cp.xds_addr, &NodeSpec::sidecar("reviews-v2", "bookinfo", ""), &flags).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = certs(&wrong).await;
+        if let Some(e) = c["last_error"].as_str()
+            && e.contains("token is for another workload")
+        {
+            assert!(e.contains("bookinfo-ratings"), "{e}");
+            assert_eq!(c["certificates"], serde_json::json!([]), "it holds no certificate");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/certs: {c}\n{}", wrong.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

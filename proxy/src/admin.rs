@@ -1,6 +1,7 @@
 //! The admin port (loopback only): `/ready`, `/config_dump` (what the proxy runs, as JSON),
 //! `/clusters` (hosts with health and ejection state, Envoy's text format), `/stats`,
-//! `/xds` (control-plane connection), and `POST /logging?level=LEVEL` to change the log
+//! `/xds` (control-plane connection), `/certs` (the workload certificate: SPIFFE ID, serial,
+//! validity, renewals), and `POST /logging?level=LEVEL` to change the log
 //! level at run time.
 
 use std::convert::Infallible;
@@ -70,6 +71,12 @@ fn handle(proxy: &Proxy, set_level: &SetLogLevel, req: Request<Incoming>) -> Res
             r
         }
         (&Method::GET, "/clusters") => text(StatusCode::OK, clusters(proxy)),
+        (&Method::GET, "/certs") => {
+            let certs = proxy.identity.get().map(|i| i.certs_json()).unwrap_or_else(|| json!({"certificates": []}));
+            let mut r = text(StatusCode::OK, serde_json::to_string_pretty(&certs).unwrap_or_default());
+            r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r
+        }
         (&Method::GET, "/stats") => text(StatusCode::OK, stats(proxy)),
         (&Method::GET, "/xds") => {
             text(StatusCode::OK, serde_json::to_string_pretty(&proxy.xds_status()).unwrap_or_default())

@@ -21,6 +21,7 @@
 //!   outbound: 127.0.0.1:15001
 //!   inbound: 0.0.0.0:15006
 //! wasmCacheDir: /var/cache/trellis-proxy/wasm   # fetched and compiled modules; none by default
+//! identity: {tokenFile: /var/run/trellis/token}  # SPIFFE certificate from the mesh CA (identity.rs)
 //! ```
 
 use std::collections::BTreeMap;
@@ -45,6 +46,8 @@ pub struct Bootstrap {
     /// Where fetched modules and their compiled code are kept across restarts (created
     /// private); `None`: in memory only.
     pub wasm_cache_dir: Option<std::path::PathBuf>,
+    /// The workload certificate from the mesh CA (crate::identity).
+    pub identity: crate::identity::IdentityConfig,
 }
 
 impl Default for Bootstrap {
@@ -57,6 +60,7 @@ impl Default for Bootstrap {
             node: NodeConfig::default(),
             listeners: ListenerAddresses::default(),
             wasm_cache_dir: None,
+            identity: Default::default(),
         }
     }
 }

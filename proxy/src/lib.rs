@@ -16,6 +16,7 @@ pub mod builtins;
 pub mod callout;
 pub mod config;
 pub mod http;
+pub mod identity;
 pub mod listeners;
 pub mod metrics;
 pub mod tcp;
@@ -133,6 +134,8 @@ pub struct Proxy {
     pub wasm_cache_dir: std::sync::OnceLock<std::path::PathBuf>,
     /// Who this proxy is (filters see it as `node.*`).
     workload: metrics::Workload,
+    /// Its certificate from the mesh CA, when the bootstrap gives it a token.
+    pub identity: std::sync::OnceLock<Arc<identity::WorkloadIdentity>>,
 }
 
 impl Proxy {
@@ -148,6 +151,7 @@ impl Proxy {
             node_id: node_id.to_string(),
             metrics: metrics::Metrics::new(workload.clone()),
             workload,
+            identity: std::sync::OnceLock::new(),
             access_log,
             wasm_host: std::sync::OnceLock::new(),
             wasm_cache_dir: std::sync::OnceLock::new(),

@@ -68,6 +68,13 @@ struct Args {
     /// Where fetched wasm modules and their compiled code are kept across restarts.
     #[arg(long, env = "TRELLIS_WASM_CACHE_DIR")]
     wasm_cache_dir: Option<std::path::PathBuf>,
+    /// A file holding the WorkloadToken secret: the proxy gets its SPIFFE certificate from
+    /// the mesh CA with it (bootstrap `identity.tokenFile`).
+    #[arg(long, env = "TRELLIS_IDENTITY_TOKEN_FILE")]
+    identity_token_file: Option<String>,
+    /// The certificate lifetime to ask for, in seconds (bootstrap `identity.ttlSeconds`).
+    #[arg(long)]
+    identity_ttl: Option<u64>,
     /// Explicit node id (default: derived from the rest).
     #[arg(long)]
     node_id: Option<String>,
@@ -104,6 +111,10 @@ fn bootstrap(args: &Args) -> Result<Bootstrap, String> {
     set(&mut b.node.id, &args.node_id);
     set(&mut b.listeners.outbound, &args.outbound);
     set(&mut b.listeners.inbound, &args.inbound);
+    set(&mut b.identity.token_file, &args.identity_token_file);
+    if let Some(ttl) = args.identity_ttl {
+        b.identity.ttl_seconds = ttl;
+    }
     if !args.ips.is_empty() {
         b.node.ips = args.ips.clone();
     }
@@ -160,6 +171,10 @@ fn main() -> anyhow::Result<()> {
         let metrics = b.metrics.parse().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
         trellis_proxy::metrics::serve(proxy.clone(), metrics).await.map_err(|e| anyhow::anyhow!(e))?;
         tracing::info!(node = %b.node_id(), xds = %b.xds, admin = %b.admin, metrics = %b.metrics, "trellis-proxy starting");
+        if !b.identity.token_file.is_empty() {
+            let id = trellis_proxy::identity::spawn(b.identity.clone(), &b.xds, &b.node.namespace, &b.node.service_account);
+            let _ = proxy.identity.set(id);
+        }
         tokio::spawn(trellis_proxy::xds::run(proxy.clone(), b.xds.clone(), b.node()));
         shutdown_signal().await;
         tracing::info!("shutting down: draining listeners");

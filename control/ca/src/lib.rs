@@ -12,6 +12,8 @@
 //!
 //! The CA key is never logged or returned: [`CaMaterial`]'s `Debug` leaves it out.
 
+pub mod api;
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -14,35 +14,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use tonic::{Request, Response, Status};
+use trellis_ca::api::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse, SERVICE};
 use trellis_ca::{Ca, CaError, DEFAULT_TTL, Identity};
 use trellis_model::spec::Spec;
 use trellis_model::{Kind, Resource, validate_resource};
 use trellis_store::{EventType, ReflectorEvent, ResourceStore, reflector};
 
 use crate::auth::token_sha256;
-
-/// `istio.v1.auth.IstioCertificateRequest`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct IstioCertificateRequest {
-    /// PEM-encoded certificate signing request.
-    #[prost(string, tag = "1")]
-    pub csr: String,
-    /// Requested lifetime in seconds (0: the default, 24 h).
-    #[prost(int64, tag = "3")]
-    pub validity_duration: i64,
-}
-
-/// `istio.v1.auth.IstioCertificateResponse`: the leaf first, the root last, PEM.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct IstioCertificateResponse {
-    #[prost(string, repeated, tag = "1")]
-    pub cert_chain: Vec<String>,
-}
-
-/// The gRPC service name.
-pub const SERVICE: &str = "istio.v1.auth.IstioCertificateService";
-/// The full path of its one method.
-pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 
 /// Who may get which identity: WorkloadToken hashes → (token name, identity).
 #[derive(Debug, Default)]
