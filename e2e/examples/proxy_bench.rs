@@ -8,7 +8,9 @@
 //! FILTERS (default `0`) is a comma-separated list of wasm filter counts to measure each proxy
 //! with: `0,1,4` is the filter benchmark (docs/benchmarks.md, "Wasm filters"; the modules and
 //! their configuration: `trellis_e2e::bench::filter_plugins`). RATES (default `1000,3200`):
-//! the request rates, comma-separated.
+//! the request rates, comma-separated. MODES (default: all): only these, e.g. `e0,e1,t0,t4`
+//! (`d` direct, `eN` Envoy with N filters, `tN` trellis-proxy with N filters), for more
+//! repetitions of the comparisons that matter in the same time.
 
 #![allow(clippy::print_stdout)]
 
@@ -29,7 +31,21 @@ async fn main() -> anyhow::Result<()> {
         Some(list) => list.split(',').map(|r| r.trim().parse()).collect::<Result<_, _>>()?,
         None => vec![1000, 3200],
     };
+    let modes = match args.get(5) {
+        Some(list) => Some(
+            list.split(',')
+                .map(|m| match (m.get(..1), m.get(1..).and_then(|n| n.parse::<u8>().ok())) {
+                    (Some("d"), _) => Ok(trellis_e2e::bench::Mode::Direct),
+                    (Some("e"), Some(n)) => Ok(trellis_e2e::bench::Mode::Envoy(n)),
+                    (Some("t"), Some(n)) => Ok(trellis_e2e::bench::Mode::Trellis(n)),
+                    _ => Err(anyhow::anyhow!("mode {m:?}: expected d, eN or tN")),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
     let cfg = Config {
+        modes,
         rates,
         repetitions: reps,
         warmup: Duration::from_secs(3),

@@ -102,6 +102,8 @@ pub struct Config {
     pub pin: bool,
     /// Wasm filter counts to measure each proxy with (0: none; 1, 4: [`filter_plugins`]).
     pub filters: Vec<u8>,
+    /// Only these modes (all of direct and each proxy × `filters` when `None`).
+    pub modes: Option<Vec<Mode>>,
 }
 
 /// One measurement.
@@ -427,6 +429,9 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Vec<Sample>> {
             let mut modes = vec![Mode::Direct];
             modes.extend(cfg.filters.iter().map(|f| Mode::Envoy(*f)));
             modes.extend(cfg.filters.iter().map(|f| Mode::Trellis(*f)));
+            if let Some(only) = &cfg.modes {
+                modes.clone_from(only);
+            }
             if rep % 2 == 0 {
                 modes.reverse();
             }

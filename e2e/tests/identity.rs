@@ -56,44 +56,32 @@ fn check(chain: &[String]) -> (Vec<String>, i64) {
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
     verifier.verify_client_cert(&certs[0], &certs[1..certs.len() - 1], UnixTime::now()).unwrap();
     let (_, leaf) = x509_parser::parse_x509_certificate(&certs[0]).unwrap();
-    let uris = leaf
-        .subject_alternative_name()
-        .unwrap()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let uris = trellis_ca::subject_alt_names(&certs[0]);
     (uris, leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp())
+}
+
+/// The first certificate for a new token: the control plane's token index catches up with the
+/// store, so poll (with a deadline) while the token is still unknown.
+async fn first_certificate(cp: &ControlPlane, secret: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match create_certificate(&cp.xds_addr, Some(secret), csr(&[]), 0).await {
+            Ok(c) => return c,
+            Err(s) if s.code() == Code::Unauthenticated && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s:?}\n{}", cp.log_text()),
+        }
+    }
 }
 
 #[tokio::test]
 async fn a_workload_token_gets_its_service_accounts_identity_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).unwrap();
-    let out = cp
-        .cli(&["workload-token", "create", "reviews", "-n", "bookinfo", "--service-account", "bookinfo-reviews"])
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let secret = workload_token(&cp, "reviews", "bookinfo", "bookinfo-reviews");
     let me = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
-    // The token index catches up with the store: poll until the token is known.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let chain = loop {
-        match create_certificate(&cp.xds_addr, Some(&secret), csr(&[]), 0).await {
-            Ok(c) => break c,
-            Err(s) if s.code() == Code::Unauthenticated && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(s) => panic!("{s:?}\n{}", cp.log_text()),
-        }
-    };
+    let chain = first_certificate(&cp, &secret).await;
     let (uris, life) = check(&chain);
     assert_eq!(uris, vec![me]);
     assert_eq!(life, 24 * 3600 + 60, "24 h by default (+1 min backdated)");
@@ -128,20 +116,8 @@ async fn a_workload_token_gets_its_service_accounts_identity_and_nothing_else() 
     let (addr, xds, debug) = (cp.addr.clone(), cp.xds_addr.clone(), cp.debug_addr.clone());
     cp.kill_9().unwrap();
     let cp = ControlPlane::restart(dir.path(), &addr, &xds, &debug).unwrap();
-    let out = cp
-        .cli(&["workload-token", "create", "again", "-n", "bookinfo", "--service-account", "bookinfo-reviews"])
-        .unwrap();
-    let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let chain = loop {
-        match create_certificate(&cp.xds_addr, Some(&secret), csr(&[]), 0).await {
-            Ok(c) => break c,
-            Err(s) if s.code() == Code::Unauthenticated && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(s) => panic!("{s:?}"),
-        }
-    };
+    let secret = workload_token(&cp, "again", "bookinfo", "bookinfo-reviews");
+    let chain = first_certificate(&cp, &secret).await;
     assert_eq!(der(chain.last().unwrap()), der(&root), "the root changed across a restart");
 }
 

@@ -20,6 +20,7 @@ async fn the_proxy_benchmark_runs_and_counts_every_request() {
         connections: 8,
         pin: false,
         filters: vec![0, 4],
+        modes: None,
     };
     let samples = run(&cfg).await.unwrap();
     println!("{}", table(&samples));

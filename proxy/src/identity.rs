@@ -179,16 +179,9 @@ async fn fetch(config: &IdentityConfig, ca: &str, namespace: &str, service_accou
     let leaf = chain.first().ok_or("the CA sent no certificate")?;
     let (_, parsed) =
         x509_parser::parse_x509_certificate(leaf).map_err(|e| format!("the CA sent a bad certificate: {e}"))?;
-    let spiffe_id = parsed
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .and_then(|s| {
-            s.value.general_names.iter().find_map(|n| match n {
-                x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
-                _ => None,
-            })
-        })
+    let spiffe_id = trellis_ca::subject_alt_names(leaf)
+        .into_iter()
+        .find(|n| n.starts_with("spiffe://"))
         .ok_or("the certificate has no SPIFFE ID")?;
     let got = trellis_ca::Identity::parse(&spiffe_id).ok_or_else(|| format!("{spiffe_id} is not a SPIFFE ID"))?;
     if got.namespace != namespace || got.service_account != service_account {

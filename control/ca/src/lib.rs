@@ -198,6 +198,21 @@ fn to_pem(der: &CertificateDer<'_>) -> String {
     pem::encode_config(&pem::Pem::new("CERTIFICATE", der.as_ref().to_vec()), config)
 }
 
+/// The names in a certificate's subject alternative names (DER): URIs as they are, other
+/// kinds described. Empty when it has none or does not parse.
+pub fn subject_alt_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, c)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    let Ok(Some(sans)) = c.subject_alternative_name() else { return Vec::new() };
+    sans.value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
 /// A CA ready to sign.
 pub struct Ca {
     trust_domain: String,

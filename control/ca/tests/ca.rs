@@ -50,20 +50,7 @@ fn later(d: Duration) -> UnixTime {
 fn parsed(pem: &str) -> (Vec<String>, i64, bool) {
     let d = der(pem).remove(0);
     let (_, c) = x509_parser::parse_x509_certificate(&d).unwrap();
-    let uris = c
-        .subject_alternative_name()
-        .unwrap()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => u.to_string(),
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let uris = trellis_ca::subject_alt_names(&d);
     let life = c.validity().not_after.timestamp() - c.validity().not_before.timestamp();
     (uris, life, c.is_ca())
 }
