@@ -1,7 +1,7 @@
 //! Workload identities from the real control plane: a WorkloadToken made with the CLI, a CSR
 //! sent over gRPC (Istio's CreateCertificate) on the xDS port, an SVID back that verifies
-//! against the mesh's root; what a token may not get, it does not get; a revoked token gets
-//! nothing; a restart keeps the root.
+//! against the mesh's root, which proxies also get over SDS; what a token may not get, it does
+//! not get; a revoked token gets nothing; a restart keeps the root.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +60,32 @@ fn check(chain: &[String]) -> (Vec<String>, i64) {
     (uris, leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp())
 }
 
+/// The `ROOTCA` secret a proxy gets over Delta ADS, as certificates.
+async fn sds_root_ca(cp: &ControlPlane) -> Vec<CertificateDer<'static>> {
+    use envoy_types::pb::envoy::config::core::v3::{Node, data_source::Specifier};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+    use prost::Message;
+    use trellis_xds::hub::SECRET_TYPE;
+    let node =
+        Node { id: "sidecar~127.0.0.9~sds-probe.bookinfo~bookinfo.svc.cluster.local".into(), ..Default::default() };
+    let mut ads = trellis_xds::client::DeltaClient::connect(&cp.xds_addr, node).await.unwrap();
+    ads.subscribe(SECRET_TYPE, vec!["ROOTCA".into()], Default::default()).await.unwrap();
+    // The first answer may predate the control plane's first published state; updates follow.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let any = loop {
+        let resp = ads.recv(deadline.saturating_duration_since(Instant::now())).await.unwrap();
+        assert_eq!(resp.type_url, SECRET_TYPE);
+        ads.ack(&resp).await.unwrap();
+        if let Some(any) = resp.resources.iter().find(|r| r.name == "ROOTCA").and_then(|r| r.resource.clone()) {
+            break any;
+        }
+    };
+    let secret = Secret::decode(any.value.as_slice()).unwrap();
+    let Some(secret::Type::ValidationContext(vc)) = secret.r#type else { panic!("{secret:?}") };
+    let Some(Specifier::InlineBytes(pem)) = vc.trusted_ca.and_then(|d| d.specifier) else { panic!("no inline bundle") };
+    der(std::str::from_utf8(&pem).unwrap())
+}
+
 /// The first certificate for a new token: the control plane's token index catches up with the
 /// store, so poll (with a deadline) while the token is still unknown.
 async fn first_certificate(cp: &ControlPlane, secret: &str) -> Vec<String> {
@@ -84,6 +110,9 @@ async fn a_workload_token_gets_its_service_accounts_identity_and_nothing_else() 
     let chain = first_certificate(&cp, &secret).await;
     let (uris, life) = check(&chain);
     assert_eq!(uris, vec![me]);
+    // The trust bundle reaches proxies over SDS (ADS, Istio's secret name ROOTCA): the root
+    // that signed the chain.
+    assert_eq!(sds_root_ca(&cp).await, der(chain.last().unwrap()));
     assert_eq!(life, 24 * 3600 + 60, "24 h by default (+1 min backdated)");
     // A short lifetime, as rotation tests use; the CSR may name its own identity.
     let short = create_certificate(&cp.xds_addr, Some(&secret), csr(&[me]), 30).await.unwrap();

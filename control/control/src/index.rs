@@ -28,8 +28,12 @@ fn parse(r: &Resource) -> Option<(ResourceKey, Spec)> {
 pub fn spawn(
     store: ResourceStore,
     module_server: Option<std::net::SocketAddr>,
+    trust_bundle: Option<Arc<str>>,
 ) -> watch::Receiver<Arc<ConfigSnapshot>> {
-    let (tx, rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
+    // Before the store's first answer: no configuration yet, but the module server and the
+    // trust bundle are known.
+    let first = ConfigSnapshot { module_server, trust_bundle: trust_bundle.clone(), ..Default::default() };
+    let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut items: BTreeMap<ResourceKey, Spec> = BTreeMap::new();
         let mut events = Box::pin(reflector(store, None, None));
@@ -64,8 +68,11 @@ pub fn spawn(
                 }
                 next = events.next().now_or_never().flatten();
             }
-            let snapshot =
-                ConfigSnapshot { items: items.iter().map(|(k, s)| (k.clone(), s.clone())).collect(), module_server };
+            let snapshot = ConfigSnapshot {
+                items: items.iter().map(|(k, s)| (k.clone(), s.clone())).collect(),
+                module_server,
+                trust_bundle: trust_bundle.clone(),
+            };
             if tx.send(Arc::new(snapshot)).is_err() {
                 return;
             }

@@ -55,7 +55,11 @@ async fn main() -> anyhow::Result<()> {
         debounce: std::time::Duration::from_millis(config.push_debounce_ms),
         default_cluster: config.cluster_id.clone(),
     });
-    tokio::spawn(hub.clone().run(trellis_control::index::spawn(store.clone(), module_server)));
+    tokio::spawn(hub.clone().run(trellis_control::index::spawn(
+        store.clone(),
+        module_server,
+        Some(ca.roots_pem().into()),
+    )));
     let ads = trellis_xds::AdsServer::new(hub.clone()).service();
     // Workloads get their certificates on the xDS port too (CSR + WorkloadToken).
     let certs = trellis_control::certs::CertificateService::new(ca.clone(), store.clone());

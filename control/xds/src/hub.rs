@@ -25,9 +25,11 @@ pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Clus
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
-/// Push order: clusters before endpoints, listeners before routes.
-pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+/// Push order: secrets before what refers to them, clusters before endpoints, listeners before
+/// routes.
+pub const PUSH_ORDER: [&str; 5] = [SECRET_TYPE, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
 
 /// Types a proxy receives in full (wildcard); the others it asks for by name.
 pub fn is_wildcard_type(type_url: &str) -> bool {
@@ -121,6 +123,7 @@ pub fn encode_all(t: &Translated) -> TypeMaps {
     maps.insert(ENDPOINT_TYPE, t.endpoints.iter().map(|(n, c)| (n.clone(), encode(c))).collect());
     maps.insert(LISTENER_TYPE, t.listeners.iter().map(|(n, l)| (n.clone(), encode(l))).collect());
     maps.insert(ROUTE_TYPE, t.routes.iter().map(|(n, r)| (n.clone(), encode(r))).collect());
+    maps.insert(SECRET_TYPE, t.secrets.iter().map(|(n, s)| (n.clone(), encode(s))).collect());
     let digests = maps
         .iter()
         .map(|(t, m): (&&'static str, &BTreeMap<String, Encoded>)| {

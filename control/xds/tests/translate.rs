@@ -891,3 +891,16 @@ spec:
     let allow = inbound[2].rules.as_ref().unwrap();
     assert!(allow.policies.is_empty(), "{:?}", allow.policies.keys());
 }
+
+#[test]
+fn every_proxy_gets_the_trust_bundle_as_the_rootca_secret() {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret;
+    let mut config = snapshot("");
+    assert!(translate(&config, &registry::build(&config.items, &[], "Kubernetes"), &productpage()).secrets.is_empty());
+    config.trust_bundle = Some("-----BEGIN CERTIFICATE-----\nroots\n-----END CERTIFICATE-----\n".into());
+    let out = translate(&config, &registry::build(&config.items, &[], "Kubernetes"), &productpage());
+    let Some(secret::Type::ValidationContext(vc)) = out.secrets["ROOTCA"].r#type.clone() else { panic!("{out:?}") };
+    let Some(Specifier::InlineBytes(pem)) = vc.trusted_ca.and_then(|d| d.specifier) else { panic!("no bundle") };
+    assert!(String::from_utf8(pem).unwrap().contains("roots"));
+}

@@ -21,6 +21,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use trellis_model::ResourceKey;
 use trellis_model::analyze::{ROOT_NAMESPACE, fqdn, sidecar_host_matches};
@@ -36,6 +37,8 @@ pub struct ConfigSnapshot {
     /// Where proxies fetch uploaded wasm modules (the control plane's xDS port); `None`: no
     /// module server, so `trellis://` modules are not delivered.
     pub module_server: Option<std::net::SocketAddr>,
+    /// The mesh CA's roots (PEM), served to every proxy as the SDS secret [`ROOT_CA`].
+    pub trust_bundle: Option<std::sync::Arc<str>>,
 }
 
 /// The resources one proxy needs, by name.
@@ -45,6 +48,26 @@ pub struct Translated {
     pub endpoints: BTreeMap<String, ClusterLoadAssignment>,
     pub listeners: BTreeMap<String, Listener>,
     pub routes: BTreeMap<String, RouteConfiguration>,
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// The SDS secret holding the mesh's trust bundle (Istio's name for it).
+pub const ROOT_CA: &str = "ROOTCA";
+
+/// The trust bundle as an SDS validation context.
+fn root_ca(pem: &str) -> Secret {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{CertificateValidationContext, secret};
+    Secret {
+        name: ROOT_CA.into(),
+        r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+            trusted_ca: Some(DataSource {
+                specifier: Some(Specifier::InlineBytes(pem.as_bytes().to_vec())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    }
 }
 
 /// Name of the route configuration served on the outbound listener.
@@ -221,6 +244,9 @@ pub fn translate(config: &ConfigSnapshot, registry: &RegistrySnapshot, proxy: &P
 pub fn translate_outbound(config: &ConfigSnapshot, registry: &RegistrySnapshot, proxy: &ProxyInfo) -> Translated {
     let scope = Scope::new(config, registry, proxy);
     let mut out = Translated::default();
+    if let Some(pem) = &config.trust_bundle {
+        out.secrets.insert(ROOT_CA.into(), root_ca(pem));
+    }
     clusters::outbound(&scope, &mut out);
     if proxy.kind == ProxyKind::Router {
         gateway::listeners(&scope, &mut out);
