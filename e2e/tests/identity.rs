@@ -193,6 +193,18 @@ async fn trellis_proxy_gets_its_certificate_and_renews_it_at_half_life() {
         assert!(Instant::now() < deadline, "renewals: {serials:?}, /certs: {c}\n{}", p.log_text());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The trust bundle arrived over SDS (ROOTCA): one root, the one that signed the chain.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = certs(&p).await;
+        let ca = c["certificates"][0]["ca_cert"].as_array().cloned().unwrap_or_default();
+        if ca.len() == 1 && ca[0]["source"] == "sds:ROOTCA" {
+            assert!(!ca[0]["serial_number"].as_str().unwrap_or_default().is_empty(), "{c}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/certs: {c}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A token for another service account: the proxy refuses what the CA gives it.
     let other_file = dir.path().join("other-token");
     std::fs::write(&other_file, workload_token(&cp, "ratings", "bookinfo", "bookinfo-ratings")).unwrap();

@@ -72,7 +72,10 @@ fn handle(proxy: &Proxy, set_level: &SetLogLevel, req: Request<Incoming>) -> Res
         }
         (&Method::GET, "/clusters") => text(StatusCode::OK, clusters(proxy)),
         (&Method::GET, "/certs") => {
-            let certs = proxy.identity.get().map(|i| i.certs_json()).unwrap_or_else(|| json!({"certificates": []}));
+            let rt = proxy.runtime.load();
+            let bundle = rt.snapshot.trust_bundles.get(crate::xds::ROOT_CA).map(|b| b.as_ref());
+            let certs =
+                proxy.identity.get().map(|i| i.certs_json(bundle)).unwrap_or_else(|| json!({"certificates": []}));
             let mut r = text(StatusCode::OK, serde_json::to_string_pretty(&certs).unwrap_or_default());
             r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             r

@@ -80,8 +80,9 @@ impl WorkloadIdentity {
     }
 
     /// What `/certs` shows: Envoy's shape (`certificates[].cert_chain[]` with serial, SANs,
-    /// validity), plus the renewal count and the last error.
-    pub fn certs_json(&self) -> Value {
+    /// validity; `ca_cert[]`: the trust bundle from SDS `ROOTCA` when it has arrived, else the
+    /// root the chain came with), plus the renewal count and the last error.
+    pub fn certs_json(&self, bundle: Option<&crate::config::TrustBundle>) -> Value {
         let error = self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let certificates: Vec<Value> = self
             .current()
@@ -94,7 +95,12 @@ impl WorkloadIdentity {
                         "expiration_time": s.not_after,
                         "seconds_until_expiration": s.not_after - now(),
                     }],
-                    "ca_cert": [{"count": s.roots.len()}],
+                    "ca_cert": bundle.map(|b| b.roots.as_slice()).unwrap_or(&s.roots).iter().map(|r| {
+                        let serial = x509_parser::parse_x509_certificate(r)
+                            .map(|(_, c)| c.raw_serial_as_string().replace(':', ""))
+                            .unwrap_or_default();
+                        json!({"serial_number": serial, "source": if bundle.is_some() { "sds:ROOTCA" } else { "chain" }})
+                    }).collect::<Vec<_>>(),
                 })
             })
             .into_iter()

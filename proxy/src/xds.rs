@@ -19,7 +19,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::config::{self, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, Snapshot};
+use crate::config::{self, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE, Snapshot};
 use crate::{Proxy, Runtime};
 
 /// Largest ADS message accepted (as the control plane's limit).
@@ -28,7 +28,10 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// What the client holds per type: name → (version, resource).
 type Held = BTreeMap<&'static str, BTreeMap<String, (String, Any)>>;
 
-const TYPES: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+const TYPES: [&str; 5] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE];
+
+/// The SDS secrets trellis-proxy asks for: the mesh trust bundle (Istio's name).
+pub const ROOT_CA: &str = "ROOTCA";
 
 fn type_key(t: &str) -> Option<&'static str> {
     TYPES.iter().copied().find(|k| *k == t)
@@ -127,6 +130,8 @@ async fn session(
         subscribe(LISTENER_TYPE, Vec::new(), held),
         subscribe(ENDPOINT_TYPE, eds.iter().cloned().collect(), held),
         subscribe(ROUTE_TYPE, rds.iter().cloned().collect(), held),
+        // The trust bundle; a management server without SDS just never answers it.
+        subscribe(SECRET_TYPE, vec![ROOT_CA.to_string()], held),
     ];
     for req in initial {
         if (req.type_url == ENDPOINT_TYPE && eds.is_empty()) || (req.type_url == ROUTE_TYPE && rds.is_empty()) {

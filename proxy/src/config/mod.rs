@@ -17,6 +17,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use prost::{Message, Name};
 
@@ -28,6 +29,7 @@ pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Clus
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// Why a resource was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +64,61 @@ pub struct Snapshot {
     pub clusters: BTreeMap<String, Arc<ClusterConfig>>,
     /// EDS: by service name.
     pub endpoints: BTreeMap<String, Arc<Vec<LocalityGroup>>>,
+    /// SDS: trust bundles by secret name (`ROOTCA`: the mesh's roots).
+    pub trust_bundles: BTreeMap<String, Arc<TrustBundle>>,
+}
+
+/// Roots to trust, from an SDS validation-context secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrustBundle {
+    pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+/// An SDS secret: only validation contexts with inline roots (trellis-proxy gets its own
+/// certificate from the mesh CA, so `tls_certificate` secrets are refused, naming the field).
+fn trust_bundle(s: &Secret) -> Result<TrustBundle, ConvertError> {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type;
+    use rustls::pki_types::pem::PemObject;
+    let what = format!("secret {}", s.name);
+    let vc = match &s.r#type {
+        Some(Type::ValidationContext(vc)) => vc,
+        Some(Type::TlsCertificate(_)) => return Err(ConvertError::unsupported(&what, "tls_certificate")),
+        Some(Type::SessionTicketKeys(_)) => return Err(ConvertError::unsupported(&what, "session_ticket_keys")),
+        Some(Type::GenericSecret(_)) => return Err(ConvertError::unsupported(&what, "generic_secret")),
+        None => return Err(ConvertError::invalid(&what, "no secret")),
+    };
+    #[allow(deprecated)] // still sent by some control planes: refused by name, not ignored
+    let old_sans = !vc.match_subject_alt_names.is_empty();
+    let unsupported = [
+        (old_sans, "validation_context.match_subject_alt_names"),
+        (!vc.match_typed_subject_alt_names.is_empty(), "validation_context.match_typed_subject_alt_names"),
+        (!vc.verify_certificate_spki.is_empty(), "validation_context.verify_certificate_spki"),
+        (!vc.verify_certificate_hash.is_empty(), "validation_context.verify_certificate_hash"),
+        (vc.crl.is_some(), "validation_context.crl"),
+        (vc.custom_validator_config.is_some(), "validation_context.custom_validator_config"),
+        (vc.ca_certificate_provider_instance.is_some(), "validation_context.ca_certificate_provider_instance"),
+        (vc.watched_directory.is_some(), "validation_context.watched_directory"),
+    ];
+    if let Some((_, field)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(ConvertError::unsupported(&what, *field));
+    }
+    let pem: Vec<u8> = match vc.trusted_ca.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(Specifier::InlineBytes(b)) => b.clone(),
+        Some(Specifier::InlineString(t)) => t.clone().into_bytes(),
+        Some(Specifier::Filename(_)) => return Err(ConvertError::unsupported(&what, "trusted_ca.filename")),
+        Some(Specifier::EnvironmentVariable(_)) => {
+            return Err(ConvertError::unsupported(&what, "trusted_ca.environment_variable"));
+        }
+        None => return Err(ConvertError::invalid(&what, "validation_context.trusted_ca is empty")),
+    };
+    let roots = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConvertError::invalid(&what, format!("trusted_ca is not PEM certificates: {e:?}")))?;
+    if roots.is_empty() {
+        return Err(ConvertError::invalid(&what, "trusted_ca holds no certificate"));
+    }
+    Ok(TrustBundle { roots })
 }
 
 impl Snapshot {
@@ -127,6 +184,7 @@ pub fn apply_type(snap: &mut Snapshot, type_url: &str, resources: &BTreeMap<Stri
         CLUSTER_TYPE => snap.clusters = convert_all!(Cluster, cluster::convert),
         LISTENER_TYPE => snap.listeners = convert_all!(Listener, listener::convert),
         ROUTE_TYPE => snap.routes = convert_all!(RouteConfiguration, route::convert),
+        SECRET_TYPE => snap.trust_bundles = convert_all!(Secret, trust_bundle),
         ENDPOINT_TYPE => {
             snap.endpoints = convert_all!(ClusterLoadAssignment, |cla: &ClusterLoadAssignment| {
                 cluster::load_assignment(cla, &format!("endpoints {}", cla.cluster_name), false)
@@ -135,4 +193,48 @@ pub fn apply_type(snap: &mut Snapshot, type_url: &str, resources: &BTreeMap<Stri
         other => return Err(format!("resource type {other} is not served to trellis-proxy")),
     }
     if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+}
+
+#[cfg(test)]
+mod sds_tests {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, SubjectAltNameMatcher, TlsCertificate, secret,
+    };
+
+    use super::*;
+
+    fn bundle_secret(pem: &str) -> Secret {
+        Secret {
+            name: "ROOTCA".into(),
+            r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+                trusted_ca: Some(DataSource {
+                    specifier: Some(Specifier::InlineBytes(pem.as_bytes().to_vec())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn a_validation_context_with_inline_roots_is_a_trust_bundle_and_anything_else_is_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let root = rcgen::CertificateParams::new(vec!["root.test".to_string()]).unwrap().self_signed(&key).unwrap();
+        let b = trust_bundle(&bundle_secret(&format!("{}{}", root.pem(), root.pem()))).unwrap();
+        assert_eq!(b.roots.len(), 2);
+        assert_eq!(b.roots[0].as_ref(), root.der().as_ref());
+        let cert =
+            Secret { name: "default".into(), r#type: Some(secret::Type::TlsCertificate(TlsCertificate::default())) };
+        assert_eq!(
+            trust_bundle(&cert).unwrap_err().to_string(),
+            "secret default: tls_certificate is not supported by trellis-proxy"
+        );
+        let mut pinned = bundle_secret(&root.pem());
+        if let Some(secret::Type::ValidationContext(vc)) = &mut pinned.r#type {
+            vc.match_typed_subject_alt_names.push(SubjectAltNameMatcher::default());
+        }
+        assert!(trust_bundle(&pinned).unwrap_err().to_string().contains("match_typed_subject_alt_names"));
+        assert!(trust_bundle(&bundle_secret("junk")).unwrap_err().to_string().contains("holds no certificate"));
+    }
 }
