@@ -141,6 +141,13 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
     list.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
 }
 
+/// Runs stream `id`'s response-headers callback (a 200) and reads response header `name`.
+fn response_header(vm: &mut Vm, id: u32, name: &str) -> Option<String> {
+    vm.stream_mut(id).unwrap().response_headers = vec![(":status".into(), b"200".to_vec())].into();
+    vm.on_response_headers(id, true).unwrap();
+    header(&vm.stream(id).unwrap().response_headers, name).map(str::to_string)
+}
+
 /// Opens the probe's `/grpc-stream` (or `-cancel`) and checks what the embedder is handed:
 /// the stream to open and the request message to send on it.
 fn open_probe_stream(vm: &mut Vm, path: &str) -> (u32, u32) {
@@ -178,11 +185,8 @@ fn grpc_streams_deliver_metadata_messages_and_close_as_they_come() {
     assert!(!vm.grpc_wanted(token), "closed at both ends");
     // Nothing is delivered after the close.
     vm.on_grpc_message(token, b"late".to_vec()).unwrap();
-    let s = vm.stream_mut(id).unwrap();
-    assert_eq!(s.resumed, vec![StreamType::HttpRequest]);
-    s.response_headers = vec![(":status".into(), b"200".to_vec())].into();
-    vm.on_response_headers(id, true).unwrap();
-    let log = header(&vm.stream(id).unwrap().response_headers, "x-grpc-stream").map(str::to_string);
+    assert_eq!(vm.stream(id).unwrap().resumed, vec![StreamType::HttpRequest]);
+    let log = response_header(&mut vm, id, "x-grpc-stream");
     assert_eq!(log.as_deref(), Some("initial:application/grpc,message:true,trailing:0,close:0"));
 }
 
@@ -196,10 +200,7 @@ fn a_cancelled_grpc_stream_gets_nothing_more_and_refuses_sends() {
     assert!(!vm.grpc_wanted(token), "cancelled");
     assert!(vm.take_grpc_ops().is_empty(), "a send after the cancel goes nowhere");
     vm.on_grpc_close(token, 0, String::new()).unwrap();
-    let s = vm.stream_mut(id).unwrap();
-    s.response_headers = vec![(":status".into(), b"200".to_vec())].into();
-    vm.on_response_headers(id, true).unwrap();
-    let log = header(&vm.stream(id).unwrap().response_headers, "x-grpc-stream").map(str::to_string);
+    let log = response_header(&mut vm, id, "x-grpc-stream");
     assert_eq!(log.as_deref(), Some("initial:application/grpc,message:true,cancelled,send-after:Err(NotFound)"));
     // A stream context that ends takes its open streams with it.
     let (id, token) = open_probe_stream(&mut vm, "/grpc-stream");
@@ -223,13 +224,10 @@ fn a_unary_grpc_call_ends_with_its_message_or_its_failure() {
             Err((code, msg)) => vm.on_grpc_close(*token, code, msg.into()).unwrap(),
         }
         assert!(!vm.grpc_wanted(*token), "a call is over with its answer");
-        let s = vm.stream_mut(id).unwrap();
-        assert_eq!(s.resumed, vec![StreamType::HttpRequest]);
-        s.response_headers = vec![(":status".into(), b"200".to_vec())].into();
-        vm.on_response_headers(id, true).unwrap();
-        let s = vm.stream(id).unwrap();
-        let got = (header(&s.response_headers, "x-grpc-status"), header(&s.response_headers, "x-grpc-message"));
-        assert_eq!(got, (Some(expect.0), Some(expect.1)));
+        assert_eq!(vm.stream(id).unwrap().resumed, vec![StreamType::HttpRequest]);
+        let status = response_header(&mut vm, id, "x-grpc-status");
+        let message = header(&vm.stream(id).unwrap().response_headers, "x-grpc-message").map(str::to_string);
+        assert_eq!((status.as_deref(), message.as_deref()), (Some(expect.0), Some(expect.1)));
         vm.finish_stream(id).unwrap();
     }
 }
@@ -302,9 +300,16 @@ fn an_endless_loop_is_stopped_at_the_cpu_deadline() {
 
 /// A minimal proxy-wasm module in WAT whose request-headers callback runs `body`.
 fn wat_module(body: &str) -> Vec<u8> {
+    wat_module_with("", "", body)
+}
+
+/// [`wat_module`] with `imports` (before any definition) and `data` segments.
+fn wat_module_with(imports: &str, data: &str, body: &str) -> Vec<u8> {
     let wat = format!(
         r#"(module
+  {imports}
   (memory (export "memory") 1)
+  {data}
   (global $next (mut i32) (i32.const 1024))
   (func (export "proxy_abi_version_0_2_1"))
   (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
@@ -464,20 +469,8 @@ fn derived_and_host_properties_are_found_and_unknown_ones_are_not() {
         ));
         at += 64;
     }
-    let wat = format!(
-        r#"(module
-  (import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  {data}
-  (global $next (mut i32) (i32.const 1024))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
-    (local $p i32) (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $n))) (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) {checks} (i32.const 0)))"#
-    );
-    let m = h.load(&wat::parse_str(wat).unwrap(), None).unwrap();
+    let import = r#"(import "env" "proxy_get_property" (func $prop (param i32 i32 i32 i32) (result i32)))"#;
+    let m = h.load(&wat_module_with(import, &data, &format!("{checks} (i32.const 0)")), None).unwrap();
     let mut vm = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap();
     let stream = Stream {
         request_headers: vec![(":path".into(), b"/p?q=1".to_vec()), ("x-a".into(), b"1".to_vec())].into(),
