@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use trellis_ca::api::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse};
@@ -41,6 +41,7 @@ pub struct IdentityConfig {
 pub struct Svid {
     /// Leaf first, then the chain up to the root.
     pub chain: Vec<CertificateDer<'static>>,
+    /// Its key (made here; for the mTLS the proxy will serve with it).
     pub key: PrivatePkcs8KeyDer<'static>,
     /// The SPIFFE ID (the leaf's URI SAN).
     pub spiffe_id: String,
@@ -53,12 +54,6 @@ pub struct Svid {
     pub received: i64,
     /// The trust bundle it came with (the chain's root).
     pub roots: Vec<CertificateDer<'static>>,
-}
-
-impl Svid {
-    pub fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(self.key.clone_key())
-    }
 }
 
 /// The identity the proxy holds, kept current by [`spawn`].

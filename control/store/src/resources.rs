@@ -290,9 +290,4 @@ impl ResourceStore {
             Err(e) => Err(e),
         }
     }
-
-    /// The control plane's own value `name`, if stored.
-    pub async fn get_private(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.kv.get(&format!("{PRIVATE_PREFIX}{name}")).await?.map(|e| e.value))
-    }
 }
