@@ -15,7 +15,10 @@
 //! initial metadata, the first message, the half-close, the trailing metadata and the close
 //! recorded in `x-grpc-stream`; `/grpc-stream-cancel` → the same, cancelled after the first
 //! message (and a send after the cancel refused); `/ticks` → the root ticks the plugin has seen (`tickMs` makes them periodic), in
-//! `x-shared`; `/shared-set`, `/shared-get` → shared data; `/tick` → held until the root context's second
+//! `x-shared`; `/shared-set`, `/shared-get` → shared data; `/shared-add` → adds 5 to the
+//! shared-data counter `probe-counter` with Trellis's foreign function `trellis.shared_add` (its
+//! answer, or `unsupported`, in `x-shared`) and `/shared-count` reads it with
+//! `proxy_get_shared_data`; `/tick` → held until the root context's second
 //! tick (20 ms period), then `x-ticked` is set; bodies are upper-cased.
 
 use proxy_wasm::traits::*;
@@ -300,6 +303,20 @@ impl HttpContext for Http {
                 let v = value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "none".into());
                 self.set_http_request_header("x-shared", Some(&v));
                 self.shared = Some(v);
+            }
+            "/shared-add" => {
+                let args = [5i64.to_le_bytes().as_slice(), b"probe-counter"].concat();
+                let v = match proxy_wasm::hostcalls::call_foreign_function("trellis.shared_add", Some(&args)) {
+                    Ok(Some(v)) => v.try_into().map(i64::from_le_bytes).map(|n| n.to_string()).unwrap_or_default(),
+                    Ok(None) => "empty".into(),
+                    Err(_) => "unsupported".into(),
+                };
+                self.set_http_request_header("x-shared", Some(&v));
+            }
+            "/shared-count" => {
+                let (value, cas) = self.get_shared_data("probe-counter");
+                let n = value.and_then(|v| v.try_into().ok()).map(i64::from_le_bytes).unwrap_or(0);
+                self.set_http_request_header("x-shared", Some(&format!("{n} cas:{}", cas.unwrap_or(0))));
             }
             "/panic" => panic!("the probe was asked to panic"),
             "/huge" => {

@@ -328,7 +328,8 @@ impl Host {
         self.inner.properties.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Offers a foreign function to VMs started from now on.
+    /// Offers a foreign function to VMs started from now on. A function named like one of the
+    /// host's own (`trellis.*`) replaces it: answering `NotFound` plays a host without it.
     pub fn register_foreign_function(&self, name: &str, f: ForeignFunction) {
         let mut slot = self.inner.foreign.lock().unwrap_or_else(|p| p.into_inner());
         let mut map = (**slot).clone();

@@ -236,6 +236,32 @@ fn stream_function(s: &mut VmState, name: &str, args: &[u8]) -> Option<Status> {
     Some(Status::Ok)
 }
 
+/// `trellis.shared_add`: arguments are a little-endian i64 delta then the key; adds the delta
+/// to the shared-data value under the key (a little-endian i64, absent = 0) in one step and
+/// answers the new value (8 bytes). The value and its CAS are those of `proxy_get_shared_data`
+/// / `proxy_set_shared_data`, so CAS updates of the same key mix with it.
+fn shared_add(s: &VmState, args: &[u8]) -> Result<i64, Status> {
+    let (Some(delta), Ok(key)) = (args.get(..8), std::str::from_utf8(args.get(8..).unwrap_or_default())) else {
+        return Err(Status::BadArgument);
+    };
+    let delta = i64::from_le_bytes(delta.try_into().unwrap_or_default());
+    let mut data = s.shared.data.lock().unwrap_or_else(|p| p.into_inner());
+    let next = match data.get_mut(key) {
+        Some((value, cas)) => {
+            let Ok(current) = <[u8; 8]>::try_from(value.as_slice()) else { return Err(Status::BadArgument) };
+            let next = i64::from_le_bytes(current).wrapping_add(delta);
+            *value = next.to_le_bytes().to_vec();
+            *cas = cas.wrapping_add(1).max(1);
+            next
+        }
+        None => {
+            data.insert(key.to_string(), (delta.to_le_bytes().to_vec(), 1));
+            delta
+        }
+    };
+    Ok(next)
+}
+
 fn now_nanos() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -747,14 +773,20 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             let (Some(name), Some(args)) = (read_str(&mut c, np, nl), read(&mut c, ap, al)) else {
                 return st(Status::BadArgument);
             };
-            if let Some(status) = stream_function(c.data_mut(), &name, &args) {
-                return st(status);
+            // The embedder's functions first: one of the same name replaces a built-in one.
+            if let Some(f) = c.data().foreign.get(&name).cloned() {
+                return match f(&args) {
+                    Ok(result) => st(give(&mut c, &result, ret_ptr, ret_size)?),
+                    Err(s) => st(s),
+                };
             }
-            let Some(f) = c.data().foreign.get(&name).cloned() else { return st(Status::NotFound) };
-            match f(&args) {
-                Ok(result) => st(give(&mut c, &result, ret_ptr, ret_size)?),
-                Err(s) => st(s),
+            if name == "trellis.shared_add" {
+                return match shared_add(c.data(), &args) {
+                    Ok(next) => st(give(&mut c, &next.to_le_bytes(), ret_ptr, ret_size)?),
+                    Err(s) => st(s),
+                };
             }
+            st(stream_function(c.data_mut(), &name, &args).unwrap_or(Status::NotFound))
         },
     )?;
     linker.func_wrap(env, "proxy_define_metric", |mut c: C<'_>, kind: i32, np: i32, nl: i32, ret: i32| -> R {

@@ -261,6 +261,31 @@ fn shared_data_is_shared_between_vms_with_the_same_vm_id_only() {
 }
 
 #[test]
+fn shared_add_counts_across_vms_and_mixes_with_cas() {
+    let h = host();
+    let mut run = |vm: &mut Vm, path: &str| {
+        let id = vm.create_stream(request(path, &[])).unwrap();
+        vm.on_request_headers(id, true).unwrap();
+        header(&vm.stream(id).unwrap().request_headers, "x-shared").map(str::to_string)
+    };
+    let (mut a, mut b) = (start(&h, "counting"), start(&h, "counting"));
+    assert_eq!(run(&mut a, "/shared-add").as_deref(), Some("5"));
+    assert_eq!(run(&mut b, "/shared-add").as_deref(), Some("10"));
+    // The same value through proxy_get_shared_data, with a CAS that moved on each add.
+    assert_eq!(run(&mut a, "/shared-count").as_deref(), Some("10 cas:2"));
+    let mut other = start(&h, "elsewhere");
+    assert_eq!(run(&mut other, "/shared-add").as_deref(), Some("5"), "another vm_id has its own space");
+    // An embedder's function of the same name replaces the built-in one (how tests play a host
+    // without Trellis's functions).
+    h.register_foreign_function(
+        "trellis.shared_add",
+        Arc::new(|_: &[u8]| Err(trellis_wasm_host::abi::Status::NotFound)),
+    );
+    let mut c = start(&h, "counting");
+    assert_eq!(run(&mut c, "/shared-add").as_deref(), Some("unsupported"));
+}
+
+#[test]
 fn a_bad_configuration_is_refused_with_the_filters_reason() {
     let h = host();
     let m = h.load(probe(), None).unwrap();

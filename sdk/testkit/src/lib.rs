@@ -47,6 +47,10 @@ pub fn build(manifest: impl AsRef<Path>, package: &str) -> anyhow::Result<std::p
 }
 
 /// A compiled filter and the configuration it will start with.
+/// The foreign functions trellis-proxy's host adds (docs/wasm.md).
+pub const TRELLIS_FUNCTIONS: [&str; 4] =
+    ["trellis.body_interest", "trellis.retain_request", "trellis.resend", "trellis.shared_add"];
+
 #[derive(Debug, Clone)]
 pub struct Filter {
     host: Host,
@@ -83,6 +87,21 @@ impl Filter {
     /// The raw configuration bytes.
     pub fn raw_config(mut self, config: &[u8]) -> Filter {
         self.plugin.configuration = config.to_vec();
+        self
+    }
+
+    /// Runs the filter as a host without Trellis's foreign functions would (Envoy): each
+    /// `trellis.*` function answers `NotFound`, so the SDK's portable paths are the ones tested.
+    pub fn portable(self) -> Filter {
+        self.without_functions(&TRELLIS_FUNCTIONS)
+    }
+
+    /// Runs the filter as a host lacking these of Trellis's foreign functions would.
+    pub fn without_functions(self, names: &[&str]) -> Filter {
+        for name in names {
+            self.host
+                .register_foreign_function(name, Arc::new(|_: &[u8]| Err(trellis_wasm_host::abi::Status::NotFound)));
+        }
         self
     }
 

@@ -148,6 +148,18 @@ fn retry_on_decides_by_status_flags_and_grpc_status() {
 fn retry_budget_caps_retries_in_flight() {
     let f = module("retry")
         .config(json!({"routes": {"r": {"attempts": 5, "retryOn": ["5xx"]}}, "budget": {"percent": 20, "minRetryConcurrency": 3}}));
+    retry_budget_case(f);
+}
+
+#[test]
+fn retry_budget_counts_with_shared_data_cas_on_other_hosts() {
+    let f = module("retry")
+        .config(json!({"routes": {"r": {"attempts": 5, "retryOn": ["5xx"]}}, "budget": {"percent": 20, "minRetryConcurrency": 3}}))
+        .without_functions(&["trellis.shared_add"]);
+    retry_budget_case(f);
+}
+
+fn retry_budget_case(f: Filter) {
     let mut running = f.start().unwrap();
     let vm = running.vm();
     let mut ids = Vec::new();

@@ -357,13 +357,27 @@ impl Gauge {
     }
 }
 
-/// A counter shared by every VM of the plugin (shared data, updated with compare-and-swap).
+/// A counter shared by every VM of the plugin, kept in shared data under its name (a
+/// little-endian i64). On trellis-proxy one host call updates it (the foreign function
+/// `trellis.shared_add`); elsewhere compare-and-swap on shared data does.
 #[derive(Debug, Clone)]
 pub struct SharedCounter(pub String);
+
+thread_local!(static SHARED_ADD: std::cell::Cell<bool> = const { std::cell::Cell::new(true) });
 
 impl SharedCounter {
     /// Adds `delta` and returns the new value (0 when the host has no shared data).
     pub fn add(&self, delta: i64) -> i64 {
+        if SHARED_ADD.get() {
+            let mut args = Vec::with_capacity(8 + self.0.len());
+            args.extend_from_slice(&delta.to_le_bytes());
+            args.extend_from_slice(self.0.as_bytes());
+            match hostcalls::call_foreign_function("trellis.shared_add", Some(&args)) {
+                Ok(Some(v)) => return v.try_into().map(i64::from_le_bytes).unwrap_or(0),
+                Err(Status::NotFound) => SHARED_ADD.set(false),
+                _ => return 0,
+            }
+        }
         for _ in 0..64 {
             let (value, cas) = hostcalls::get_shared_data(&self.0).unwrap_or((None, None));
             let current = value.and_then(|v| v.try_into().ok()).map(i64::from_le_bytes).unwrap_or(0);
@@ -378,6 +392,9 @@ impl SharedCounter {
     }
 
     pub fn get(&self) -> i64 {
+        if SHARED_ADD.get() {
+            return self.add(0);
+        }
         let (value, _) = hostcalls::get_shared_data(&self.0).unwrap_or((None, None));
         value.and_then(|v| v.try_into().ok()).map(i64::from_le_bytes).unwrap_or(0)
     }
