@@ -171,7 +171,7 @@ impl TrellisProxy {
         let concurrency: &[&str] = if extra.contains(&"--concurrency") { &[] } else { &["--concurrency", "2"] };
         let child = Command::new(binary("trellis-proxy")?)
             .args(concurrency)
-            .args(["--log", "info", "-c"])
+            .args(["--log", &std::env::var("TRELLIS_E2E_LOG").unwrap_or_else(|_| "info".into()), "-c"])
             .arg(&config)
             .args(extra)
             .stdout(Stdio::null())

@@ -75,7 +75,7 @@ fn handle(proxy: &Proxy, set_level: &SetLogLevel, req: Request<Incoming>) -> Res
             let rt = proxy.runtime.load();
             let bundle = rt.snapshot.trust_bundles.get(crate::xds::ROOT_CA).map(|b| b.as_ref());
             let certs =
-                proxy.identity.get().map(|i| i.certs_json(bundle)).unwrap_or_else(|| json!({"certificates": []}));
+                proxy.mesh.identity.get().map(|i| i.certs_json(bundle)).unwrap_or_else(|| json!({"certificates": []}));
             let mut r = text(StatusCode::OK, serde_json::to_string_pretty(&certs).unwrap_or_default());
             r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
             r
@@ -98,18 +98,38 @@ fn handle(proxy: &Proxy, set_level: &SetLogLevel, req: Request<Incoming>) -> Res
     }
 }
 
+fn mesh_tls_json(m: &crate::config::tls::MeshTls) -> Value {
+    json!({
+        "roots": m.roots,
+        "peerSans": m.sans.iter().map(|s| match s {
+            crate::config::tls::SanMatch::Exact(e) => e.clone(),
+            crate::config::tls::SanMatch::Prefix(p) => format!("{p}*"),
+        }).collect::<Vec<_>>(),
+        "alpn": m.alpn,
+    })
+}
+
 fn config_dump(proxy: &Proxy) -> Value {
     let rt = proxy.runtime.load_full();
     let s = &rt.snapshot;
     let listeners: Vec<Value> = s
         .listeners
         .values()
-        .map(|l| match &l.kind {
-            ListenerKind::Http { route, .. } => json!({"name": l.name, "address": l.address.to_string(), "http": {"route": route}}),
-            ListenerKind::Tcp { chains, sni } => json!({"name": l.name, "address": l.address.to_string(), "tcp": {
-                "sni": sni,
-                "chains": chains.iter().map(|c| json!({"serverNames": c.server_names, "clusters": c.clusters})).collect::<Vec<_>>(),
-            }}),
+        .map(|l| {
+            let mut v = match &l.kind {
+                ListenerKind::Http { route, .. } => {
+                    json!({"name": l.name, "address": l.address.to_string(), "http": {"route": route}})
+                }
+                ListenerKind::Tcp { chains, sni } => json!({"name": l.name, "address": l.address.to_string(), "tcp": {
+                    "sni": sni,
+                    "chains": chains.iter().map(|c| json!({"serverNames": c.server_names, "clusters": c.clusters, "tlsTerminated": c.terminated})).collect::<Vec<_>>(),
+                }}),
+            };
+            v["transport"] = json!({
+                "mtls": l.transport.tls.as_ref().map(|t| mesh_tls_json(&t.mesh)),
+                "plaintext": l.transport.plaintext,
+            });
+            v
         })
         .collect();
     let routes: Vec<Value> = s
@@ -148,6 +168,11 @@ fn config_dump(proxy: &Proxy) -> Value {
                 "limits": format!("{:?}", c.limits),
                 "outlierDetection": c.outlier.map(|o| format!("{o:?}")),
                 "http2": c.http2,
+                "tls": c.tls.as_ref().map(|t| {
+                    let mut v = mesh_tls_json(&t.mesh);
+                    v["sni"] = json!(t.sni);
+                    v
+                }),
             })
         })
         .collect();

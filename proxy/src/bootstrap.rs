@@ -210,6 +210,10 @@ impl Bootstrap {
         put("TRELLIS_OUTBOUND_LISTENER", s(&self.listeners.outbound));
         put("TRELLIS_INBOUND_LISTENER", s(&self.listeners.inbound));
         put("TRELLIS_PROXY_TYPE", s(&n.kind));
+        if !self.identity.token_file.is_empty() {
+            // It gets a workload certificate, so it can serve mTLS.
+            put("TRELLIS_MTLS", s("true"));
+        }
         let mut parts = n.locality.splitn(3, '/');
         let locality = Locality {
             region: parts.next().unwrap_or_default().to_string(),

@@ -15,7 +15,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
-use tokio::net::TcpStream;
 
 use crate::config::route::{Action, Forward, HashPolicy, HeaderOps, PathMatch, Redirect, RequestView};
 use crate::upstream::{self, UpstreamError};
@@ -77,16 +76,20 @@ pub const MAX_HEADER_BYTES: usize = 60 * 1024;
 pub async fn serve(
     proxy: Arc<Proxy>,
     listener: Arc<str>,
-    stream: TcpStream,
+    stream: crate::tls::Io,
     peer: SocketAddr,
+    mtls: Option<Arc<crate::tls::PeerIdentity>>,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().ok().map(LocalAddr);
+    let _ = stream.tcp().set_nodelay(true);
+    let local = stream.tcp().local_addr().ok().map(LocalAddr);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (proxy, listener) = (proxy.clone(), listener.clone());
         if let Some(l) = local {
             req.extensions_mut().insert(l);
+        }
+        if let Some(m) = &mtls {
+            req.extensions_mut().insert(m.clone());
         }
         async move { Ok::<_, Infallible>(handle(proxy, &listener, peer, req).await) }
     });

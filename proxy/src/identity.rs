@@ -41,8 +41,8 @@ pub struct IdentityConfig {
 pub struct Svid {
     /// Leaf first, then the chain up to the root.
     pub chain: Vec<CertificateDer<'static>>,
-    /// Its key (made here; for the mTLS the proxy will serve with it).
-    pub key: PrivatePkcs8KeyDer<'static>,
+    /// The chain with its key (made here, never sent anywhere), as TLS presents it.
+    pub certified: Arc<rustls::sign::CertifiedKey>,
     /// The SPIFFE ID (the leaf's URI SAN).
     pub spiffe_id: String,
     /// Hex.
@@ -190,9 +190,14 @@ async fn fetch(config: &IdentityConfig, ca: &str, namespace: &str, service_accou
             "the CA issued {spiffe_id}, but this proxy is service account {service_account} in namespace {namespace}: the token is for another workload"
         ));
     }
+    let der = rustls::pki_types::PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing = crate::tls::provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| format!("loading the key into TLS: {e}"))?;
     Ok(Svid {
         roots: chain.last().cloned().into_iter().collect(),
-        key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        certified: Arc::new(rustls::sign::CertifiedKey::new(chain.clone(), signing)),
         spiffe_id,
         serial: parsed.raw_serial_as_string().replace(':', ""),
         not_before: parsed.validity().not_before.timestamp(),

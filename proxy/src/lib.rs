@@ -20,12 +20,13 @@ pub mod identity;
 pub mod listeners;
 pub mod metrics;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 pub mod wasm;
 pub mod wasm_chain;
 pub mod xds;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -77,6 +78,8 @@ pub struct Runtime {
     pub clusters: Clusters,
     /// Wasm filter chains by listener.
     pub filters: wasm::Chains,
+    /// The TLS server side of inbound listeners with mTLS, by listener.
+    pub tls_servers: BTreeMap<String, Arc<tls::ServerSide>>,
 }
 
 /// Counts open downstream connections (for draining on shutdown).
@@ -113,6 +116,10 @@ pub struct Stats {
     pub responses_5xx: AtomicU64,
     pub tcp_opened: AtomicU64,
     pub tcp_closed: AtomicU64,
+    /// Plaintext connections a listener requiring mTLS closed.
+    pub plaintext_refused: AtomicU64,
+    /// Downstream TLS handshakes that failed (bad or missing client certificate, ...).
+    pub tls_handshake_failed: AtomicU64,
 }
 
 /// The proxy's shared state.
@@ -134,8 +141,9 @@ pub struct Proxy {
     pub wasm_cache_dir: std::sync::OnceLock<std::path::PathBuf>,
     /// Who this proxy is (filters see it as `node.*`).
     workload: metrics::Workload,
-    /// Its certificate from the mesh CA, when the bootstrap gives it a token.
-    pub identity: std::sync::OnceLock<Arc<identity::WorkloadIdentity>>,
+    /// Its certificate from the mesh CA (when the bootstrap gives it a token) and the trust
+    /// bundles: what mTLS presents and verifies against.
+    pub mesh: Arc<tls::MeshState>,
 }
 
 impl Proxy {
@@ -151,7 +159,7 @@ impl Proxy {
             node_id: node_id.to_string(),
             metrics: metrics::Metrics::new(workload.clone()),
             workload,
-            identity: std::sync::OnceLock::new(),
+            mesh: Arc::default(),
             access_log,
             wasm_host: std::sync::OnceLock::new(),
             wasm_cache_dir: std::sync::OnceLock::new(),

@@ -173,7 +173,7 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(node = %b.node_id(), xds = %b.xds, admin = %b.admin, metrics = %b.metrics, "trellis-proxy starting");
         if !b.identity.token_file.is_empty() {
             let id = trellis_proxy::identity::spawn(b.identity.clone(), &b.xds, &b.node.namespace, &b.node.service_account);
-            let _ = proxy.identity.set(id);
+            let _ = proxy.mesh.identity.set(id);
         }
         tokio::spawn(trellis_proxy::xds::run(proxy.clone(), b.xds.clone(), b.node()));
         shutdown_signal().await;

@@ -22,7 +22,7 @@ const MAX_HELLO: usize = 16 * 1024;
 pub async fn serve(
     proxy: Arc<Proxy>,
     listener: Arc<str>,
-    mut down: TcpStream,
+    mut down: crate::tls::Io,
     peer: SocketAddr,
     mut drain: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -30,8 +30,9 @@ pub async fn serve(
     let Some(ListenerKind::Tcp { chains, sni }) = rt.snapshot.listeners.get(&*listener).map(|l| l.kind.clone()) else {
         return;
     };
-    let server_name = if sni {
-        match tokio::time::timeout(SNI_TIMEOUT, peek_sni(&down)).await {
+    // SNI routing passes TLS through; a connection whose TLS this proxy terminated has none.
+    let server_name = if let (true, crate::tls::Io::Plain(tcp)) = (sni, &down) {
+        match tokio::time::timeout(SNI_TIMEOUT, peek_sni(tcp)).await {
             Ok(n) => n,
             Err(_) => return,
         }
@@ -80,17 +81,10 @@ pub async fn serve(
     cluster.connections.fetch_add(1, Ordering::SeqCst);
     cluster.stats.upstream_cx_total.fetch_add(1, Ordering::Relaxed);
     proxy.tcp_opened(&name);
-    let connect = async {
-        match host.socket {
-            Some(a) => TcpStream::connect(a).await,
-            None => TcpStream::connect(host.address.as_str()).await,
-        }
-    };
-    let result = match tokio::time::timeout(cluster.config.connect_timeout, connect).await {
-        Ok(Ok(mut up)) => {
+    let result = match crate::upstream::pool::connect(&cluster, &host).await {
+        Ok(mut up) => {
             cluster.record(&host, Some(200));
-            let _ = up.set_nodelay(true);
-            let _ = down.set_nodelay(true);
+            let _ = down.tcp().set_nodelay(true);
             tokio::select! {
                 r = tokio::io::copy_bidirectional(&mut down, &mut up) => match r {
                     Ok((from_client, to_client)) => ("-", to_client, from_client),
@@ -100,8 +94,8 @@ pub async fn serve(
                 _ = async { let _ = drain.wait_for(|d| *d).await; tokio::time::sleep(crate::listeners::DRAIN_TIME).await } => ("DC", 0, 0),
             }
         }
-        _ => {
-            cluster.stats.upstream_cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+        Err(e) => {
+            tracing::debug!(cluster = %name, error = %e, "TCP upstream connect failed");
             cluster.record(&host, None);
             ("UF", 0, 0)
         }

@@ -88,6 +88,8 @@ struct RequestInfo {
     time_nanos: i64,
     route: Option<String>,
     cluster: Option<String>,
+    /// The mTLS peer, when the connection is mTLS.
+    mtls: Option<Arc<crate::tls::PeerIdentity>>,
 }
 
 impl trellis_wasm_host::Properties for RequestInfo {
@@ -98,7 +100,11 @@ impl trellis_wasm_host::Properties for RequestInfo {
             "source.port" => int(i64::from(self.peer.port())),
             "destination.address" => self.local.map(|l| l.to_string().into_bytes()),
             "destination.port" => self.local.and_then(|l| int(i64::from(l.port()))),
-            "connection.mtls" => Some(vec![0]),
+            "connection.mtls" => Some(vec![u8::from(self.mtls.is_some())]),
+            "connection.uri_san_peer_certificate" | "source.principal" => {
+                self.mtls.as_ref().map(|m| m.principal.as_bytes().to_vec())
+            }
+            "source.namespace" => self.mtls.as_ref().and_then(|m| m.namespace()).map(|n| n.as_bytes().to_vec()),
             "request.protocol" => Some(
                 match self.version {
                     http::Version::HTTP_2 => "HTTP/2",
@@ -129,6 +135,7 @@ fn request_properties<B>(
         time_nanos: now.unwrap_or(0),
         route,
         cluster,
+        mtls: req.extensions().get::<Arc<crate::tls::PeerIdentity>>().cloned(),
     }))
 }
 

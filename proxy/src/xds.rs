@@ -281,8 +281,10 @@ impl Proxy {
         }
         let mut listeners = self.listeners.lock().await;
         let prepared = listeners.prepare(&snap).await?;
-        let clusters = crate::upstream::rebuild(&current.clusters, &snap);
-        self.runtime.store(Arc::new(Runtime { snapshot: snap.clone(), clusters, filters }));
+        self.mesh.set_bundles(&snap.trust_bundles);
+        let clusters = crate::upstream::rebuild(&current.clusters, &snap, &self.mesh);
+        let tls_servers = crate::tls::servers(&current.tls_servers, &current.snapshot, &snap, &self.mesh)?;
+        self.runtime.store(Arc::new(Runtime { snapshot: snap.clone(), clusters, filters, tls_servers }));
         listeners.commit(self, prepared);
         self.mark_received(type_url);
         Ok(snap)

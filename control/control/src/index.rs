@@ -29,10 +29,17 @@ pub fn spawn(
     store: ResourceStore,
     module_server: Option<std::net::SocketAddr>,
     trust_bundle: Option<Arc<str>>,
+    trust_domain: &str,
 ) -> watch::Receiver<Arc<ConfigSnapshot>> {
+    let trust_domain: Arc<str> = trust_domain.into();
     // Before the store's first answer: no configuration yet, but the module server and the
     // trust bundle are known.
-    let first = ConfigSnapshot { module_server, trust_bundle: trust_bundle.clone(), ..Default::default() };
+    let first = ConfigSnapshot {
+        module_server,
+        trust_bundle: trust_bundle.clone(),
+        trust_domain: trust_domain.clone(),
+        ..Default::default()
+    };
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut items: BTreeMap<ResourceKey, Spec> = BTreeMap::new();
@@ -72,6 +79,7 @@ pub fn spawn(
                 items: items.iter().map(|(k, s)| (k.clone(), s.clone())).collect(),
                 module_server,
                 trust_bundle: trust_bundle.clone(),
+                trust_domain: trust_domain.clone(),
             };
             if tx.send(Arc::new(snapshot)).is_err() {
                 return;

@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         store.clone(),
         module_server,
         Some(ca.roots_pem().into()),
+        ca.trust_domain(),
     )));
     let ads = trellis_xds::AdsServer::new(hub.clone()).service();
     // Workloads get their certificates on the xDS port too (CSR + WorkloadToken).

@@ -400,7 +400,10 @@ pub fn analyze(items: &[Analyzed]) -> Vec<Diagnostic> {
                     Severity::Warning,
                     "TRL0201",
                     "spec.selector",
-                    format!("conflicting PeerAuthentications {scope} ({}); only the oldest applies", names.join(", ")),
+                    format!(
+                        "conflicting PeerAuthentications {scope} ({}); only the first by name applies",
+                        names.join(", ")
+                    ),
                 );
             }
         }

@@ -2,7 +2,8 @@
 //! `SERVICE_ACCOUNT`, `LABELS`, `WORKLOAD_NAME`, `CLUSTER_ID`, `NETWORK`, `INSTANCE_IPS`) and
 //! `node.locality`, so Istio-style Envoy bootstraps work unchanged. Trellis adds two optional
 //! keys for proxies that run without traffic capture, several per host:
-//! `TRELLIS_OUTBOUND_LISTENER` and `TRELLIS_INBOUND_LISTENER` (`IP:PORT`).
+//! `TRELLIS_OUTBOUND_LISTENER` and `TRELLIS_INBOUND_LISTENER` (`IP:PORT`), and one for
+//! proxies that hold a workload certificate and so can serve mTLS: `TRELLIS_MTLS: "true"`.
 
 use std::collections::BTreeMap;
 
@@ -34,6 +35,9 @@ pub struct ProxyInfo {
     pub outbound_listener: (String, u32),
     /// Where the inbound listener binds.
     pub inbound_listener: (String, u32),
+    /// The proxy holds a workload certificate (node metadata `TRELLIS_MTLS`: trellis-proxy with
+    /// an identity, or an Envoy with an SDS agent next to it), so it can serve mTLS.
+    pub mtls: bool,
 }
 
 impl Default for ProxyInfo {
@@ -51,6 +55,7 @@ impl Default for ProxyInfo {
             ips: Vec::new(),
             outbound_listener: ("127.0.0.1".into(), 15001),
             inbound_listener: ("0.0.0.0".into(), 15006),
+            mtls: false,
         }
     }
 }
@@ -118,6 +123,7 @@ impl ProxyInfo {
         if let Some(Value { kind: Some(ValueKind::StructValue(labels)) }) = meta.fields.get("LABELS") {
             p.labels = labels.fields.iter().filter_map(|(k, v)| Some((k.clone(), string(v)?))).collect();
         }
+        p.mtls = field(meta, "TRELLIS_MTLS").is_some_and(|v| v == "true");
         if let Some(kind) = field(meta, "TRELLIS_PROXY_TYPE") {
             p.kind = if kind == "router" { ProxyKind::Router } else { ProxyKind::Sidecar };
         }

@@ -718,6 +718,22 @@ fn sds_over_grpc_for_validation(c: &mut Cluster) {
     let Some(TsConfig::TypedConfig(any)) = &mut ts.config_type else { return };
     let mut ctx = UpstreamTlsContext::decode(any.value.as_slice()).unwrap();
     let Some(common) = &mut ctx.common_tls_context else { return };
+    grpc_secrets(common);
+    *any = envoy_types::util::pack_any(ctx);
+}
+
+/// As [`sds_over_grpc_for_validation`], for an inbound chain's server TLS.
+fn sds_over_grpc_for_validation_downstream(fc: &mut envoy_types::pb::envoy::config::listener::v3::FilterChain) {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
+    let Some(ts) = &mut fc.transport_socket else { return };
+    let Some(TsConfig::TypedConfig(any)) = &mut ts.config_type else { return };
+    let mut ctx = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+    let Some(common) = &mut ctx.common_tls_context else { return };
+    grpc_secrets(common);
+    *any = envoy_types::util::pack_any(ctx);
+}
+
+fn grpc_secrets(common: &mut envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CommonTlsContext) {
     let grpc = ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
         config_source_specifier: Some(ConfigSourceSpecifier::ApiConfigSource(ads_source())),
@@ -730,7 +746,6 @@ fn sds_over_grpc_for_validation(c: &mut Cluster) {
     for s in secrets {
         s.sds_config = Some(grpc.clone());
     }
-    *any = envoy_types::util::pack_any(ctx);
 }
 
 fn ads_source() -> ApiConfigSource {
@@ -793,6 +808,9 @@ fn envoy_validates(t: &Translated, node_id: &str) {
                 }
                 f.config_type = Some(ConfigType::TypedConfig(envoy_types::util::pack_any(hcm)));
             }
+        }
+        for fc in &mut l.filter_chains {
+            sds_over_grpc_for_validation_downstream(fc);
         }
         listeners.push(l);
     }
@@ -903,4 +921,147 @@ fn every_proxy_gets_the_trust_bundle_as_the_rootca_secret() {
     let Some(secret::Type::ValidationContext(vc)) = out.secrets["ROOTCA"].r#type.clone() else { panic!("{out:?}") };
     let Some(Specifier::InlineBytes(pem)) = vc.trusted_ca.and_then(|d| d.specifier) else { panic!("no bundle") };
     assert!(String::from_utf8(pem).unwrap().contains("roots"));
+}
+
+/// (transport_protocol, TLS terminated) of each chain, and whether a TLS inspector runs.
+fn chains(t: &Translated, listener: &str) -> (Vec<(String, bool)>, bool) {
+    let l = &t.listeners[listener];
+    let chains = l
+        .filter_chains
+        .iter()
+        .map(|fc| {
+            let protocol = fc.filter_chain_match.as_ref().map(|m| m.transport_protocol.clone()).unwrap_or_default();
+            (protocol, fc.transport_socket.is_some())
+        })
+        .collect();
+    (chains, l.listener_filters.iter().any(|f| f.name == "envoy.filters.listener.tls_inspector"))
+}
+
+#[test]
+fn peer_authentication_decides_what_inbound_listeners_accept() {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
+    let base = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews.bookinfo.svc.cluster.local]
+  ports: [{number: 9080, name: http, protocol: HTTP, targetPort: 9080}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {labels: {app: reviews}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-1, namespace: bookinfo}
+spec: {address: 127.0.0.3, labels: {app: reviews}, serviceAccount: bookinfo-reviews}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  workloadSelector: {labels: {app: reviews}}
+  ingress:
+  - {port: {number: 9080, protocol: HTTP, name: http}, bind: 127.0.0.3, defaultEndpoint: "127.0.0.1:8080"}
+  - {port: {number: 9443, protocol: TCP, name: tcp}, bind: 127.0.0.3, defaultEndpoint: "127.0.0.1:8443"}
+"#;
+    let reviews = |mtls: bool| ProxyInfo {
+        id: "sidecar~127.0.0.3~reviews-1.bookinfo~bookinfo.svc.cluster.local".into(),
+        namespace: "bookinfo".into(),
+        ips: vec!["127.0.0.3".into()],
+        labels: [("app".to_string(), "reviews".to_string())].into(),
+        mtls,
+        ..Default::default()
+    };
+    let run = |policies: &str, mtls: bool| {
+        let mut cfg = snapshot(&format!("{base}{policies}"));
+        cfg.trust_domain = "example.org".into();
+        let reg = registry::build(&cfg.items, &[], "Kubernetes");
+        translate(&cfg, &reg, &reviews(mtls))
+    };
+    let tls = || ("tls".to_string(), true);
+    let raw = || ("raw_buffer".to_string(), false);
+    let plain = || (String::new(), false);
+    // No policy: PERMISSIVE — TLS and plaintext, told apart by the inspector.
+    let t = run("", true);
+    for l in ["inbound", "127.0.0.3_9080", "127.0.0.3_9443"] {
+        assert_eq!(chains(&t, l), (vec![tls(), raw()], true), "{l}");
+    }
+    // The TLS chain: the workload certificate, client certificates of the trust domain from
+    // ROOTCA, HTTP ALPN on HTTP ports only.
+    let fc = &t.listeners["127.0.0.3_9080"].filter_chains[0];
+    let Some(TsConfig::TypedConfig(any)) = &fc.transport_socket.as_ref().unwrap().config_type else { panic!() };
+    let d = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+    assert_eq!(d.require_client_certificate.map(|b| b.value), Some(true));
+    let common = d.common_tls_context.unwrap();
+    assert_eq!(common.tls_certificate_sds_secret_configs[0].name, "default");
+    assert_eq!(common.alpn_protocols, ["h2", "http/1.1"]);
+    let Some(ValidationContextType::CombinedValidationContext(v)) = common.validation_context_type else { panic!() };
+    assert_eq!(v.validation_context_sds_secret_config.unwrap().name, "ROOTCA");
+    let m = &v.default_validation_context.unwrap().match_typed_subject_alt_names[0];
+    assert_eq!(m.matcher.as_ref().unwrap().match_pattern, Some(MatchPattern::Prefix("spiffe://example.org/".into())));
+    let fc = &t.listeners["127.0.0.3_9443"].filter_chains[0];
+    let Some(TsConfig::TypedConfig(any)) = &fc.transport_socket.as_ref().unwrap().config_type else { panic!() };
+    let d = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+    assert!(d.common_tls_context.unwrap().alpn_protocols.is_empty(), "no HTTP ALPN on a TCP port");
+
+    // Mesh STRICT, namespace UNSET (inherits), a workload policy with port overrides.
+    let policies = r#"
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: bookinfo}
+spec: {mtls: {mode: UNSET}}
+"#;
+    let t = run(policies, true);
+    for l in ["inbound", "127.0.0.3_9080", "127.0.0.3_9443"] {
+        assert_eq!(chains(&t, l), (vec![tls()], true), "STRICT {l}");
+    }
+    let with_ports = format!(
+        "{policies}---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: reviews, namespace: bookinfo}}
+spec:
+  selector: {{matchLabels: {{app: reviews}}}}
+  portLevelMtls:
+    \"9443\": {{mode: DISABLE}}
+"
+    );
+    let t = run(&with_ports, true);
+    assert_eq!(chains(&t, "127.0.0.3_9080").0, vec![tls()], "the workload mode is inherited: STRICT");
+    assert_eq!(chains(&t, "127.0.0.3_9443"), (vec![plain()], false), "port 9443: DISABLE");
+    // A namespace PERMISSIVE over the mesh's STRICT.
+    let ns_permissive = policies.replace("mode: UNSET", "mode: PERMISSIVE");
+    assert_eq!(chains(&run(&ns_permissive, true), "127.0.0.3_9080").0, vec![tls(), raw()]);
+    // A workload DISABLE over both.
+    let disable = format!(
+        "{ns_permissive}---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: reviews, namespace: bookinfo}}
+spec: {{selector: {{matchLabels: {{app: reviews}}}}, mtls: {{mode: DISABLE}}}}
+"
+    );
+    let t = run(&disable, true);
+    for l in ["inbound", "127.0.0.3_9080", "127.0.0.3_9443"] {
+        assert_eq!(chains(&t, l), (vec![plain()], false), "DISABLE {l}");
+    }
+    // A policy selecting other workloads does not apply.
+    let other = disable.replace("{app: reviews}}, mtls", "{app: ratings}}, mtls");
+    assert_eq!(chains(&run(&other, true), "127.0.0.3_9080").0, vec![tls(), raw()]);
+
+    // A proxy without a certificate: plaintext where allowed, an unusable TLS chain under
+    // STRICT (closed, never open).
+    assert_eq!(chains(&run("", false), "127.0.0.3_9080"), (vec![plain()], false));
+    assert_eq!(chains(&run(policies, false), "127.0.0.3_9080"), (vec![tls()], true));
+
+    // Envoy accepts the listeners (STRICT with a port-level DISABLE, and PERMISSIVE).
+    envoy_validates(&run(&with_ports, true), "sidecar~127.0.0.3~reviews-1.bookinfo~bookinfo.svc.cluster.local");
+    envoy_validates(&run("", true), "sidecar~127.0.0.3~reviews-1.bookinfo~bookinfo.svc.cluster.local");
 }

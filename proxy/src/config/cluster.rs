@@ -35,6 +35,8 @@ pub struct ClusterConfig {
     /// Below this share of healthy hosts (percent) all hosts are used (Envoy's panic mode).
     pub panic_threshold: f64,
     pub locality_weighted: bool,
+    /// mTLS to the upstream (ISTIO_MUTUAL).
+    pub tls: Option<super::tls::UpstreamTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,12 +122,10 @@ fn threshold(v: Option<u32>, default: u32) -> u32 {
 
 pub fn convert(c: &pb::Cluster) -> Result<ClusterConfig, ConvertError> {
     let what = format!("cluster {}", c.name);
-    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
-        return Err(ConvertError::unsupported(
-            &what,
-            "transport_socket (upstream TLS: ISTIO_MUTUAL, SIMPLE and MUTUAL arrive with the zero-trust issue #6)",
-        ));
+    if !c.transport_socket_matches.is_empty() {
+        return Err(ConvertError::unsupported(&what, "transport_socket_matches (auto mTLS is planned)"));
     }
+    let tls = c.transport_socket.as_ref().map(|ts| super::tls::upstream(ts, &what)).transpose()?;
     if !c.health_checks.is_empty() {
         return Err(ConvertError::unsupported(&what, "active health_checks"));
     }
@@ -235,6 +235,7 @@ pub fn convert(c: &pb::Cluster) -> Result<ClusterConfig, ConvertError> {
         idle_timeout,
         panic_threshold,
         locality_weighted,
+        tls,
     })
 }
 

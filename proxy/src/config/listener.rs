@@ -28,6 +28,16 @@ pub struct ListenerConfig {
     pub name: String,
     pub address: SocketAddr,
     pub kind: ListenerKind,
+    pub transport: Transport,
+}
+
+/// What a listener accepts: TLS it terminates (mTLS; PeerAuthentication STRICT and PERMISSIVE),
+/// plaintext (PERMISSIVE, DISABLE, and every listener without TLS chains), or both — told apart
+/// by the first byte.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transport {
+    pub tls: Option<super::tls::DownstreamTls>,
+    pub plaintext: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -49,9 +59,11 @@ pub enum ListenerKind {
 }
 
 /// A TCP proxy chain: for connections whose SNI is one of `server_names` (any when empty),
-/// to these clusters by weight.
+/// to these clusters by weight. `terminated`: for connections whose TLS the listener
+/// terminated (else for the others).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TcpChain {
+    pub terminated: bool,
     pub server_names: Vec<String>,
     pub stat_prefix: String,
     pub clusters: Vec<(String, u32)>,
@@ -95,21 +107,48 @@ pub fn convert(l: &pb::Listener) -> Result<ListenerConfig, ConvertError> {
         return Err(ConvertError::unsupported(&what, "default_filter_chain"));
     }
     let mut chains = Vec::new();
-    let mut http = None;
+    let mut http: Option<Hcm> = None;
+    let mut transport = Transport { tls: None, plaintext: false };
+    let mut passthrough = false;
     for fc in &l.filter_chains {
-        if fc.transport_socket.is_some() {
-            return Err(ConvertError::unsupported(&what, "a TLS transport socket (the zero-trust issue #6)"));
-        }
-        let server_names = match &fc.filter_chain_match {
+        let (server_names, protocol) = match &fc.filter_chain_match {
             Some(m) => {
-                let only_sni = pb::FilterChainMatch { server_names: m.server_names.clone(), ..Default::default() };
-                if *m != only_sni {
-                    return Err(ConvertError::unsupported(&what, "filter chain match other than server_names"));
+                let known = pb::FilterChainMatch {
+                    server_names: m.server_names.clone(),
+                    transport_protocol: m.transport_protocol.clone(),
+                    ..Default::default()
+                };
+                if *m != known {
+                    return Err(ConvertError::unsupported(
+                        &what,
+                        "filter chain match other than server_names and transport_protocol",
+                    ));
                 }
-                m.server_names.clone()
+                (m.server_names.clone(), m.transport_protocol.as_str())
             }
-            None => Vec::new(),
+            None => (Vec::new(), ""),
         };
+        let tls = fc.transport_socket.as_ref().map(|ts| super::tls::downstream(ts, &what)).transpose()?;
+        match (protocol, &tls) {
+            ("raw_buffer", Some(_)) => {
+                return Err(ConvertError::invalid(&what, "a TLS transport socket on a raw_buffer filter chain"));
+            }
+            ("tls" | "raw_buffer" | "", _) => {}
+            (other, _) => return Err(ConvertError::unsupported(&what, format!("transport_protocol {other:?}"))),
+        }
+        if tls.is_some() && !server_names.is_empty() {
+            return Err(ConvertError::unsupported(&what, "server_names on a chain that terminates TLS"));
+        }
+        match (&tls, &transport.tls) {
+            (Some(t), Some(seen)) if t != seen => {
+                return Err(ConvertError::unsupported(&what, "filter chains with different TLS settings"));
+            }
+            (Some(t), _) => transport.tls = Some(t.clone()),
+            (None, _) => {
+                transport.plaintext = true;
+                passthrough |= protocol == "tls" || !server_names.is_empty();
+            }
+        }
         let [filter] = fc.filters.as_slice() else {
             return Err(ConvertError::unsupported(&what, "a filter chain with other than one network filter"));
         };
@@ -118,12 +157,22 @@ pub fn convert(l: &pb::Listener) -> Result<ListenerConfig, ConvertError> {
         };
         match filter.name.as_str() {
             HCM => {
-                if l.filter_chains.len() != 1 {
-                    return Err(ConvertError::unsupported(&what, "HTTP on more than one filter chain"));
+                if !server_names.is_empty() || (protocol == "tls" && tls.is_none()) {
+                    return Err(ConvertError::unsupported(&what, "HTTP on a chain for TLS passed through"));
                 }
                 let hcm = HttpConnectionManager::decode(any.value.as_slice())
                     .map_err(|e| ConvertError::invalid(&what, e.to_string()))?;
-                http = Some(http_connection_manager(&hcm, &what)?);
+                let hcm = http_connection_manager(&hcm, &what)?;
+                // Several chains (TLS and plaintext) may share one connection manager.
+                match &http {
+                    Some(seen) if *seen != hcm => {
+                        return Err(ConvertError::unsupported(
+                            &what,
+                            "HTTP filter chains that differ other than by transport",
+                        ));
+                    }
+                    _ => http = Some(hcm),
+                }
             }
             TCP_PROXY => {
                 let tp =
@@ -138,18 +187,29 @@ pub fn convert(l: &pb::Listener) -> Result<ListenerConfig, ConvertError> {
                 if clusters.is_empty() {
                     return Err(ConvertError::invalid(&what, "tcp_proxy with a total weight of 0"));
                 }
-                chains.push(TcpChain { server_names, stat_prefix: tp.stat_prefix, clusters });
+                chains.push(TcpChain {
+                    terminated: tls.is_some(),
+                    server_names,
+                    stat_prefix: tp.stat_prefix,
+                    clusters,
+                });
             }
             other => return Err(ConvertError::unsupported(&what, format!("network filter {other}"))),
         }
     }
+    if passthrough && transport.tls.is_some() {
+        return Err(ConvertError::unsupported(&what, "TLS passed through and TLS terminated on one listener"));
+    }
     let kind = match http {
         Some(Hcm { stat_prefix, route, filters, fault_at, auth }) => {
+            if !chains.is_empty() {
+                return Err(ConvertError::unsupported(&what, "HTTP and TCP filter chains on one listener"));
+            }
             ListenerKind::Http { stat_prefix, route, filters, fault_at, auth }
         }
         None => ListenerKind::Tcp { chains, sni },
     };
-    Ok(ListenerConfig { name: l.name.clone(), address, kind })
+    Ok(ListenerConfig { name: l.name.clone(), address, kind, transport })
 }
 
 /// A proxy-wasm HTTP filter (Envoy's `envoy.filters.http.wasm`).
@@ -266,6 +326,7 @@ fn wasm_filter(
 }
 
 /// What an HTTP connection manager runs.
+#[derive(PartialEq)]
 struct Hcm {
     stat_prefix: String,
     route: String,

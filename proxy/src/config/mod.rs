@@ -8,6 +8,7 @@ pub mod builtin;
 pub mod cluster;
 pub mod listener;
 pub mod route;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -69,9 +70,40 @@ pub struct Snapshot {
 }
 
 /// Roots to trust, from an SDS validation-context secret.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone)]
 pub struct TrustBundle {
     pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The same roots, ready for verification.
+    pub store: Arc<rustls::RootCertStore>,
+    /// Client certificates chained to these roots (the server side of mTLS).
+    pub client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl PartialEq for TrustBundle {
+    fn eq(&self, other: &Self) -> bool {
+        self.roots == other.roots
+    }
+}
+
+impl std::fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustBundle").field("roots", &self.roots.len()).finish()
+    }
+}
+
+impl TrustBundle {
+    pub fn new(roots: Vec<rustls::pki_types::CertificateDer<'static>>) -> Result<TrustBundle, String> {
+        let mut store = rustls::RootCertStore::empty();
+        for (i, r) in roots.iter().enumerate() {
+            store.add(r.clone()).map_err(|e| format!("root {}: {e}", i + 1))?;
+        }
+        let store = Arc::new(store);
+        let client_verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(store.clone(), crate::tls::provider())
+                .build()
+                .map_err(|e| e.to_string())?;
+        Ok(TrustBundle { roots, store, client_verifier })
+    }
 }
 
 /// An SDS secret: only validation contexts with inline roots (trellis-proxy gets its own
@@ -118,7 +150,7 @@ fn trust_bundle(s: &Secret) -> Result<TrustBundle, ConvertError> {
     if roots.is_empty() {
         return Err(ConvertError::invalid(&what, "trusted_ca holds no certificate"));
     }
-    Ok(TrustBundle { roots })
+    TrustBundle::new(roots).map_err(|e| ConvertError::invalid(&what, format!("trusted_ca: {e}")))
 }
 
 impl Snapshot {

@@ -155,11 +155,22 @@ pub struct Cluster {
     pub connections: AtomicU32,
     /// Signalled whenever a connection is returned or closed, for pending requests.
     pub(crate) freed: Notify,
+    /// mTLS to the hosts (from `config.tls`).
+    pub(crate) tls: Option<crate::tls::ClientSide>,
 }
 
 impl Cluster {
     pub fn new(config: Arc<ClusterConfig>, endpoints: Arc<Vec<LocalityGroup>>) -> Arc<Cluster> {
+        Cluster::with_tls(config, endpoints, None)
+    }
+
+    pub fn with_tls(
+        config: Arc<ClusterConfig>,
+        endpoints: Arc<Vec<LocalityGroup>>,
+        tls: Option<crate::tls::ClientSide>,
+    ) -> Arc<Cluster> {
         let c = Arc::new(Cluster {
+            tls,
             config,
             hosts: ArcSwap::from_pointee(HostSet::default()),
             endpoints: ArcSwap::from_pointee(Vec::new()),
@@ -261,7 +272,7 @@ pub type Clusters = HashMap<String, Arc<Cluster>>;
 
 /// Builds the clusters for a new configuration, reusing those whose configuration did not
 /// change (their connections and host state carry over).
-pub fn rebuild(old: &Clusters, snapshot: &crate::config::Snapshot) -> Clusters {
+pub fn rebuild(old: &Clusters, snapshot: &crate::config::Snapshot, mesh: &Arc<crate::tls::MeshState>) -> Clusters {
     snapshot
         .clusters
         .iter()
@@ -272,7 +283,17 @@ pub fn rebuild(old: &Clusters, snapshot: &crate::config::Snapshot) -> Clusters {
                     c.set_endpoints(endpoints);
                     c.clone()
                 }
-                _ => Cluster::new(cfg.clone(), endpoints),
+                _ => {
+                    // The SNI was checked when the configuration was converted.
+                    let tls = cfg.tls.as_ref().and_then(|t| match crate::tls::ClientSide::new(mesh, t) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            tracing::error!(cluster = %name, error = %e, "cannot set up TLS");
+                            None
+                        }
+                    });
+                    Cluster::with_tls(cfg.clone(), endpoints, tls)
+                }
             };
             (name.clone(), cluster)
         })

@@ -94,7 +94,24 @@ pub(crate) enum Conn {
     H2(http2::SendRequest<BoxBody>, Arc<Permit>),
 }
 
-async fn connect(cluster: &Cluster, host: &Host) -> Result<TcpStream, PoolError> {
+/// A connection to `host`: TCP, then the cluster's TLS handshake when it has one.
+pub(crate) async fn connect(cluster: &Cluster, host: &Host) -> Result<crate::tls::Io, PoolError> {
+    let tcp = connect_tcp(cluster, host).await?;
+    let Some(tls) = &cluster.tls else {
+        if cluster.config.tls.is_some() {
+            // Its TLS could not be set up (logged when the cluster was made): never plaintext.
+            return Err(PoolError::Connect(format!("{}: the cluster's TLS is not usable", host.address)));
+        }
+        return Ok(crate::tls::Io::Plain(tcp));
+    };
+    tls.connect(tcp).await.map_err(|e| {
+        cluster.stats.upstream_cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(cluster = %cluster.config.name, upstream = %host.address, error = %e, "TLS handshake failed");
+        PoolError::Connect(format!("{}: TLS: {e}", host.address))
+    })
+}
+
+async fn connect_tcp(cluster: &Cluster, host: &Host) -> Result<TcpStream, PoolError> {
     let timeout = cluster.config.connect_timeout;
     let attempt = async {
         match host.socket {

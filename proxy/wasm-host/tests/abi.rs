@@ -263,7 +263,7 @@ fn shared_data_is_shared_between_vms_with_the_same_vm_id_only() {
 #[test]
 fn shared_add_counts_across_vms_and_mixes_with_cas() {
     let h = host();
-    let mut run = |vm: &mut Vm, path: &str| {
+    let run = |vm: &mut Vm, path: &str| {
         let id = vm.create_stream(request(path, &[])).unwrap();
         vm.on_request_headers(id, true).unwrap();
         header(&vm.stream(id).unwrap().request_headers, "x-shared").map(str::to_string)

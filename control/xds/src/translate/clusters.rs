@@ -38,7 +38,6 @@ use trellis_model::spec::{
 use super::locality::{self, Group, LocalityPolicy};
 use super::tls;
 use super::{Scope, Translated, cluster_name, duration, parse_duration, selects};
-use crate::proxy::ProxyInfo;
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 /// Istio's default connect timeout.
@@ -265,7 +264,7 @@ pub(crate) fn load_assignment(name: &str, groups: &[Group<'_>]) -> ClusterLoadAs
 #[allow(clippy::too_many_arguments)]
 fn add(
     out: &mut Translated,
-    proxy: &ProxyInfo,
+    scope: &Scope<'_>,
     svc: &Service,
     port: &ServicePort,
     subset: &str,
@@ -278,7 +277,7 @@ fn add(
     let grouped = locality::group(
         &selected,
         Some(LocalityPolicy {
-            proxy,
+            proxy: scope.proxy,
             setting: policy.lb.and_then(|lb| lb.locality_lb_setting.as_ref()),
             outlier_detection: policy.outlier.is_some(),
         }),
@@ -286,7 +285,7 @@ fn add(
     let cla = load_assignment(&name, &grouped.groups);
     let dns = svc.resolution == Resolution::Dns;
     let mut c = cluster(&name, svc, port, policy, dns.then(|| cla.clone()));
-    c.transport_socket = tls::transport_socket(policy.tls, svc, port, subset, &selected);
+    c.transport_socket = tls::transport_socket(scope.config.trust_domain(), policy.tls, svc, port, subset, &selected);
     if grouped.locality_weighted {
         c.common_lb_config.get_or_insert_with(Default::default).locality_config_specifier =
             Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(LocalityWeightedLbConfig {}));
@@ -304,10 +303,10 @@ pub(crate) fn outbound(scope: &Scope<'_>, out: &mut Translated) {
         for port in &svc.ports {
             let eps = scope.registry.endpoints(&svc.hostname, port.number);
             let top = dr.and_then(|d| d.traffic_policy.as_ref());
-            add(out, scope.proxy, svc, port, "", None, Policy::of(top, None, port.number), eps);
+            add(out, scope, svc, port, "", None, Policy::of(top, None, port.number), eps);
             for subset in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
                 let policy = Policy::of(top, subset.traffic_policy.as_ref(), port.number);
-                add(out, scope.proxy, svc, port, &subset.name, Some(&subset.labels), policy, eps);
+                add(out, scope, svc, port, &subset.name, Some(&subset.labels), policy, eps);
             }
         }
     }

@@ -37,6 +37,7 @@ use trellis_model::registry::{Protocol, Service, ServicePort};
 use trellis_model::spec::{IstioEgressListener, Labels, RouteDestination};
 
 use super::clusters::{InboundPort, inbound_ports, socket};
+use super::mtls::{PeerAuthn, secure};
 use super::routes::{FAULT_FILTER, destination_cluster, inbound_route_name, route_config};
 use super::wasm::{self, Side};
 use super::{INBOUND_ROUTE, OUTBOUND_ROUTE, Scope, Translated, cluster_name, selects};
@@ -286,19 +287,21 @@ fn tls_chains(scope: &Scope<'_>, services: &[(&Service, &ServicePort)], port: u3
 
 pub(crate) fn inbound(scope: &Scope<'_>, out: &mut Translated) {
     let (ip, port) = &scope.proxy.inbound_listener;
-    out.listeners.insert(
-        INBOUND_LISTENER.into(),
-        listener(
-            INBOUND_LISTENER,
-            (ip, *port),
-            vec![chain(hcm(INBOUND_LISTENER, INBOUND_ROUTE, http_filters(scope, Side::Server, None)))],
-        ),
-    );
-    for p in inbound_ports(scope) {
+    let peer_authn = PeerAuthn::of(scope);
+    let ports = inbound_ports(scope);
+    let shared: Vec<InboundPort> = ports.iter().filter(|p| p.bind.is_none()).cloned().collect();
+    let filter = hcm(INBOUND_LISTENER, INBOUND_ROUTE, http_filters(scope, Side::Server, None));
+    let mut l = listener(INBOUND_LISTENER, (ip, *port), vec![chain(filter.clone())]);
+    secure(scope, &mut l, filter, true, peer_authn.shared(&shared));
+    out.listeners.insert(INBOUND_LISTENER.into(), l);
+    for p in ports {
         let Some(bind) = &p.bind else { continue };
         let name = port_listener_name(bind, p.number);
         let filter = ingress_filter(scope, &p, &name);
-        out.listeners.insert(name.clone(), listener(&name, (bind, p.number), vec![chain(filter)]));
+        let mut l = listener(&name, (bind, p.number), vec![chain(filter.clone())]);
+        let mode = peer_authn.port(&p);
+        secure(scope, &mut l, filter, p.protocol.is_http(), (mode.tls(), mode.plaintext()));
+        out.listeners.insert(name.clone(), l);
     }
 }
 

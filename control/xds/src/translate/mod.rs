@@ -11,6 +11,7 @@ mod clusters;
 mod gateway;
 mod listeners;
 mod locality;
+mod mtls;
 mod routes;
 pub mod tls;
 mod wasm;
@@ -39,6 +40,14 @@ pub struct ConfigSnapshot {
     pub module_server: Option<std::net::SocketAddr>,
     /// The mesh CA's roots (PEM), served to every proxy as the SDS secret [`ROOT_CA`].
     pub trust_bundle: Option<std::sync::Arc<str>>,
+    /// The mesh's trust domain (empty: Istio's default, `cluster.local`).
+    pub trust_domain: std::sync::Arc<str>,
+}
+
+impl ConfigSnapshot {
+    pub fn trust_domain(&self) -> &str {
+        if self.trust_domain.is_empty() { tls::TRUST_DOMAIN } else { &self.trust_domain }
+    }
 }
 
 /// The resources one proxy needs, by name.
@@ -286,5 +295,8 @@ pub fn outbound_key(p: &ProxyInfo) -> String {
 
 /// Everything about a proxy the inbound translation reads.
 pub fn inbound_key(p: &ProxyInfo) -> String {
-    format!("{:?}|{}|{}|{:?}|{:?}|{:?}", p.kind, p.namespace, p.workload_name, p.ips, p.inbound_listener, p.labels)
+    format!(
+        "{:?}|{}|{}|{:?}|{:?}|{:?}|{}",
+        p.kind, p.namespace, p.workload_name, p.ips, p.inbound_listener, p.labels, p.mtls
+    )
 }

@@ -31,13 +31,13 @@ use trellis_model::spec::{ClientTlsMode, ClientTlsSettings};
 
 use super::clusters::ads;
 
-/// The mesh's trust domain (Istio's default). Configurable with the CA (zero-trust issue).
+/// The mesh's default trust domain (Istio's); `trellis-control --trust-domain` sets another.
 pub const TRUST_DOMAIN: &str = "cluster.local";
 /// Istio's SDS name for a workload's own certificate and key.
 pub const WORKLOAD_SECRET: &str = "default";
 /// Istio's SDS name for the mesh's trust bundle.
 pub const ROOT_SECRET: &str = "ROOTCA";
-const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
+pub(crate) const TLS_SOCKET: &str = "envoy.transport_sockets.tls";
 /// The system's CA bundle on the proxy's host (Debian/Ubuntu path, as Istio's proxies use);
 /// Envoy has no "system roots" switch of its own.
 pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -48,8 +48,8 @@ pub fn mesh_sni(port: u32, subset: &str, host: &str) -> String {
 }
 
 /// `spiffe://TRUST_DOMAIN/ns/NS/sa/SA`.
-pub fn spiffe_id(namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}")
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
 fn sds(name: &str) -> SdsSecretConfig {
@@ -73,6 +73,7 @@ fn san(kind: SanType, value: &str) -> SubjectAltNameMatcher {
 
 /// The transport socket for `tls`, or `None` for plaintext (`DISABLE` or no settings).
 pub(crate) fn transport_socket(
+    trust_domain: &str,
     tls: Option<&ClientTlsSettings>,
     svc: &Service,
     port: &ServicePort,
@@ -87,7 +88,7 @@ pub(crate) fn transport_socket(
                 endpoints
                     .iter()
                     .filter(|e| !e.service_account.is_empty())
-                    .map(|e| spiffe_id(&svc.namespace, &e.service_account))
+                    .map(|e| spiffe_id(trust_domain, &svc.namespace, &e.service_account))
                     .collect()
             } else {
                 tls.subject_alt_names.iter().cloned().collect()

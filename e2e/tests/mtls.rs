@@ -1,0 +1,287 @@
+//! mTLS between trellis-proxies, configured by the real control plane: certificates from its CA
+//! (CSR with a WorkloadToken), the trust bundle over SDS, DestinationRule ISTIO_MUTUAL on the
+//! client side, PeerAuthentication on the server side, and AuthorizationPolicy by peer identity
+//! — Istio's "deny all, then allow GET /reviews/* from productpage" example.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde_json::{Value, json};
+use trellis_ca::CaMaterial;
+use trellis_e2e::ControlPlane;
+use trellis_e2e::echo::Echo;
+use trellis_e2e::http::ProxyClient;
+use trellis_e2e::proxies::{NodeSpec, TrellisProxy};
+
+const NS: &str = "bookinfo";
+const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage";
+
+fn workload_token(cp: &ControlPlane, dir: &std::path::Path, name: &str, ns: &str, sa: &str) -> String {
+    let out = cp.cli(&["workload-token", "create", name, "-n", ns, "--service-account", sa]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = dir.join(format!("{name}.token"));
+    std::fs::write(&file, String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    file.to_str().unwrap().to_string()
+}
+
+fn proxy(cp: &ControlPlane, name: &str, ns: &str, sa: &str, token: Option<&str>) -> TrellisProxy {
+    let mut flags = vec!["--service-account", sa];
+    if let Some(t) = token {
+        flags.extend(["--identity-token-file", t]);
+    }
+    TrellisProxy::start_node(&cp.xds_addr, &NodeSpec::sidecar(name, ns, ""), &flags).unwrap()
+}
+
+fn peer_authentication(mode: &str) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "default", "namespace": NS},
+           "spec": {"mtls": {"mode": mode}}})
+}
+
+/// GETs through a client proxy until `want` answers (a config push lands), within 30 s.
+async fn until(client: &TrellisProxy, host: &str, path: &str, want: u16, logs: &[&TrellisProxy]) {
+    let c = ProxyClient::new(&client.outbound);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = c.get(host, path, &[]).await.map(|a| (a.status, a.body));
+        if matches!(&got, Ok((s, _)) if *s == want) {
+            return;
+        }
+        let logs: Vec<String> = logs.iter().map(|p| p.log_text()).collect();
+        assert!(
+            Instant::now() < deadline,
+            "GET {path} via {}: {got:?}, want {want}\n{}",
+            client.node_id,
+            logs.join("\n---\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A plaintext HTTP/1.1 request straight to a listener: the status, or why there was none.
+async fn plaintext_get(addr: &str, host: &str) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    get_over(hyper_util::rt::TokioIo::new(tcp), host).await
+}
+
+async fn get_over<T>(io: T, host: &str) -> Result<u16, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(io).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/reviews/1").header("host", host).body(Empty::new()).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    Ok(status)
+}
+
+/// The server's certificate is not what these tests check.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// An HTTP request over TLS presenting `chain` (PEM) with `key`: the status, or why there was none.
+async fn tls_get(addr: &str, host: &str, chain: &str, key: &str) -> Result<u16, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("reviews").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    get_over(hyper_util::rt::TokioIo::new(tls), host).await
+}
+
+/// A leaf certificate for `uri` signed by `ca`, valid from `from` to `to` (seconds from now).
+fn leaf(ca: &CaMaterial, uri: &str, from: i64, to: i64) -> (String, String) {
+    let ca_key = KeyPair::from_pem(&ca.ca_key).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca.ca_cert, ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(uri.to_string().try_into().unwrap())];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + time::Duration::seconds(from);
+    params.not_after = now + time::Duration::seconds(to);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (format!("{}{}", cert.pem(), ca.cert_chain), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn mtls_between_trellis_proxies_with_peer_authentication_and_identity_authorization() {
+    let dir = tempfile::tempdir().unwrap();
+    // The mesh CA from files (Istio's cacerts layout), so the test can also mint certificates
+    // the CA itself would never issue.
+    let ca = CaMaterial::self_signed("cluster.local").unwrap();
+    let cacerts = dir.path().join("cacerts");
+    std::fs::create_dir(&cacerts).unwrap();
+    for (file, pem) in [
+        ("ca-cert.pem", &ca.ca_cert),
+        ("ca-key.pem", &ca.ca_key),
+        ("root-cert.pem", &ca.root_cert),
+        ("cert-chain.pem", &ca.cert_chain),
+    ] {
+        std::fs::write(cacerts.join(file), pem).unwrap();
+    }
+    let cp = ControlPlane::start(
+        &dir.path().join("cp"),
+        &["--push-debounce-ms", "50", "--cacerts-dir", cacerts.to_str().unwrap()],
+    )
+    .unwrap();
+    let app = Echo::start("reviews").await.unwrap();
+    let (port, ingress) = (trellis_e2e::free_port(), trellis_e2e::free_port());
+    let host = format!("reviews.{NS}:{port}");
+    // The endpoint inline (a workloadSelector would also make the reviews proxy itself an
+    // endpoint, at the service port, where nothing listens).
+    let service_entry = |sa: &str| {
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "reviews", "namespace": NS},
+               "spec": {"hosts": ["reviews.bookinfo.svc.cluster.local"], "ports": [{"number": port, "name": "http", "protocol": "HTTP"}],
+                        "location": "MESH_INTERNAL", "resolution": "STATIC",
+                        "endpoints": [{"address": "127.0.0.1", "ports": {"http": ingress}, "labels": {"app": "reviews"}, "serviceAccount": sa}]}})
+    };
+    let config = vec![
+        service_entry("bookinfo-reviews"),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar", "metadata": {"name": "reviews", "namespace": NS},
+               "spec": {"workloadSelector": {"labels": {"app": "reviews"}},
+                        "ingress": [{"port": {"number": ingress, "protocol": "HTTP", "name": "http"}, "bind": "127.0.0.1",
+                                     "defaultEndpoint": format!("127.0.0.1:{}", app.port())}]}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": NS},
+               "spec": {"host": "reviews.bookinfo.svc.cluster.local", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}}),
+        peer_authentication("STRICT"),
+        // Istio's example: allow nothing, then GET /reviews/* from productpage.
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "allow-nothing", "namespace": NS},
+               "spec": {}}),
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "reviews-viewer", "namespace": NS},
+               "spec": {"selector": {"matchLabels": {"app": "reviews"}}, "action": "ALLOW",
+                        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/bookinfo/sa/bookinfo-productpage"]}}],
+                                   "to": [{"operation": {"methods": ["GET"], "paths": ["/reviews/*"]}}]}]}}),
+    ];
+    let api = cp.client().unwrap();
+    api.apply(config, None, false).await.unwrap();
+    let d = dir.path();
+    let reviews_token = workload_token(&cp, d, "reviews", NS, "bookinfo-reviews");
+    let productpage_token = workload_token(&cp, d, "productpage", NS, "bookinfo-productpage");
+    let ratings_token = workload_token(&cp, d, "ratings", NS, "bookinfo-ratings");
+    let reviews = proxy(&cp, "reviews", NS, "bookinfo-reviews", Some(&reviews_token));
+    let productpage = proxy(&cp, "productpage", NS, "bookinfo-productpage", Some(&productpage_token));
+    let ratings = proxy(&cp, "ratings", NS, "bookinfo-ratings", Some(&ratings_token));
+    let anonymous = proxy(&cp, "anonymous", NS, "default", None);
+    let all = [&reviews, &productpage];
+
+    // productpage → reviews over mTLS: its identity is allowed GET /reviews/*, nothing else.
+    until(&productpage, &host, "/reviews/1", 200, &all).await;
+    let pp = ProxyClient::new(&productpage.outbound);
+    assert_eq!(pp.get(&host, "/ratings/1", &[]).await.unwrap().status, 403, "not under /reviews/");
+    assert_eq!(pp.post(&host, "/reviews/1", &[], b"x".to_vec()).await.unwrap().status, 403, "not a GET");
+    // Another identity of the mesh reaches reviews over mTLS and is denied by policy.
+    until(&ratings, &host, "/reviews/1", 403, &[&ratings, &reviews]).await;
+    // A proxy without a certificate cannot originate ISTIO_MUTUAL: 503, nothing reaches reviews.
+    until(&anonymous, &host, "/reviews/1", 503, &[&anonymous]).await;
+    let seen = app.requests();
+
+    // STRICT: plaintext to the workload's port is closed without an answer.
+    let direct = format!("127.0.0.1:{ingress}");
+    let plain = plaintext_get(&direct, &host).await;
+    assert!(plain.is_err(), "plaintext to a STRICT port: {plain:?}");
+
+    // Certificates the port must refuse: another CA, an expired one from the mesh CA, another
+    // trust domain from the mesh CA.
+    let other_ca = CaMaterial::self_signed("cluster.local").unwrap();
+    let (chain, key) = leaf(&other_ca, PRODUCTPAGE, -60, 3600);
+    let r = tls_get(&direct, &host, &chain, &key).await;
+    assert!(r.is_err(), "a certificate from another CA: {r:?}");
+    let (chain, key) = leaf(&ca, PRODUCTPAGE, -7200, -3600);
+    let r = tls_get(&direct, &host, &chain, &key).await;
+    assert!(r.is_err(), "an expired certificate: {r:?}");
+    let (chain, key) = leaf(&ca, "spiffe://other.domain/ns/bookinfo/sa/bookinfo-productpage", -60, 3600);
+    let r = tls_get(&direct, &host, &chain, &key).await;
+    assert!(r.is_err(), "another trust domain: {r:?}");
+    // A good one, minted here for productpage: allowed as productpage would be.
+    let (chain, key) = leaf(&ca, PRODUCTPAGE, -60, 3600);
+    assert_eq!(tls_get(&direct, &host, &chain, &key).await, Ok(200), "a valid productpage certificate");
+    assert_eq!(app.requests(), seen + 1, "only the valid certificate reached the application");
+
+    // The client checks the server: reviews' endpoint is said to run as another service
+    // account, so the identity reviews presents is refused (503), and nothing reaches it.
+    api.apply(vec![service_entry("bookinfo-impostor")], None, false).await.unwrap();
+    until(&productpage, &host, "/reviews/1", 503, &all).await;
+    let before = app.requests();
+    for _ in 0..5 {
+        let a = pp.get(&host, "/reviews/1", &[]).await.unwrap();
+        assert_eq!(a.status, 503, "{}", a.body);
+        assert!(a.body.contains("not one of"), "the reason names the identities: {}", a.body);
+    }
+    assert_eq!(app.requests(), before, "nothing reached a server with the wrong identity");
+    api.apply(vec![service_entry("bookinfo-reviews")], None, false).await.unwrap();
+    until(&productpage, &host, "/reviews/1", 200, &all).await;
+
+    // PERMISSIVE: plaintext is accepted too (and, having no identity, denied by policy).
+    api.apply(vec![peer_authentication("PERMISSIVE")], None, false).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match plaintext_get(&direct, &host).await {
+            Ok(403) => break,
+            other => {
+                assert!(Instant::now() < deadline, "plaintext under PERMISSIVE: {other:?}\n{}", reviews.log_text())
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    until(&productpage, &host, "/reviews/1", 200, &all).await;
+
+    // DISABLE: no TLS on the port, so the ISTIO_MUTUAL client fails; plaintext still answers.
+    api.apply(vec![peer_authentication("DISABLE")], None, false).await.unwrap();
+    until(&productpage, &host, "/reviews/1", 503, &all).await;
+    assert_eq!(plaintext_get(&direct, &host).await, Ok(403));
+}
