@@ -95,6 +95,17 @@ impl ControlPlane {
         Self::start_on(data_dir, addr, xds_addr, debug_addr, &[])
     }
 
+    /// As [`ControlPlane::restart`], with `extra` arguments.
+    pub fn restart_with(
+        data_dir: &Path,
+        addr: &str,
+        xds_addr: &str,
+        debug_addr: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_on(data_dir, addr, xds_addr, debug_addr, extra)
+    }
+
     fn start_on(data_dir: &Path, addr: &str, xds_addr: &str, debug_addr: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let (addr, xds_addr, debug_addr) = (addr.to_string(), xds_addr.to_string(), debug_addr.to_string());
         std::fs::create_dir_all(data_dir)?;

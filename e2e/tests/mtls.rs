@@ -158,6 +158,20 @@ fn leaf(ca: &CaMaterial, uri: &str, from: i64, to: i64) -> (String, String) {
     (format!("{}{}", cert.pem(), ca.cert_chain), key.serialize_pem())
 }
 
+/// Writes Istio's cacerts files: `signer` signs, `roots` are trusted.
+fn write_cacerts(dir: &std::path::Path, signer: &CaMaterial, roots: &[&CaMaterial]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let roots: String = roots.iter().map(|r| r.root_cert.as_str()).collect();
+    for (file, pem) in [
+        ("ca-cert.pem", &signer.ca_cert),
+        ("ca-key.pem", &signer.ca_key),
+        ("root-cert.pem", &roots),
+        ("cert-chain.pem", &signer.cert_chain),
+    ] {
+        std::fs::write(dir.join(file), pem).unwrap();
+    }
+}
+
 #[tokio::test]
 async fn mtls_between_trellis_proxies_with_peer_authentication_and_identity_authorization() {
     let dir = tempfile::tempdir().unwrap();
@@ -165,15 +179,7 @@ async fn mtls_between_trellis_proxies_with_peer_authentication_and_identity_auth
     // the CA itself would never issue.
     let ca = CaMaterial::self_signed("cluster.local").unwrap();
     let cacerts = dir.path().join("cacerts");
-    std::fs::create_dir(&cacerts).unwrap();
-    for (file, pem) in [
-        ("ca-cert.pem", &ca.ca_cert),
-        ("ca-key.pem", &ca.ca_key),
-        ("root-cert.pem", &ca.root_cert),
-        ("cert-chain.pem", &ca.cert_chain),
-    ] {
-        std::fs::write(cacerts.join(file), pem).unwrap();
-    }
+    write_cacerts(&cacerts, &ca, &[&ca]);
     let cp = ControlPlane::start(
         &dir.path().join("cp"),
         &["--push-debounce-ms", "50", "--cacerts-dir", cacerts.to_str().unwrap()],
@@ -284,4 +290,158 @@ async fn mtls_between_trellis_proxies_with_peer_authentication_and_identity_auth
     api.apply(vec![peer_authentication("DISABLE")], None, false).await.unwrap();
     until(&productpage, &host, "/reviews/1", 503, &all).await;
     assert_eq!(plaintext_get(&direct, &host).await, Ok(403));
+}
+
+/// The reviews service behind its sidecar (an ingress listener on `ingress`, the app behind
+/// it), ISTIO_MUTUAL with one request per connection (every request a new handshake, so
+/// renewed certificates are used at once), STRICT, and only productpage allowed.
+fn rotation_config(port: u16, ingress: u16, app: u16) -> Vec<Value> {
+    vec![
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "reviews", "namespace": NS},
+               "spec": {"hosts": ["reviews.bookinfo.svc.cluster.local"], "ports": [{"number": port, "name": "http", "protocol": "HTTP"}],
+                        "location": "MESH_INTERNAL", "resolution": "STATIC",
+                        "endpoints": [{"address": "127.0.0.1", "ports": {"http": ingress}, "labels": {"app": "reviews"}, "serviceAccount": "bookinfo-reviews"}]}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "Sidecar", "metadata": {"name": "reviews", "namespace": NS},
+               "spec": {"workloadSelector": {"labels": {"app": "reviews"}},
+                        "ingress": [{"port": {"number": ingress, "protocol": "HTTP", "name": "http"}, "bind": "127.0.0.1",
+                                     "defaultEndpoint": format!("127.0.0.1:{app}")}]}}),
+        json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews", "namespace": NS},
+               "spec": {"host": "reviews.bookinfo.svc.cluster.local",
+                        "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}, "connectionPool": {"http": {"maxRequestsPerConnection": 1}}}}}),
+        peer_authentication("STRICT"),
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy", "metadata": {"name": "reviews-viewer", "namespace": NS},
+               "spec": {"selector": {"matchLabels": {"app": "reviews"}}, "action": "ALLOW",
+                        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/bookinfo/sa/bookinfo-productpage"]}}]}]}}),
+    ]
+}
+
+/// Bounded load through a proxy: `workers` loops of GETs until `stop`, at most `max` requests
+/// each; returns (sent, failures with what they got).
+fn load(
+    proxy: &str,
+    host: &str,
+    workers: usize,
+    max: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    let (proxy, host) = (proxy.to_string(), host.to_string());
+    tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        for _ in 0..workers {
+            let (c, host, stop) = (ProxyClient::new(&proxy), host.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut sent, mut failed) = (0, Vec::new());
+                while sent < max && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    sent += 1;
+                    match c.get(&host, "/reviews/1", &[]).await {
+                        Ok(a) if a.status == 200 => {}
+                        Ok(a) => failed.push(format!("{} {}", a.status, a.body)),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (sent, failed)
+            }));
+        }
+        let mut out = (0, Vec::new());
+        for t in tasks {
+            let (s, f) = t.await.unwrap();
+            out.0 += s;
+            out.1.extend(f);
+        }
+        out
+    })
+}
+
+async fn certs(p: &TrellisProxy) -> Value {
+    let a = ProxyClient::new(&p.admin).get(&p.admin, "/certs", &[]).await.unwrap();
+    serde_json::from_str(&a.body).unwrap()
+}
+
+/// Polls both proxies' /certs until `cond` holds for each, within `secs`.
+async fn until_certs(proxies: &[&TrellisProxy], secs: u64, what: &str, cond: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    for p in proxies {
+        loop {
+            let c = certs(p).await;
+            if cond(&c) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: {} has {c}\n{}", p.node_id, p.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn sds_roots(c: &Value) -> usize {
+    let ca = c["certificates"][0]["ca_cert"].as_array().cloned().unwrap_or_default();
+    ca.iter().filter(|r| r["source"] == "sds:ROOTCA").count()
+}
+
+fn issued(c: &Value) -> u64 {
+    c["issued"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn certificates_and_the_root_rotate_under_load_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (CaMaterial::self_signed("cluster.local").unwrap(), CaMaterial::self_signed("cluster.local").unwrap());
+    let cacerts = dir.path().join("cacerts");
+    write_cacerts(&cacerts, &old, &[&old]);
+    let data = dir.path().join("cp");
+    let flags = ["--push-debounce-ms", "50", "--cacerts-dir", cacerts.to_str().unwrap()];
+    let mut cp = ControlPlane::start(&data, &flags).unwrap();
+    let app = Echo::start("reviews").await.unwrap();
+    let (port, ingress) = (trellis_e2e::free_port(), trellis_e2e::free_port());
+    let host = format!("reviews.{NS}:{port}");
+    cp.client().unwrap().apply(rotation_config(port, ingress, app.port()), None, false).await.unwrap();
+    let d = dir.path();
+    // 10-second certificates: each proxy renews every 5 s.
+    let start = |name: &str, sa: &str, token: &str| {
+        let flags = ["--service-account", sa, "--identity-token-file", token, "--identity-ttl", "10"];
+        TrellisProxy::start_node(&cp.xds_addr, &NodeSpec::sidecar(name, NS, ""), &flags).unwrap()
+    };
+    let reviews = start("reviews", "bookinfo-reviews", &workload_token(&cp, d, "reviews", NS, "bookinfo-reviews"));
+    let productpage =
+        start("productpage", "bookinfo-productpage", &workload_token(&cp, d, "productpage", NS, "bookinfo-productpage"));
+    until(&productpage, &host, "/reviews/1", 200, &[&productpage, &reviews]).await;
+    let both = [&reviews, &productpage];
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = load(&productpage.outbound, &host, 4, 20_000, stop.clone());
+    // Leaf rotation: two more certificates each under load.
+    let first: Vec<u64> = futures::future::join_all(both.iter().map(|p| certs(p))).await.iter().map(issued).collect();
+    let (r0, p0) = (first[0], first[1]);
+    until_certs(&[&reviews], 30, "two renewals", |c| issued(c) >= r0 + 2).await;
+    until_certs(&[&productpage], 30, "two renewals", |c| issued(c) >= p0 + 2).await;
+
+    // Root rotation, as Istio documents it. 1: trust the new root as well (still signing with
+    // the old one); the control plane restarts (kill -9), proxies keep serving meanwhile.
+    let restart = |cp: ControlPlane| {
+        let (addr, xds, debug) = (cp.addr.clone(), cp.xds_addr.clone(), cp.debug_addr.clone());
+        cp.kill_9().unwrap();
+        ControlPlane::restart_with(&data, &addr, &xds, &debug, &flags).unwrap()
+    };
+    write_cacerts(&cacerts, &old, &[&old, &new]);
+    cp = restart(cp);
+    until_certs(&both, 30, "both roots over SDS", |c| sds_roots(c) == 2).await;
+    // 2: sign with the new root; every certificate is re-issued by it within a lifetime.
+    write_cacerts(&cacerts, &new, &[&old, &new]);
+    cp = restart(cp);
+    let now: Vec<u64> = futures::future::join_all(both.iter().map(|p| certs(p))).await.iter().map(issued).collect();
+    until_certs(&[&reviews], 30, "re-issued by the new root", |c| issued(c) >= now[0] + 3).await;
+    until_certs(&[&productpage], 30, "re-issued by the new root", |c| issued(c) >= now[1] + 3).await;
+    // 3: drop the old root.
+    write_cacerts(&cacerts, &new, &[&new]);
+    let _cp = restart(cp);
+    until_certs(&both, 30, "only the new root", |c| sds_roots(c) == 1).await;
+    let now: Vec<u64> = futures::future::join_all(both.iter().map(|p| certs(p))).await.iter().map(issued).collect();
+    until_certs(&[&reviews], 30, "a renewal under the new root alone", |c| issued(c) >= now[0] + 1).await;
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (sent, failed) = running.await.unwrap();
+    println!("rotation under load: {sent} requests, {} failed; certificates issued: {:?}", failed.len(), now);
+    assert!(sent >= 500, "the load ran: {sent} requests");
+    assert!(failed.is_empty(), "{} of {sent} failed, first: {:?}", failed.len(), failed.first());
+    assert_eq!(app.requests() as usize, sent + 1, "every request reached the application once");
 }
