@@ -46,6 +46,17 @@ impl Envoy {
 
     /// Starts Envoy as the node `spec` describes and waits for its first listener.
     pub fn start_node(xds: &str, api: AdsApi, spec: &crate::proxies::NodeSpec) -> anyhow::Result<Envoy> {
+        Envoy::start_node_with(xds, api, spec, None)
+    }
+
+    /// As [`Envoy::start_node`], with its workload certificate from the SDS agent at
+    /// `sds_socket` (the static cluster `sds-grpc`, node metadata `TRELLIS_MTLS`).
+    pub fn start_node_with(
+        xds: &str,
+        api: AdsApi,
+        spec: &crate::proxies::NodeSpec,
+        sds_socket: Option<&std::path::Path>,
+    ) -> anyhow::Result<Envoy> {
         let (name, namespace, locality) = (spec.name.as_str(), spec.namespace.as_str(), spec.locality.as_str());
         let kind = spec.kind();
         let labels = spec.labels_yaml();
@@ -63,6 +74,28 @@ impl Envoy {
             AdsApi::Delta => "DELTA_GRPC",
         };
         let (admin_host, admin_port) = admin.rsplit_once(':').context("admin")?;
+        let (mtls, agent) = match sds_socket {
+            Some(path) => (
+                "\n    TRELLIS_MTLS: \"true\"".to_string(),
+                format!(
+                    r#"
+  - name: sds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{pipe: {{path: "{}"}}}}}}"#,
+                    path.display()
+                ),
+            ),
+            None => (String::new(), String::new()),
+        };
         let bootstrap = format!(
             r#"node:
   id: "{node_id}"
@@ -74,7 +107,7 @@ impl Envoy {
     LABELS: {labels}
     TRELLIS_PROXY_TYPE: "{kind}"
     TRELLIS_OUTBOUND_LISTENER: "{outbound}"
-    TRELLIS_INBOUND_LISTENER: "{inbound}"
+    TRELLIS_INBOUND_LISTENER: "{inbound}"{mtls}
 dynamic_resources:
   ads_config:
     api_type: {api_type}
@@ -96,7 +129,7 @@ static_resources:
       cluster_name: xds
       endpoints:
       - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: "{xds_host}", port_value: {xds_port}}}}}}}
+        - endpoint: {{address: {{socket_address: {{address: "{xds_host}", port_value: {xds_port}}}}}}}{agent}
 admin:
   address: {{socket_address: {{address: "{admin_host}", port_value: {admin_port}}}}}
 "#

@@ -208,3 +208,49 @@ impl Drop for TrellisProxy {
         let _ = self.child.wait();
     }
 }
+
+/// A running `trellis-agent`: a workload certificate for an Envoy, over SDS on a unix socket.
+#[derive(Debug)]
+pub struct TrellisAgent {
+    child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TrellisAgent {
+    /// Starts the agent for `namespace` / `service_account` with the token in `token_file`, and
+    /// waits until it serves its socket.
+    pub fn start(ca: &str, token_file: &str, namespace: &str, service_account: &str) -> anyhow::Result<TrellisAgent> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("sds.sock");
+        let log = dir.path().join("trellis-agent.log");
+        let child = Command::new(binary("trellis-agent")?)
+            .args(["--ca", ca, "--token-file", token_file, "--namespace", namespace])
+            .args(["--service-account", service_account, "--sds-socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting trellis-agent")?;
+        let mut a = TrellisAgent { child, socket, log, _dir: dir };
+        let socket = a.socket.clone();
+        crate::await_condition("trellis-agent's SDS socket", std::time::Duration::from_secs(20), || socket.exists())
+            .with_context(|| std::fs::read_to_string(&a.log).unwrap_or_default())?;
+        if let Ok(Some(status)) = a.child.try_wait() {
+            anyhow::bail!("trellis-agent exited with {status}");
+        }
+        Ok(a)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TrellisAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

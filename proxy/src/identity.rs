@@ -43,6 +43,10 @@ pub struct Svid {
     pub chain: Vec<CertificateDer<'static>>,
     /// The chain with its key (made here, never sent anywhere), as TLS presents it.
     pub certified: Arc<rustls::sign::CertifiedKey>,
+    /// The chain as the CA sent it (PEM), and the key (PKCS#8 PEM) — for `trellis-agent`, which
+    /// hands both to the Envoy beside it over a local socket.
+    pub chain_pem: String,
+    pub key_pem: KeyPem,
     /// The SPIFFE ID (the leaf's URI SAN).
     pub spiffe_id: String,
     /// Hex.
@@ -56,10 +60,27 @@ pub struct Svid {
     pub roots: Vec<CertificateDer<'static>>,
 }
 
+/// A private key in PEM; never printed.
+pub struct KeyPem(String);
+
+impl KeyPem {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for KeyPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<private key>")
+    }
+}
+
 /// The identity the proxy holds, kept current by [`spawn`].
 #[derive(Debug, Default)]
 pub struct WorkloadIdentity {
     current: ArcSwapOption<Svid>,
+    /// Signalled at every new certificate.
+    pub renewed: tokio::sync::Notify,
     /// Certificates received so far.
     pub issued: AtomicU64,
     last_error: std::sync::Mutex<Option<String>>,
@@ -118,6 +139,7 @@ pub fn spawn(config: IdentityConfig, xds: &str, namespace: &str, service_account
                     let renew = renew_in(&svid);
                     id.current.store(Some(Arc::new(svid)));
                     id.issued.fetch_add(1, Ordering::Relaxed);
+                    id.renewed.notify_waiters();
                     *id.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     backoff = Duration::from_millis(500);
                     renew
@@ -171,6 +193,7 @@ async fn fetch(config: &IdentityConfig, ca: &str, namespace: &str, service_accou
         .await
         .map_err(|s| format!("the CA refused: {:?}: {}", s.code(), s.message()))?;
     let pems = resp.into_inner().cert_chain;
+    let chain_pem: String = pems.iter().map(|p| if p.ends_with('\n') { p.clone() } else { format!("{p}\n") }).collect();
     let chain: Vec<CertificateDer<'static>> = pems
         .iter()
         .map(|p| {
@@ -198,6 +221,8 @@ async fn fetch(config: &IdentityConfig, ca: &str, namespace: &str, service_accou
     Ok(Svid {
         roots: chain.last().cloned().into_iter().collect(),
         certified: Arc::new(rustls::sign::CertifiedKey::new(chain.clone(), signing)),
+        chain_pem,
+        key_pem: KeyPem(key.serialize_pem()),
         spiffe_id,
         serial: parsed.raw_serial_as_string().replace(':', ""),
         not_before: parsed.validity().not_before.timestamp(),

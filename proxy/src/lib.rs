@@ -10,6 +10,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod agent;
 pub mod body;
 pub mod bootstrap;
 pub mod builtins;

@@ -285,7 +285,8 @@ fn add(
     let cla = load_assignment(&name, &grouped.groups);
     let dns = svc.resolution == Resolution::Dns;
     let mut c = cluster(&name, svc, port, policy, dns.then(|| cla.clone()));
-    c.transport_socket = tls::transport_socket(scope.config.trust_domain(), policy.tls, svc, port, subset, &selected);
+    c.transport_socket =
+        tls::transport_socket(scope.proxy, scope.config.trust_domain(), policy.tls, svc, port, subset, &selected);
     if grouped.locality_weighted {
         c.common_lb_config.get_or_insert_with(Default::default).locality_config_specifier =
             Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(LocalityWeightedLbConfig {}));

@@ -27,7 +27,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_c
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, SubjectAltNameMatcher,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SubjectAltNameMatcher,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::BoolValue;
@@ -35,9 +35,9 @@ use envoy_types::util::pack_any;
 use trellis_model::analyze::ROOT_NAMESPACE;
 use trellis_model::spec::{MtlsMode, PeerAuthentication, Spec};
 
-use super::clusters::{App, InboundPort, ads};
+use super::clusters::{App, InboundPort};
 use super::listeners::{chain, tls_inspector};
-use super::tls::{ROOT_SECRET, WORKLOAD_SECRET};
+use super::tls::{ROOT_SECRET, sds, workload_secret};
 use super::{Scope, selects};
 
 /// What a port accepts.
@@ -128,15 +128,12 @@ impl PeerAuthn {
     }
 }
 
-fn sds(name: &str) -> SdsSecretConfig {
-    SdsSecretConfig { name: name.to_string(), sds_config: Some(ads()) }
-}
-
 /// The server side of the mesh's mTLS for an inbound chain.
-fn downstream_tls(trust_domain: &str, http: bool) -> TransportSocket {
+fn downstream_tls(scope: &Scope<'_>, http: bool) -> TransportSocket {
+    let trust_domain = scope.config.trust_domain();
     let context = DownstreamTlsContext {
         common_tls_context: Some(CommonTlsContext {
-            tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_SECRET)],
+            tls_certificate_sds_secret_configs: vec![workload_secret(scope.proxy)],
             validation_context_type: Some(ValidationContextType::CombinedValidationContext(
                 CombinedCertificateValidationContext {
                     default_validation_context: Some(CertificateValidationContext {
@@ -184,7 +181,7 @@ pub(crate) fn secure(
     }
     let mut chains = vec![FilterChain {
         filter_chain_match: Some(FilterChainMatch { transport_protocol: "tls".into(), ..Default::default() }),
-        transport_socket: Some(downstream_tls(scope.config.trust_domain(), http)),
+        transport_socket: Some(downstream_tls(scope, http)),
         ..chain(filter.clone())
     }];
     if plaintext {

@@ -52,8 +52,43 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
-fn sds(name: &str) -> SdsSecretConfig {
+pub(crate) fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig { name: name.to_string(), sds_config: Some(ads()) }
+}
+
+/// Istio's static cluster for the workload's own SDS (the agent beside the proxy).
+pub const SDS_AGENT_CLUSTER: &str = "sds-grpc";
+
+/// Where a proxy gets its own certificate: from the agent beside it (`sds-grpc`, as Istio's
+/// bootstraps name it) when it announces one (`TRELLIS_MTLS`; trellis-proxy holds its own and
+/// reads the name only); else over ADS, where it never arrives — such a proxy cannot do mTLS.
+pub(crate) fn workload_secret(proxy: &crate::proxy::ProxyInfo) -> SdsSecretConfig {
+    use envoy_types::pb::envoy::config::core::v3::{
+        ApiConfigSource, ApiVersion, ConfigSource, GrpcService, api_config_source::ApiType, config_source, grpc_service,
+    };
+    if !proxy.mtls {
+        return sds(WORKLOAD_SECRET);
+    }
+    let agent = ApiConfigSource {
+        api_type: ApiType::Grpc as i32,
+        transport_api_version: ApiVersion::V3 as i32,
+        grpc_services: vec![GrpcService {
+            target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
+                cluster_name: SDS_AGENT_CLUSTER.into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    SdsSecretConfig {
+        name: WORKLOAD_SECRET.into(),
+        sds_config: Some(ConfigSource {
+            config_source_specifier: Some(config_source::ConfigSourceSpecifier::ApiConfigSource(agent)),
+            resource_api_version: ApiVersion::V3 as i32,
+            ..Default::default()
+        }),
+    }
 }
 
 fn file(path: &str) -> DataSource {
@@ -73,6 +108,7 @@ fn san(kind: SanType, value: &str) -> SubjectAltNameMatcher {
 
 /// The transport socket for `tls`, or `None` for plaintext (`DISABLE` or no settings).
 pub(crate) fn transport_socket(
+    proxy: &crate::proxy::ProxyInfo,
     trust_domain: &str,
     tls: Option<&ClientTlsSettings>,
     svc: &Service,
@@ -100,7 +136,7 @@ pub(crate) fn transport_socket(
             UpstreamTlsContext {
                 sni: if tls.sni.is_empty() { mesh_sni(port.number, subset, &svc.hostname) } else { tls.sni.clone() },
                 common_tls_context: Some(CommonTlsContext {
-                    tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_SECRET)],
+                    tls_certificate_sds_secret_configs: vec![workload_secret(proxy)],
                     validation_context_type: Some(ValidationContextType::CombinedValidationContext(
                         CombinedCertificateValidationContext {
                             default_validation_context: Some(CertificateValidationContext {
