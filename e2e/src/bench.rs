@@ -161,7 +161,7 @@ fn pinned(cpu: u32, pin: bool, program: &Path) -> Command {
 }
 
 /// Pins every thread of a running process to `cpu` with SCHED_FIFO 10.
-fn pin_process(pid: u32, cpu: u32) -> anyhow::Result<()> {
+pub(crate) fn pin_process(pid: u32, cpu: u32) -> anyhow::Result<()> {
     let p = pid.to_string();
     let ok =
         Command::new("taskset").args(["-a", "-cp", &cpu.to_string(), &p]).stdout(Stdio::null()).status()?.success()
@@ -218,7 +218,7 @@ impl Drop for Nginx {
 }
 
 /// utime + stime of a process in seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -226,7 +226,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-fn status_kib(pid: u32, key: &str) -> Option<f64> {
+pub(crate) fn status_kib(pid: u32, key: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
 }

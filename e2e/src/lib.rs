@@ -15,6 +15,7 @@ pub mod bench;
 pub mod echo;
 pub mod envoy;
 pub mod http;
+pub mod mtls_bench;
 pub mod proxies;
 
 pub use trellis_store::testing::{EtcdServer, free_port};

@@ -13,8 +13,10 @@ use wasmtime::{Config, Engine, Linker, Module};
 
 use crate::state::{ForeignFunction, Metrics, SharedSpace, VmState};
 
-/// How often the engine's epoch advances: the granularity of CPU deadlines.
-pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// How often the engine's epoch advances: the granularity of CPU deadlines (a deadline fires
+/// between its value and one tick later). Each tick wakes a thread, on an idle proxy too, so
+/// it is kept coarse: 20 ms (a 100 ms deadline fires after 100–120 ms).
+pub const EPOCH_TICK: Duration = Duration::from_millis(20);
 
 /// A validated, compiled module.
 #[derive(Debug)]
@@ -145,7 +147,8 @@ impl Host {
 
     /// Epoch ticks for a deadline (at least one).
     pub(crate) fn deadline_ticks(&self, d: Duration) -> u64 {
-        (d.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
+        // The first tick may come at once, so one more than the deadline needs.
+        (d.as_millis().div_ceil(EPOCH_TICK.as_millis())).max(1) as u64 + 1
     }
 
     /// Verifies `bytes` against `expected_sha256` (hex, when given) and compiles them, or
