@@ -5,6 +5,8 @@
 //! repetitions, modes interleaved. Both proxies of a pair are pinned to CPU 0, nginx and the load
 //! generator to CPU 1 (when `pin`). Figures: added p50 / p99 latency, each proxy's CPU and RSS.
 
+#![allow(clippy::print_stdout)] // the benchmark prints every measurement as it goes
+
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
