@@ -239,6 +239,16 @@ async fn mtls_between_trellis_proxies_with_peer_authentication_and_identity_auth
     until(&anonymous, &host, "/reviews/1", 503, &[&anonymous]).await;
     let seen = app.requests();
 
+    // reviews' metrics name the source by its certificate.
+    let m = ProxyClient::new(&reviews.metrics).get(&reviews.metrics, "/stats/prometheus", &[]).await.unwrap().body;
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(line.contains("connection_security_policy=\"mutual_tls\""), "{line}");
+    assert!(line.contains(&format!("source_principal=\"{PRODUCTPAGE}\"")), "{line}");
+    assert!(line.contains("source_workload_namespace=\"bookinfo\""), "{line}");
+
     // STRICT: plaintext to the workload's port is closed without an answer.
     let direct = format!("127.0.0.1:{ingress}");
     let plain = plaintext_get(&direct, &host).await;

@@ -45,6 +45,8 @@ pub struct Info {
     pub x_forwarded_for: Option<String>,
     pub request_id: Option<String>,
     pub grpc: bool,
+    /// The downstream connection's mTLS peer.
+    pub mtls: Option<Arc<crate::tls::PeerIdentity>>,
 }
 
 /// A finished exchange, handed to [`Proxy::finish`].
@@ -173,6 +175,7 @@ pub async fn handle(
         x_forwarded_for: text("x-forwarded-for"),
         request_id: text("x-request-id"),
         grpc: h.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+        mtls: req.extensions().get::<Arc<crate::tls::PeerIdentity>>().cloned(),
     };
     let rt = proxy.runtime.load_full();
     let chain = rt.filters.get(listener).cloned().unwrap_or_default();

@@ -238,6 +238,7 @@ impl Proxy {
             status: r.outcome.status,
             grpc_status: r.grpc_status.as_deref(),
             flags: r.outcome.flags,
+            peer_principal: r.info.mtls.as_ref().map(|m| m.principal.as_str()),
         };
         let received = r.outcome.request_bytes.load(Ordering::Relaxed);
         self.metrics.record_request(&exchange, duration.as_secs_f64() * 1000.0, received, r.sent);
@@ -290,6 +291,7 @@ impl Proxy {
             status: 0,
             grpc_status: None,
             flags,
+            peer_principal: None,
         });
         l.request_protocol = "tcp".into();
         l.response_code = String::new();

@@ -72,6 +72,7 @@ type Hist = Family<Labels, Histogram, fn() -> Histogram>;
 
 #[derive(Debug, Clone)]
 struct CacheKey {
+    peer: String,
     cluster: String,
     authority: String,
     grpc: bool,
@@ -147,6 +148,8 @@ pub struct Exchange<'a> {
     pub status: u16,
     pub grpc_status: Option<&'a str>,
     pub flags: &'a str,
+    /// The mTLS peer's SPIFFE ID (a downstream connection with mTLS), else `None`.
+    pub peer_principal: Option<&'a str>,
 }
 
 impl Metrics {
@@ -223,11 +226,18 @@ impl Metrics {
         let side = |w: Option<&Workload>, f: fn(&Workload) -> &String| {
             w.map(|w| f(w).clone()).filter(|v| !v.is_empty()).unwrap_or_else(unknown)
         };
+        // On the destination side the mTLS peer says who the source is (its namespace from its
+        // SPIFFE ID; its workload name would need Istio's metadata exchange).
+        let peer = e.peer_principal.filter(|_| inbound);
+        let peer_namespace = peer
+            .and_then(|p| p.strip_prefix("spiffe://"))
+            .and_then(|p| p.split('/').skip_while(|s| *s != "ns").nth(1))
+            .map(String::from);
         Labels {
             reporter: if inbound { "destination" } else { "source" }.into(),
             source_workload: side(src, |w| &w.name),
-            source_workload_namespace: side(src, |w| &w.namespace),
-            source_principal: side(src, |w| &w.principal),
+            source_workload_namespace: peer_namespace.unwrap_or_else(|| side(src, |w| &w.namespace)),
+            source_principal: peer.map(String::from).unwrap_or_else(|| side(src, |w| &w.principal)),
             source_app: side(src, |w| &w.app),
             source_version: side(src, |w| &w.version),
             source_cluster: side(src, |w| &w.cluster),
@@ -244,8 +254,12 @@ impl Metrics {
             response_code: e.status.to_string(),
             grpc_response_status: e.grpc_status.unwrap_or("").to_string(),
             response_flags: e.flags.to_string(),
-            // Plaintext until mTLS lands (the zero-trust issue).
-            connection_security_policy: if inbound { "none" } else { "unknown" }.into(),
+            connection_security_policy: match (inbound, peer.is_some()) {
+                (true, true) => "mutual_tls",
+                (true, false) => "none",
+                (false, _) => "unknown",
+            }
+            .into(),
         }
     }
 
@@ -264,14 +278,16 @@ impl Metrics {
         // The authority only matters when the cluster does not name the service.
         let authority = if cluster.starts_with("outbound|") { "" } else { e.authority };
         let grpc_status = e.grpc_status.unwrap_or("");
+        let peer = e.peer_principal.unwrap_or("");
         let hash = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            (cluster, authority, e.grpc, e.status, grpc_status, e.flags).hash(&mut h);
+            (cluster, authority, e.grpc, e.status, grpc_status, e.flags, peer).hash(&mut h);
             h.finish()
         };
         let same = |k: &CacheKey| {
-            k.cluster == cluster
+            k.peer == peer
+                && k.cluster == cluster
                 && k.authority == authority
                 && k.grpc == e.grpc
                 && k.status == e.status
@@ -284,6 +300,7 @@ impl Metrics {
             return h.clone();
         }
         let key = CacheKey {
+            peer: peer.to_string(),
             cluster: cluster.to_string(),
             authority: authority.to_string(),
             grpc: e.grpc,
@@ -405,6 +422,7 @@ mod tests {
             status: 200,
             grpc_status: None,
             flags: "-",
+            peer_principal: None,
         };
         m.record_request(&e, 3.2, 10, 2000);
         let text = m.encode();
@@ -438,10 +456,24 @@ mod tests {
             status: 200,
             grpc_status: Some("0"),
             flags: "-",
+            peer_principal: None,
         });
         assert_eq!((l.reporter.as_str(), l.destination_workload.as_str()), ("destination", "reviews-v1"));
         assert_eq!((l.source_workload.as_str(), l.request_protocol.as_str()), ("unknown", "grpc"));
         assert_eq!(l.destination_service, "reviews.bookinfo.svc.cluster.local");
         assert_eq!(l.connection_security_policy, "none");
+        // Over mTLS the peer's identity names the source.
+        let l = m.labels(&Exchange {
+            cluster: Some("inbound|9080||"),
+            authority: "reviews.bookinfo.svc.cluster.local:9080",
+            grpc: false,
+            status: 200,
+            grpc_status: None,
+            flags: "-",
+            peer_principal: Some("spiffe://cluster.local/ns/frontend/sa/productpage"),
+        });
+        assert_eq!(l.connection_security_policy, "mutual_tls");
+        assert_eq!(l.source_principal, "spiffe://cluster.local/ns/frontend/sa/productpage");
+        assert_eq!(l.source_workload_namespace, "frontend");
     }
 }

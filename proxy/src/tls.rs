@@ -35,6 +35,9 @@ use crate::identity::WorkloadIdentity;
 
 /// How long a client may take to start and finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// On a port that also takes plaintext, how long to wait for a client's first byte before
+/// treating the connection as plaintext (a server-first protocol sends nothing first).
+pub const FIRST_BYTE_WAIT: Duration = Duration::from_secs(1);
 
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
@@ -378,8 +381,17 @@ pub async fn accept(
         }
         (rt.tls_servers.get(listener)?.clone(), l.transport.plaintext)
     };
-    match starts_with_tls(&tcp).await {
-        Ok(true) => match server.accept(tcp).await {
+    // A client that sends nothing (a server-first protocol such as MySQL or SMTP) is
+    // plaintext once the wait is over, where plaintext is allowed (Istio: inbound listeners
+    // continue on the TLS inspector's timeout); under STRICT it gets the handshake timeout.
+    let wait = if plaintext { FIRST_BYTE_WAIT } else { HANDSHAKE_TIMEOUT };
+    match starts_with_tls(&tcp, wait).await {
+        Ok(None) if plaintext => Some((Io::Plain(tcp), None)),
+        Ok(None) => {
+            tracing::debug!(%listener, %peer, "no TLS handshake within {wait:?}: closed (mTLS required)");
+            None
+        }
+        Ok(Some(true)) => match server.accept(tcp).await {
             Ok((io, id)) => Some((io, Some(Arc::new(id)))),
             Err(e) => {
                 proxy.stats.tls_handshake_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -387,8 +399,8 @@ pub async fn accept(
                 None
             }
         },
-        Ok(false) if plaintext => Some((Io::Plain(tcp), None)),
-        Ok(false) => {
+        Ok(Some(false)) if plaintext => Some((Io::Plain(tcp), None)),
+        Ok(Some(false)) => {
             proxy.stats.plaintext_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(%listener, %peer, "plaintext refused: this port requires mTLS (PeerAuthentication STRICT)");
             None
@@ -400,13 +412,16 @@ pub async fn accept(
     }
 }
 
-/// Whether an accepted connection starts with a TLS handshake record (peeked, not read).
-pub async fn starts_with_tls(tcp: &TcpStream) -> io::Result<bool> {
+/// Whether an accepted connection starts with a TLS handshake record (peeked, not read);
+/// `None` if the client sent nothing within `wait`. An error: closed before its first byte.
+pub async fn starts_with_tls(tcp: &TcpStream, wait: Duration) -> io::Result<Option<bool>> {
     let mut first = [0u8; 1];
-    let n = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client sent nothing"))??;
-    Ok(n == 1 && first[0] == 0x16)
+    match tokio::time::timeout(wait, tcp.peek(&mut first)).await {
+        Err(_) => Ok(None),
+        Ok(Ok(0)) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
+        Ok(Ok(_)) => Ok(Some(first[0] == 0x16)),
+        Ok(Err(e)) => Err(e),
+    }
 }
 
 /// A connection: plaintext or either side of TLS.
