@@ -397,6 +397,19 @@ async fn proxy_count(mode: Mode, sidecar: &Sidecar) -> Option<u64> {
     }
 }
 
+/// Waits (up to 30 s) until the proxy at `outbound` answers [`HOST`] with 200.
+pub(crate) async fn await_routed(outbound: &str, what: &str, logs: impl Fn() -> String) -> anyhow::Result<()> {
+    let c = crate::http::ProxyClient::new(outbound);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.get(HOST, "/", &[]).await.map(|a| a.status != 200).unwrap_or(true) {
+        if Instant::now() > deadline {
+            bail!("{what} never routed to the upstream:\n{}", logs());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Runs everything; prints each repetition as it completes.
 pub async fn run(cfg: &Config) -> anyhow::Result<Vec<Sample>> {
     let dir = tempfile::tempdir()?;
@@ -485,14 +498,7 @@ async fn measure(
     };
     // Routed before measuring.
     if let Some(s) = &sidecar {
-        let c = crate::http::ProxyClient::new(s.outbound());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while c.get(HOST, "/", &[]).await.map(|a| a.status != 200).unwrap_or(true) {
-            if Instant::now() > deadline {
-                bail!("{} never routed to the upstream:\n{}", mode.name(), s.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        await_routed(s.outbound(), &mode.name(), || s.log_text()).await?;
         if cfg.pin {
             pin_process(s.pid(), 0)?;
         }

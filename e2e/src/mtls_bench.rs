@@ -12,12 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde_json::json;
 
-use crate::bench::{Nginx, cpu_seconds, load, pin_process, status_kib};
+use crate::bench::{HOST, Nginx, await_routed, cpu_seconds, load, pin_process, status_kib};
 use crate::envoy::{AdsApi, Envoy};
 use crate::proxies::{NodeSpec, TrellisAgent, TrellisProxy};
 use crate::{ControlPlane, free_port};
-
-const HOST: &str = "bench.default.svc.cluster.local:8080";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PairMode {
@@ -222,14 +220,7 @@ async fn measure(cfg: &Config, s: &Setup, mode: PairMode, rate: u32, rep: usize)
         Some(p) => (format!("http://{}/", p.outbound()), Some(HOST)),
     };
     if let Some(p) = &pair {
-        let c = crate::http::ProxyClient::new(p.outbound());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while c.get(HOST, "/", &[]).await.map(|a| a.status != 200).unwrap_or(true) {
-            if Instant::now() > deadline {
-                bail!("{} never routed to the upstream:\n{}", mode.name(), p.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        await_routed(p.outbound(), mode.name(), || p.logs()).await?;
         if cfg.pin {
             let (a, b) = p.pids();
             pin_process(a, 0)?;
