@@ -344,6 +344,9 @@ fn denied() -> Decision {
 }
 
 impl Filter for Auth {
+    /// Nothing to do at a stream's end (Trellis's host then skips on_log / on_done).
+    const SEES_DONE: bool = false;
+
     type Config = Config;
 
     fn new(config: &Config) -> Self {

@@ -73,6 +73,9 @@ fn counters() -> &'static Counters {
 }
 
 impl Filter for Fault {
+    /// Nothing to do at a stream's end (Trellis's host then skips on_log / on_done).
+    const SEES_DONE: bool = false;
+
     type Config = Config;
 
     fn new(config: &Config) -> Self {

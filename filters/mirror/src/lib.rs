@@ -80,6 +80,9 @@ impl MirrorFilter {
 }
 
 impl Filter for MirrorFilter {
+    /// Nothing to do at a stream's end (Trellis's host then skips on_log / on_done).
+    const SEES_DONE: bool = false;
+
     type Config = Config;
 
     const SEES_REQUEST_BODY: bool = true;

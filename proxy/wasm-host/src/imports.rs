@@ -203,16 +203,22 @@ fn derived_property(s: &crate::state::Stream, path: &str) -> Option<Vec<u8>> {
 }
 
 /// Foreign functions Trellis's host implements itself: `trellis.body_interest` (two bytes: whether
-/// the module reads request / response bodies; the embedder skips body callbacks it does not
-/// need) and those that act on the current stream, for the embedder to carry out:
+/// the module reads request / response bodies, the embedder skipping body callbacks it does not
+/// need; an optional third: whether it needs `proxy_on_log` / `proxy_on_done` at a stream's end,
+/// 0 = the host calls only `proxy_on_delete`) and those that act on the current stream, for the embedder to carry out:
 /// `trellis.retain_request` (keep the request body for a re-send) and `trellis.resend`
 /// (argument: the delay in milliseconds as a little-endian u32, or nothing for none; only from
 /// a response-headers callback). `None`: not one of these.
 fn stream_function(s: &mut VmState, name: &str, args: &[u8]) -> Option<Status> {
     if name == "trellis.body_interest" {
-        // [request body, response body]: 0 = the module never reads it.
-        let [req, resp] = args else { return Some(Status::BadArgument) };
-        s.body_interest = Some((*req != 0, *resp != 0));
+        // [request body, response body, (stream end)]: 0 = the module never needs it.
+        let (req, resp, end) = match args {
+            [req, resp] => (*req, *resp, 1),
+            [req, resp, end] => (*req, *resp, *end),
+            _ => return Some(Status::BadArgument),
+        };
+        s.body_interest = Some((req != 0, resp != 0));
+        s.end_interest = end != 0;
         return Some(Status::Ok);
     }
     let stream = match name {

@@ -242,6 +242,9 @@ pub struct VmState {
     pub queue_ready: Vec<(u32, u32)>,
     /// What the module said it reads (`trellis.body_interest`): request, response bodies.
     pub body_interest: Option<(bool, bool)>,
+    /// Whether the module needs `proxy_on_log` / `proxy_on_done` when a stream ends (true
+    /// unless it said otherwise with `trellis.body_interest`'s third byte).
+    pub end_interest: bool,
     /// Properties the host sets for every VM (`node.id`, `node.metadata.NAMESPACE`, ...).
     pub host_properties: Arc<HashMap<String, Vec<u8>>>,
     /// The module's memory and allocator, looked up once at instantiation (imports use them

@@ -127,6 +127,7 @@ impl Vm {
             done: Vec::new(),
             queue_ready: Vec::new(),
             body_interest: None,
+            end_interest: true,
             host_properties: host.properties(),
             memory: None,
             alloc: None,
@@ -311,10 +312,12 @@ impl Vm {
     pub fn finish_stream(&mut self, id: u32) -> Result<(), VmError> {
         self.store.data_mut().effective_context = id;
         let e = Arc::clone(&self.exports);
-        if let Some(f) = &e.on_log {
+        // A module that said it needs neither (trellis.body_interest) only hears on_delete.
+        let end = self.store.data().end_interest;
+        if let Some(f) = e.on_log.as_ref().filter(|_| end) {
             self.guard("proxy_on_log", |s| f.call(s, id as i32))?;
         }
-        if let Some(f) = &e.on_done {
+        if let Some(f) = e.on_done.as_ref().filter(|_| end) {
             self.guard("proxy_on_done", |s| f.call(s, id as i32))?;
         }
         if let Some(f) = &e.on_delete {

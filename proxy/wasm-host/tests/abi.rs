@@ -347,6 +347,32 @@ fn wat_module_with(imports: &str, data: &str, body: &str) -> Vec<u8> {
 }
 
 #[test]
+fn a_module_that_needs_no_stream_end_hears_only_on_delete() {
+    // Says its interest (third byte: stream end) from its request-headers callback; its
+    // on_log and on_done trap, so a call to either fails the stream's end.
+    let module = |end: u8| {
+        let imports =
+            r#"(import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))"#;
+        let data = format!(
+            r#"(data (i32.const 16) "trellis.body_interest\00\00\{end:02x}")
+  (func (export "proxy_on_log") (param i32) unreachable)
+  (func (export "proxy_on_done") (param i32) (result i32) unreachable)
+  (func (export "proxy_on_delete") (param i32))"#
+        );
+        let body = "(drop (call $ff (i32.const 16) (i32.const 21) (i32.const 37) (i32.const 3) (i32.const 64) (i32.const 68))) (i32.const 0)";
+        wat_module_with(imports, &data, body)
+    };
+    let h = host();
+    for (end, finishes) in [(0u8, true), (1, false)] {
+        let m = h.load(&module(end), None).unwrap();
+        let mut vm = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap();
+        let id = vm.create_stream(Stream::default()).unwrap();
+        vm.on_request_headers(id, true).unwrap();
+        assert_eq!(vm.finish_stream(id).is_ok(), finishes, "stream-end interest {end}");
+    }
+}
+
+#[test]
 fn a_memory_bomb_hits_the_memory_limit() {
     let h = host();
     // Tries to grow by 1 GiB (16,384 pages).

@@ -80,6 +80,11 @@ pub trait Filter: Sized + 'static {
     /// module costs time; filters that do not look at bodies leave this false).
     const SEES_REQUEST_BODY: bool = false;
 
+    /// Whether [`Filter::on_done`] is needed. True by default; a filter that does nothing at a
+    /// stream's end may say false, and Trellis's host then spares two calls into the module
+    /// per request (other hosts call it anyway).
+    const SEES_DONE: bool = true;
+
     /// A piece of the request body passed by (`end`: the last one), when
     /// [`Filter::SEES_REQUEST_BODY`]. The filter sees it; the body goes on unchanged.
     fn on_request_body(&mut self, _chunk: &[u8], _end: bool) {}
@@ -535,7 +540,7 @@ impl<F: Filter> RootContext for Root<F> {
             Ok(c) => {
                 self.config = c;
                 // Trellis's host skips body callbacks nobody reads (others answer NotFound).
-                let interest = [u8::from(F::SEES_REQUEST_BODY), 0];
+                let interest = [u8::from(F::SEES_REQUEST_BODY), 0, u8::from(F::SEES_DONE)];
                 let _ = hostcalls::call_foreign_function("trellis.body_interest", Some(&interest));
                 true
             }
