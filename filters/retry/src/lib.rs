@@ -124,13 +124,30 @@ struct Retry {
 
 impl Retry {
     fn retriable(p: &Policy, resp: &Response) -> bool {
+        let status = resp.status();
+        let grpc_on = |on: &String| {
+            matches!(on.as_str(), "cancelled" | "deadline-exceeded" | "internal" | "resource-exhausted" | "unavailable")
+        };
+        let grpc = if p.retry_on.iter().any(grpc_on) {
+            resp.header("grpc-status").and_then(|g| g.parse::<u32>().ok())
+        } else {
+            None
+        };
+        // Most responses are not retriable whatever the flags say: skip reading them (the
+        // proxy's own failures come with a 5xx, 404 or a listed status).
+        let might = status >= 500
+            || grpc.is_some_and(|g| g != 0)
+            || (status == 409 && p.retry_on.iter().any(|on| on == "retriable-4xx"))
+            || p.retriable_status_codes.contains(&status)
+            || p.retry_on.iter().any(|on| on == "retriable-headers");
+        if !might {
+            return false;
+        }
         let flags = resp.property(&["response", "flags"]).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
         let flags = flags.unwrap_or(0);
         if flags & (UO | NR | UH) != 0 {
             return false;
         }
-        let status = resp.status();
-        let grpc = resp.header("grpc-status").and_then(|g| g.parse::<u32>().ok());
         p.retry_on.iter().any(|on| match on.as_str() {
             "5xx" => status >= 500 || flags & (UF | RESET) != 0,
             "gateway-error" => matches!(status, 502..=504) || flags & (UF | RESET) != 0,
