@@ -28,6 +28,26 @@ pub struct Envoy {
     _dir: tempfile::TempDir,
 }
 
+/// A static HTTP/2 cluster of one endpoint at `address` (YAML of an Envoy `Address`), as a
+/// bootstrap's `clusters:` list item.
+fn h2_cluster(name: &str, address: &str) -> String {
+    format!(
+        r#"
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {address}}}"#
+    )
+}
+
 pub fn envoy_binary() -> PathBuf {
     std::env::var_os("TRELLIS_ENVOY").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/envoy"))
 }
@@ -77,25 +97,12 @@ impl Envoy {
         let (mtls, agent) = match sds_socket {
             Some(path) => (
                 "\n    TRELLIS_MTLS: \"true\"".to_string(),
-                format!(
-                    r#"
-  - name: sds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: sds-grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{pipe: {{path: "{}"}}}}}}"#,
-                    path.display()
-                ),
+                h2_cluster("sds-grpc", &format!("{{pipe: {{path: \"{}\"}}}}", path.display())),
             ),
             None => (String::new(), String::new()),
         };
+        let xds_cluster =
+            h2_cluster("xds", &format!("{{socket_address: {{address: \"{xds_host}\", port_value: {xds_port}}}}}"));
         let bootstrap = format!(
             r#"node:
   id: "{node_id}"
@@ -117,19 +124,7 @@ dynamic_resources:
   cds_config: {{ads: {{}}, resource_api_version: V3}}
   lds_config: {{ads: {{}}, resource_api_version: V3}}
 static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: "{xds_host}", port_value: {xds_port}}}}}}}{agent}
+  clusters:{xds_cluster}{agent}
 admin:
   address: {{socket_address: {{address: "{admin_host}", port_value: {admin_port}}}}}
 "#
