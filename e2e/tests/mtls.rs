@@ -253,6 +253,15 @@ async fn mtls_between_trellis_proxies_with_peer_authentication_and_identity_auth
     let direct = format!("127.0.0.1:{ingress}");
     let plain = plaintext_get(&direct, &host).await;
     assert!(plain.is_err(), "plaintext to a STRICT port: {plain:?}");
+    let refusals = |name: &'static str| {
+        let admin = reviews.admin.clone();
+        async move {
+            let stats = ProxyClient::new(&admin).get(&admin, "/stats", &[]).await.unwrap().body;
+            stats.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok()).unwrap_or(0)
+        }
+    };
+    assert_eq!(refusals("listener.mtls.plaintext_refused:").await, 1, "the refusal is counted");
+    let failed_before = refusals("listener.mtls.handshake_failed:").await;
 
     // Certificates the port must refuse: another CA, an expired one from the mesh CA, another
     // trust domain from the mesh CA.
@@ -266,6 +275,7 @@ async fn mtls_between_trellis_proxies_with_peer_authentication_and_identity_auth
     let (chain, key) = leaf(&ca, "spiffe://other.domain/ns/bookinfo/sa/bookinfo-productpage", -60, 3600);
     let r = tls_get(&direct, &host, &chain, &key).await;
     assert!(r.is_err(), "another trust domain: {r:?}");
+    assert_eq!(refusals("listener.mtls.handshake_failed:").await, failed_before + 3, "three refused handshakes");
     // A good one, minted here for productpage: allowed as productpage would be.
     let (chain, key) = leaf(&ca, PRODUCTPAGE, -60, 3600);
     assert_eq!(tls_get(&direct, &host, &chain, &key).await, Ok(200), "a valid productpage certificate");

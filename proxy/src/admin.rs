@@ -231,6 +231,10 @@ fn stats(proxy: &Proxy) -> String {
     let _ = writeln!(out, "http.downstream_rq_5xx: {}", s.responses_5xx.load(Ordering::Relaxed));
     let _ = writeln!(out, "tcp.downstream_cx_total: {}", s.tcp_opened.load(Ordering::Relaxed));
     let _ = writeln!(out, "server.downstream_connections_active: {}", proxy.connections.count());
+    // Inbound mTLS refusals (Envoy counts them per listener as no_filter_chain_match and
+    // ssl.handshake errors; here for the whole proxy).
+    let _ = writeln!(out, "listener.mtls.plaintext_refused: {}", s.plaintext_refused.load(Ordering::Relaxed));
+    let _ = writeln!(out, "listener.mtls.handshake_failed: {}", s.tls_handshake_failed.load(Ordering::Relaxed));
     for (name, c) in &rt.clusters {
         let st = &c.stats;
         for (k, v) in [
