@@ -131,6 +131,29 @@ impl ControlPlane {
         Ok(cp)
     }
 
+    /// A WorkloadToken for `service_account` in `namespace`, made with the CLI: its secret.
+    pub fn workload_token(&self, name: &str, namespace: &str, service_account: &str) -> anyhow::Result<String> {
+        let out =
+            self.cli(&["workload-token", "create", name, "-n", namespace, "--service-account", service_account])?;
+        if !out.status.success() {
+            bail!("workload-token create: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// As [`ControlPlane::workload_token`], the secret written to `dir/NAME.token`: its path.
+    pub fn workload_token_file(
+        &self,
+        dir: &Path,
+        name: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> anyhow::Result<String> {
+        let file = dir.join(format!("{name}.token"));
+        std::fs::write(&file, self.workload_token(name, namespace, service_account)?)?;
+        Ok(file.display().to_string())
+    }
+
     pub fn url(&self) -> String {
         format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }

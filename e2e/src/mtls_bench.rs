@@ -99,22 +99,12 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-fn token(cp: &ControlPlane, dir: &std::path::Path, name: &str) -> anyhow::Result<String> {
-    let out = cp.cli(&["workload-token", "create", name, "-n", "default", "--service-account", name])?;
-    if !out.status.success() {
-        bail!("workload-token create: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let file = dir.join(format!("{name}.token"));
-    std::fs::write(&file, String::from_utf8(out.stdout)?.trim())?;
-    Ok(file.display().to_string())
-}
-
 async fn setup(cfg: &Config) -> anyhow::Result<Setup> {
     let dir = tempfile::tempdir()?;
     let nginx = Nginx::start(cfg.pin)?;
     let cp = ControlPlane::start(&dir.path().join("cp"), &["--push-debounce-ms", "50"])?;
-    let client_token = token(&cp, dir.path(), "bench-client")?;
-    let server_token = token(&cp, dir.path(), "bench-server")?;
+    let client_token = cp.workload_token_file(dir.path(), "bench-client", "default", "bench-client")?;
+    let server_token = cp.workload_token_file(dir.path(), "bench-server", "default", "bench-server")?;
     Ok(Setup { cp, nginx, client_token, server_token, _dir: dir })
 }
 

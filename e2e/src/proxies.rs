@@ -184,6 +184,12 @@ impl TrellisProxy {
         Ok(p)
     }
 
+    /// `GET /certs` on the admin port (the workload certificate it holds), as JSON.
+    pub async fn certs(&self) -> anyhow::Result<serde_json::Value> {
+        let a = crate::http::ProxyClient::new(&self.admin).get(&self.admin, "/certs", &[]).await?;
+        Ok(serde_json::from_str(&a.body)?)
+    }
+
     pub fn log_text(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

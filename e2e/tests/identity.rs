@@ -12,7 +12,6 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use tonic::Code;
 use trellis_ca::api::{CREATE_CERTIFICATE, IstioCertificateRequest, IstioCertificateResponse};
 use trellis_e2e::ControlPlane;
-use trellis_e2e::http::ProxyClient;
 use trellis_e2e::proxies::{NodeSpec, TrellisProxy};
 
 fn csr(sans: &[&str]) -> String {
@@ -105,7 +104,7 @@ async fn first_certificate(cp: &ControlPlane, secret: &str) -> Vec<String> {
 async fn a_workload_token_gets_its_service_accounts_identity_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &[]).unwrap();
-    let secret = workload_token(&cp, "reviews", "bookinfo", "bookinfo-reviews");
+    let secret = cp.workload_token("reviews", "bookinfo", "bookinfo-reviews").unwrap();
     let me = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews";
     let chain = first_certificate(&cp, &secret).await;
     let (uris, life) = check(&chain);
@@ -145,21 +144,9 @@ async fn a_workload_token_gets_its_service_accounts_identity_and_nothing_else() 
     let (addr, xds, debug) = (cp.addr.clone(), cp.xds_addr.clone(), cp.debug_addr.clone());
     cp.kill_9().unwrap();
     let cp = ControlPlane::restart(dir.path(), &addr, &xds, &debug).unwrap();
-    let secret = workload_token(&cp, "again", "bookinfo", "bookinfo-reviews");
+    let secret = cp.workload_token("again", "bookinfo", "bookinfo-reviews").unwrap();
     let chain = first_certificate(&cp, &secret).await;
     assert_eq!(der(chain.last().unwrap()), der(&root), "the root changed across a restart");
-}
-
-/// A workload token's secret, made with the CLI.
-fn workload_token(cp: &ControlPlane, name: &str, ns: &str, sa: &str) -> String {
-    let out = cp.cli(&["workload-token", "create", name, "-n", ns, "--service-account", sa]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-async fn certs(p: &TrellisProxy) -> serde_json::Value {
-    let a = ProxyClient::new(&p.admin).get(&p.admin, "/certs", &[]).await.unwrap();
-    serde_json::from_str(&a.body).unwrap()
 }
 
 #[tokio::test]
@@ -167,7 +154,7 @@ async fn trellis_proxy_gets_its_certificate_and_renews_it_at_half_life() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(&dir.path().join("cp"), &[]).unwrap();
     let token_file = dir.path().join("token");
-    std::fs::write(&token_file, workload_token(&cp, "reviews", "bookinfo", "bookinfo-reviews")).unwrap();
+    std::fs::write(&token_file, cp.workload_token("reviews", "bookinfo", "bookinfo-reviews").unwrap()).unwrap();
     let spec = NodeSpec::sidecar("reviews-v1", "bookinfo", "");
     let flags = ["--service-account", "bookinfo-reviews", "--identity-token-file", token_file.to_str().unwrap()];
     // A 10-second certificate: renewed every 5 s.
@@ -177,7 +164,7 @@ async fn trellis_proxy_gets_its_certificate_and_renews_it_at_half_life() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut serials = Vec::new();
     loop {
-        let c = certs(&p).await;
+        let c = p.certs().await.unwrap();
         if let Some(leaf) = c["certificates"][0]["cert_chain"][0].as_object() {
             assert_eq!(leaf["subject_alt_names"][0]["uri"], "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews");
             let life = leaf["expiration_time"].as_i64().unwrap() - leaf["valid_from"].as_i64().unwrap();
@@ -196,7 +183,7 @@ async fn trellis_proxy_gets_its_certificate_and_renews_it_at_half_life() {
     // The trust bundle arrived over SDS (ROOTCA): one root, the one that signed the chain.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let c = certs(&p).await;
+        let c = p.certs().await.unwrap();
         let ca = c["certificates"][0]["ca_cert"].as_array().cloned().unwrap_or_default();
         if ca.len() == 1 && ca[0]["source"] == "sds:ROOTCA" {
             assert!(!ca[0]["serial_number"].as_str().unwrap_or_default().is_empty(), "{c}");
@@ -207,13 +194,13 @@ async fn trellis_proxy_gets_its_certificate_and_renews_it_at_half_life() {
     }
     // A token for another service account: the proxy refuses what the CA gives it.
     let other_file = dir.path().join("other-token");
-    std::fs::write(&other_file, workload_token(&cp, "ratings", "bookinfo", "bookinfo-ratings")).unwrap();
+    std::fs::write(&other_file, cp.workload_token("ratings", "bookinfo", "bookinfo-ratings").unwrap()).unwrap();
     let flags = ["--service-account", "bookinfo-reviews", "--identity-token-file", other_file.to_str().unwrap()];
     let wrong =
         TrellisProxy::start_node(&cp.xds_addr, &NodeSpec::sidecar("reviews-v2", "bookinfo", ""), &flags).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let c = certs(&wrong).await;
+        let c = wrong.certs().await.unwrap();
         if let Some(e) = c["last_error"].as_str()
             && e.contains("token is for another workload")
         {

@@ -26,11 +26,7 @@ const NS: &str = "bookinfo";
 const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage";
 
 fn workload_token(cp: &ControlPlane, dir: &std::path::Path, name: &str, ns: &str, sa: &str) -> String {
-    let out = cp.cli(&["workload-token", "create", name, "-n", ns, "--service-account", sa]).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let file = dir.join(format!("{name}.token"));
-    std::fs::write(&file, String::from_utf8(out.stdout).unwrap().trim()).unwrap();
-    file.to_str().unwrap().to_string()
+    cp.workload_token_file(dir, name, ns, sa).unwrap()
 }
 
 fn proxy(cp: &ControlPlane, name: &str, ns: &str, sa: &str, token: Option<&str>) -> TrellisProxy {
@@ -377,8 +373,7 @@ fn load(
 }
 
 async fn certs(p: &TrellisProxy) -> Value {
-    let a = ProxyClient::new(&p.admin).get(&p.admin, "/certs", &[]).await.unwrap();
-    serde_json::from_str(&a.body).unwrap()
+    p.certs().await.unwrap()
 }
 
 /// Polls both proxies' /certs until `cond` holds for each, within `secs`.

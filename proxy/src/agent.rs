@@ -24,11 +24,10 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::identity::WorkloadIdentity;
-
-const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+use crate::config::SECRET_TYPE;
 /// The only secret the agent has: the workload's certificate and key (Istio's name).
-pub const WORKLOAD_SECRET: &str = "default";
+use crate::config::tls::WORKLOAD_SECRET;
+use crate::identity::WorkloadIdentity;
 
 /// The SDS service over the identity.
 #[derive(Debug, Clone)]
