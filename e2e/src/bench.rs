@@ -56,39 +56,42 @@ impl Mode {
     }
 }
 
-/// The filters of the filter benchmark, as WasmPlugins (the same modules and configuration for
-/// both proxies): one filter is the auth module (a DENY policy on `/admin`, checked on every
-/// request); four are auth, fault (abort at 0%), mirror (at 0%) and retry (Istio's default
-/// conditions, 2 attempts, which keeps each request for a possible re-send) — the built-in
-/// chain, configured so that each filter runs its per-request logic and none changes a
-/// request. Route name `bench` (the benchmark's VirtualService).
-pub fn filter_plugins() -> anyhow::Result<Vec<serde_json::Value>> {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
-    let plugin = |name: &str,
-                  app: &str,
-                  priority: i64,
-                  config: serde_json::Value|
-     -> anyhow::Result<serde_json::Value> {
-        let path = trellis_filter_testkit::build(&manifest, name)?.canonicalize()?;
-        Ok(
-            json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": format!("{name}-{app}"), "namespace": "default"},
-            "spec": {"url": format!("file://{}", path.display()), "selector": {"matchLabels": {"app": app}}, "priority": priority,
-                     "phase": "AUTHZ", "match": [{"mode": "CLIENT"}], "failStrategy": "FAIL_CLOSE", "pluginConfig": config}}),
-        )
-    };
+/// The filters of the filter benchmark: (module, app, priority, pluginConfig). One filter
+/// (app `bench-f1`) is the auth module (a DENY policy on `/admin`, checked on every request);
+/// four (app `bench-f4`) are auth, fault (abort at 0%), mirror (at 0%) and retry (Istio's
+/// default conditions, 2 attempts, which keeps each request for a possible re-send) — the
+/// built-in chain, configured so that each filter runs its per-request logic and none changes
+/// a request. Route name `bench` (the benchmark's VirtualService).
+pub fn filter_configs() -> Vec<(&'static str, &'static str, i64, serde_json::Value)> {
     let auth = json!({"stages": [{"action": "DENY", "policies": {"no-admin": {
         "permissions": [{"path": {"prefix": "/admin"}}], "principals": [{"any": true}]}}}]});
     let fault = json!({"routes": {"bench": {"abort": {"httpStatus": 503, "percentage": 0}}}});
     let mirror =
         json!({"routes": {"bench": [{"cluster": "outbound|8080||bench.default.svc.cluster.local", "percentage": 0}]}});
     let retry = json!({"routes": {"bench": {"attempts": 2, "retryOn": ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"], "retriableStatusCodes": [503]}}});
-    Ok(vec![
-        plugin("auth", "bench-f1", 40, auth.clone())?,
-        plugin("auth", "bench-f4", 40, auth)?,
-        plugin("fault", "bench-f4", 30, fault)?,
-        plugin("mirror", "bench-f4", 20, mirror)?,
-        plugin("retry", "bench-f4", 10, retry)?,
-    ])
+    vec![
+        ("auth", "bench-f1", 40, auth.clone()),
+        ("auth", "bench-f4", 40, auth),
+        ("fault", "bench-f4", 30, fault),
+        ("mirror", "bench-f4", 20, mirror),
+        ("retry", "bench-f4", 10, retry),
+    ]
+}
+
+/// [`filter_configs`] as WasmPlugins (the same modules and configuration for both proxies).
+pub fn filter_plugins() -> anyhow::Result<Vec<serde_json::Value>> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
+    filter_configs()
+        .into_iter()
+        .map(|(name, app, priority, config)| {
+            let path = trellis_filter_testkit::build(&manifest, name)?.canonicalize()?;
+            Ok(
+                json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": format!("{name}-{app}"), "namespace": "default"},
+                "spec": {"url": format!("file://{}", path.display()), "selector": {"matchLabels": {"app": app}}, "priority": priority,
+                         "phase": "AUTHZ", "match": [{"mode": "CLIENT"}], "failStrategy": "FAIL_CLOSE", "pluginConfig": config}}),
+            )
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]

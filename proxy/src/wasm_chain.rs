@@ -59,6 +59,8 @@ struct Active {
     /// The VM the stream's context lives in (shared with other streams).
     vm: Arc<crate::wasm::VmSlot>,
     id: u32,
+    /// Whether the filter wants the response headers callback (`Vm::handles_response_headers`).
+    responds: bool,
 }
 
 /// The request headers as filters see them, with Envoy's pseudo-headers.
@@ -607,10 +609,10 @@ pub async fn run(
             let mut vm = slot.lock();
             filter.call(|| {
                 let id = vm.create_stream(stream)?;
-                Ok((id, vm.on_request_headers(id, end_of_stream)?))
+                Ok((id, vm.on_request_headers(id, end_of_stream)?, vm.handles_response_headers()))
             })
         };
-        let (id, action) = match result {
+        let (id, action, responds) = match result {
             Ok(r) => r,
             Err(e) => {
                 filter.finished(&slot);
@@ -622,7 +624,7 @@ pub async fn run(
         };
         let i = {
             let mut c = lock(&chain);
-            c.0.push(Active { filter: filter.clone(), vm: slot.clone(), id });
+            c.0.push(Active { filter: filter.clone(), vm: slot.clone(), id, responds });
             c.0.len() - 1
         };
         let paused = action == Action::Pause && slot.lock().stream(id).is_some_and(|s| s.local_response.is_none());
@@ -659,7 +661,8 @@ pub async fn run(
             let (aq, ar) = vm.handles_bodies();
             (q || aq, r || ar, k || vm.stream(a.id).is_some_and(|s| s.retain_request))
         });
-    if request_bodies {
+    // A request that ended with its headers has no body callbacks (as in Envoy).
+    if request_bodies && !end_of_stream {
         req = req.map(|b| crate::boxed(FilteredBody::new(b, chain.clone(), rt.clone(), true)));
     }
     let kept = (retain && !upgrade).then(|| {
@@ -692,7 +695,7 @@ pub async fn run(
         tokio::time::sleep(delay).await;
         (resp, outcome) = route_request(rt, listener, peer, again).await;
     }
-    if response_bodies {
+    if response_bodies && !resp.body().is_end_stream() {
         let (parts, body) = resp.into_parts();
         resp = Response::from_parts(parts, crate::boxed(FilteredBody::new(body, chain.clone(), rt.clone(), false)));
     }
@@ -718,6 +721,9 @@ async fn respond(
         let action = {
             let mut c = lock(chain);
             let a = &mut c.0[i];
+            if !a.responds {
+                continue;
+            }
             let mut vm = a.vm.lock();
             if let Some(s) = vm.stream_mut(a.id) {
                 s.response_headers = pairs.clone();

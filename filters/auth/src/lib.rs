@@ -347,6 +347,9 @@ impl Filter for Auth {
     /// Nothing to do at a stream's end (Trellis's host then skips on_log / on_done).
     const SEES_DONE: bool = false;
 
+    /// Never looks at responses (Trellis's host then skips on_response_headers).
+    const SEES_RESPONSE: bool = false;
+
     type Config = Config;
 
     fn new(config: &Config) -> Self {

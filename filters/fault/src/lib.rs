@@ -76,6 +76,9 @@ impl Filter for Fault {
     /// Nothing to do at a stream's end (Trellis's host then skips on_log / on_done).
     const SEES_DONE: bool = false;
 
+    /// Never looks at responses (Trellis's host then skips on_response_headers).
+    const SEES_RESPONSE: bool = false;
+
     type Config = Config;
 
     fn new(config: &Config) -> Self {

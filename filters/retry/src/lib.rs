@@ -115,11 +115,26 @@ struct Retry {
     policy: Option<Rc<Policy>>,
     tries: u32,
     retrying: bool,
+}
+
+/// The filter's metrics and budget counters, made once per VM (a filter is made per request).
+struct Counters {
     active: SharedCounter,
     in_retry: SharedCounter,
     retries: Counter,
     overflow: Counter,
     exhausted: Counter,
+}
+
+fn counters() -> &'static Counters {
+    static COUNTERS: std::sync::OnceLock<Counters> = std::sync::OnceLock::new();
+    COUNTERS.get_or_init(|| Counters {
+        active: SharedCounter("retry.active_requests".into()),
+        in_retry: SharedCounter("retry.active_retries".into()),
+        retries: Counter::define("retry.upstream_rq_retry"),
+        overflow: Counter::define("retry.upstream_rq_retry_overflow"),
+        exhausted: Counter::define("retry.upstream_rq_retry_limit_exceeded"),
+    })
 }
 
 impl Retry {
@@ -181,17 +196,9 @@ impl Filter for Retry {
     type Config = Config;
 
     fn new(config: &Config) -> Self {
-        Retry {
-            config: config.clone(),
-            policy: None,
-            tries: 0,
-            retrying: false,
-            active: SharedCounter("retry.active_requests".into()),
-            in_retry: SharedCounter("retry.active_retries".into()),
-            retries: Counter::define("retry.upstream_rq_retry"),
-            overflow: Counter::define("retry.upstream_rq_retry_overflow"),
-            exhausted: Counter::define("retry.upstream_rq_retry_limit_exceeded"),
-        }
+        // Defined with the first stream, so they show (at 0) before anything happens.
+        counters();
+        Retry { config: config.clone(), policy: None, tries: 0, retrying: false }
     }
 
     fn check(config: &Config) -> Result<(), String> {
@@ -214,7 +221,7 @@ impl Filter for Retry {
             return Decision::Continue;
         }
         self.policy = Some(p.clone());
-        self.active.add(1);
+        counters().active.add(1);
         req.keep_for_resend();
         Decision::Continue
     }
@@ -223,35 +230,35 @@ impl Filter for Retry {
         let Some(p) = &self.policy else { return Decision::Continue };
         if self.retrying {
             self.retrying = false;
-            self.in_retry.add(-1);
+            counters().in_retry.add(-1);
         }
         if !Self::retriable(p, resp) {
             return Decision::Continue;
         }
         if self.tries >= p.attempts {
-            self.exhausted.inc(1);
+            counters().exhausted.inc(1);
             return Decision::Continue;
         }
-        let active = self.active.get().max(1) as f64;
+        let active = counters().active.get().max(1) as f64;
         let allowed = ((active * self.config.budget.percent / 100.0) as i64)
             .max(i64::from(self.config.budget.min_retry_concurrency));
-        if self.in_retry.add(1) > allowed {
-            self.in_retry.add(-1);
-            self.overflow.inc(1);
+        if counters().in_retry.add(1) > allowed {
+            counters().in_retry.add(-1);
+            counters().overflow.inc(1);
             return Decision::Continue;
         }
         self.retrying = true;
         self.tries += 1;
-        self.retries.inc(1);
+        counters().retries.inc(1);
         Decision::Resend(Self::backoff(p, self.tries))
     }
 
     fn on_done(&mut self) {
         if self.policy.is_some() {
-            self.active.add(-1);
+            counters().active.add(-1);
         }
         if self.retrying {
-            self.in_retry.add(-1);
+            counters().in_retry.add(-1);
         }
     }
 }

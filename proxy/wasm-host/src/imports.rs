@@ -204,21 +204,26 @@ fn derived_property(s: &crate::state::Stream, path: &str) -> Option<Vec<u8>> {
 
 /// Foreign functions Trellis's host implements itself: `trellis.body_interest` (two bytes: whether
 /// the module reads request / response bodies, the embedder skipping body callbacks it does not
-/// need; an optional third: whether it needs `proxy_on_log` / `proxy_on_done` at a stream's end,
-/// 0 = the host calls only `proxy_on_delete`) and those that act on the current stream, for the embedder to carry out:
+/// need; an optional third: what it needs at a stream's end, 0 = the host calls only
+/// `proxy_on_delete`, 1 = `proxy_on_log` and `proxy_on_done` too, 2 = `proxy_on_log` too (the
+/// proxy-wasm crate's `on_done` does nothing unless a filter overrides it); an optional fourth: whether it needs
+/// `proxy_on_response_headers`, 0 = never called) and those that act on the current stream, for the embedder to carry out:
 /// `trellis.retain_request` (keep the request body for a re-send) and `trellis.resend`
 /// (argument: the delay in milliseconds as a little-endian u32, or nothing for none; only from
 /// a response-headers callback). `None`: not one of these.
 fn stream_function(s: &mut VmState, name: &str, args: &[u8]) -> Option<Status> {
     if name == "trellis.body_interest" {
-        // [request body, response body, (stream end)]: 0 = the module never needs it.
-        let (req, resp, end) = match args {
-            [req, resp] => (*req, *resp, 1),
-            [req, resp, end] => (*req, *resp, *end),
+        // [request body, response body, (stream end), (response headers)]: 0 = the module
+        // never needs it.
+        let (req, resp, end, headers) = match args {
+            [req, resp] => (*req, *resp, 1, 1),
+            [req, resp, end] => (*req, *resp, *end, 1),
+            [req, resp, end, headers] => (*req, *resp, *end, *headers),
             _ => return Some(Status::BadArgument),
         };
         s.body_interest = Some((req != 0, resp != 0));
-        s.end_interest = end != 0;
+        s.end_interest = (end != 0, end != 0 && end != 2);
+        s.response_interest = headers != 0;
         return Some(Status::Ok);
     }
     let stream = match name {

@@ -214,7 +214,7 @@ pub struct VmState {
     pub root_context: u32,
     /// The context host calls act on.
     pub effective_context: u32,
-    pub streams: HashMap<u32, Stream>,
+    pub streams: HashMap<u32, Stream, ContextIds>,
     pub log_level: LogLevel,
     /// What the module logged (bounded), for tests and the testkit; also sent to tracing.
     pub logs: VecDeque<(LogLevel, String)>,
@@ -242,9 +242,12 @@ pub struct VmState {
     pub queue_ready: Vec<(u32, u32)>,
     /// What the module said it reads (`trellis.body_interest`): request, response bodies.
     pub body_interest: Option<(bool, bool)>,
-    /// Whether the module needs `proxy_on_log` / `proxy_on_done` when a stream ends (true
+    /// Whether the module needs `proxy_on_log`, `proxy_on_done` when a stream ends (both
     /// unless it said otherwise with `trellis.body_interest`'s third byte).
-    pub end_interest: bool,
+    pub end_interest: (bool, bool),
+    /// Whether the module needs `proxy_on_response_headers` (true unless it said otherwise
+    /// with `trellis.body_interest`'s fourth byte).
+    pub response_interest: bool,
     /// Properties the host sets for every VM (`node.id`, `node.metadata.NAMESPACE`, ...).
     pub host_properties: Arc<HashMap<String, Vec<u8>>>,
     /// The module's memory and allocator, looked up once at instantiation (imports use them
@@ -264,6 +267,39 @@ impl std::fmt::Debug for VmState {
 }
 
 pub(crate) const MAX_LOGS: usize = 1000;
+
+/// Hashing for context ids (small integers the host hands out in order): one multiply instead
+/// of SipHash, which was most of a stream context's bookkeeping.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ContextIds;
+
+impl std::hash::BuildHasher for ContextIds {
+    type Hasher = ContextIdHasher;
+
+    fn build_hasher(&self) -> ContextIdHasher {
+        ContextIdHasher(0)
+    }
+}
+
+#[derive(Debug)]
+pub struct ContextIdHasher(u64);
+
+impl std::hash::Hasher for ContextIdHasher {
+    fn finish(&self) -> u64 {
+        // Fibonacci hashing spreads consecutive ids over the table's high bits too.
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n);
+    }
+}
 
 impl VmState {
     pub(crate) fn stream(&mut self) -> Option<&mut Stream> {

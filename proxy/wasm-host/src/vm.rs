@@ -111,7 +111,7 @@ impl Vm {
             plugin: Arc::new(plugin),
             root_context: ROOT_CONTEXT,
             effective_context: ROOT_CONTEXT,
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             log_level: LogLevel::Info,
             logs: VecDeque::new(),
             tick_period_ms: 0,
@@ -127,7 +127,8 @@ impl Vm {
             done: Vec::new(),
             queue_ready: Vec::new(),
             body_interest: None,
-            end_interest: true,
+            end_interest: (true, true),
+            response_interest: true,
             host_properties: host.properties(),
             memory: None,
             alloc: None,
@@ -287,6 +288,9 @@ impl Vm {
     }
 
     pub fn on_response_headers(&mut self, id: u32, end_of_stream: bool) -> Result<Action, VmError> {
+        if !self.store.data().response_interest {
+            return Ok(Action::Continue);
+        }
         let n = self.store.data().streams.get(&id).map(|s| s.response_headers.len()).unwrap_or(0) as i32;
         self.set_open(id, false, true);
         let r = self.stream_call(id, "proxy_on_response_headers", |e| &e.on_response_headers, n, end_of_stream);
@@ -294,6 +298,12 @@ impl Vm {
             self.set_open(id, false, false);
         }
         r
+    }
+
+    /// Whether the module wants the response headers callback (it did not say otherwise with
+    /// `trellis.body_interest`); the embedder need not prepare a response for one that does not.
+    pub fn handles_response_headers(&self) -> bool {
+        self.store.data().response_interest && self.exports.on_response_headers.is_some()
     }
 
     /// Whether the module handles request / response bodies at all: it exports the callback
@@ -313,11 +323,11 @@ impl Vm {
         self.store.data_mut().effective_context = id;
         let e = Arc::clone(&self.exports);
         // A module that said it needs neither (trellis.body_interest) only hears on_delete.
-        let end = self.store.data().end_interest;
-        if let Some(f) = e.on_log.as_ref().filter(|_| end) {
+        let (log, done) = self.store.data().end_interest;
+        if let Some(f) = e.on_log.as_ref().filter(|_| log) {
             self.guard("proxy_on_log", |s| f.call(s, id as i32))?;
         }
-        if let Some(f) = e.on_done.as_ref().filter(|_| end) {
+        if let Some(f) = e.on_done.as_ref().filter(|_| done) {
             self.guard("proxy_on_done", |s| f.call(s, id as i32))?;
         }
         if let Some(f) = &e.on_delete {

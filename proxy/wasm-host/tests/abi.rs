@@ -346,29 +346,58 @@ fn wat_module_with(imports: &str, data: &str, body: &str) -> Vec<u8> {
     wat::parse_str(wat).unwrap()
 }
 
+/// A module that says its interest (`trellis.body_interest`, four bytes: request body,
+/// response body, stream end, response headers) from its request-headers callback, and whose
+/// callbacks named in `traps` trap (so a call to one fails).
+fn interest_module(interest: [u8; 4], traps: &[&str]) -> Vec<u8> {
+    let imports =
+        r#"(import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))"#;
+    let [q, r, e, h] = interest;
+    let trap = |name: &str| if traps.contains(&name) { "unreachable" } else { "" };
+    let data = format!(
+        r#"(data (i32.const 16) "trellis.body_interest\{q:02x}\{r:02x}\{e:02x}\{h:02x}")
+  (func (export "proxy_on_log") (param i32) {})
+  (func (export "proxy_on_done") (param i32) (result i32) {} (i32.const 1))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) {} (i32.const 0))
+  (func (export "proxy_on_delete") (param i32))"#,
+        trap("log"),
+        trap("done"),
+        trap("response")
+    );
+    let body = "(drop (call $ff (i32.const 16) (i32.const 21) (i32.const 37) (i32.const 4) (i32.const 64) (i32.const 68))) (i32.const 0)";
+    wat_module_with(imports, &data, body)
+}
+
 #[test]
 fn a_module_that_needs_no_stream_end_hears_only_on_delete() {
-    // Says its interest (third byte: stream end) from its request-headers callback; its
-    // on_log and on_done trap, so a call to either fails the stream's end.
-    let module = |end: u8| {
-        let imports =
-            r#"(import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))"#;
-        let data = format!(
-            r#"(data (i32.const 16) "trellis.body_interest\00\00\{end:02x}")
-  (func (export "proxy_on_log") (param i32) unreachable)
-  (func (export "proxy_on_done") (param i32) (result i32) unreachable)
-  (func (export "proxy_on_delete") (param i32))"#
-        );
-        let body = "(drop (call $ff (i32.const 16) (i32.const 21) (i32.const 37) (i32.const 3) (i32.const 64) (i32.const 68))) (i32.const 0)";
-        wat_module_with(imports, &data, body)
-    };
+    // Third byte: 0 = neither on_log nor on_done, 1 = both, 2 = on_log only.
     let h = host();
-    for (end, finishes) in [(0u8, true), (1, false)] {
-        let m = h.load(&module(end), None).unwrap();
+    let cases = [
+        (0u8, &["log", "done"][..], true),
+        (1, &["log"][..], false),
+        (1, &["done"][..], false),
+        (2, &["done"][..], true),
+        (2, &["log"][..], false),
+    ];
+    for (end, traps, finishes) in cases {
+        let m = h.load(&interest_module([0, 0, end, 1], traps), None).unwrap();
         let mut vm = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap();
         let id = vm.create_stream(Stream::default()).unwrap();
         vm.on_request_headers(id, true).unwrap();
-        assert_eq!(vm.finish_stream(id).is_ok(), finishes, "stream-end interest {end}");
+        assert_eq!(vm.finish_stream(id).is_ok(), finishes, "stream-end interest {end}, trapping {traps:?}");
+    }
+}
+
+#[test]
+fn a_module_that_needs_no_response_headers_is_not_called_for_them() {
+    let h = host();
+    for (interest, called) in [(0u8, false), (1, true)] {
+        let m = h.load(&interest_module([0, 0, 1, interest], &["response"]), None).unwrap();
+        let mut vm = Vm::start(&h, m, plugin("", "a"), Limits::default()).unwrap();
+        let id = vm.create_stream(Stream::default()).unwrap();
+        vm.on_request_headers(id, true).unwrap();
+        assert_eq!(vm.handles_response_headers(), called);
+        assert_eq!(vm.on_response_headers(id, false).is_err(), called, "response-headers interest {interest}");
     }
 }
 

@@ -81,9 +81,15 @@ pub trait Filter: Sized + 'static {
     const SEES_REQUEST_BODY: bool = false;
 
     /// Whether [`Filter::on_done`] is needed. True by default; a filter that does nothing at a
-    /// stream's end may say false, and Trellis's host then spares two calls into the module
-    /// per request (other hosts call it anyway).
+    /// stream's end may say false, and Trellis's host then spares a call into the module per
+    /// request (`proxy_on_log`; it never calls the proxy-wasm crate's empty `proxy_on_done` for
+    /// SDK filters; other hosts call both anyway).
     const SEES_DONE: bool = true;
+
+    /// Whether [`Filter::on_response`] is needed. True by default; a filter that never looks
+    /// at responses may say false, and Trellis's host then spares a call into the module per
+    /// request (other hosts call it anyway; the SDK then continues the response).
+    const SEES_RESPONSE: bool = true;
 
     /// A piece of the request body passed by (`end`: the last one), when
     /// [`Filter::SEES_REQUEST_BODY`]. The filter sees it; the body goes on unchanged.
@@ -540,7 +546,10 @@ impl<F: Filter> RootContext for Root<F> {
             Ok(c) => {
                 self.config = c;
                 // Trellis's host skips body callbacks nobody reads (others answer NotFound).
-                let interest = [u8::from(F::SEES_REQUEST_BODY), 0, u8::from(F::SEES_DONE)];
+                // Stream end: 2 = proxy_on_log only (on_done is called from there; the
+                // proxy-wasm crate's own on_done does nothing), 0 = neither.
+                let end = if F::SEES_DONE { 2 } else { 0 };
+                let interest = [u8::from(F::SEES_REQUEST_BODY), 0, end, u8::from(F::SEES_RESPONSE)];
                 let _ = hostcalls::call_foreign_function("trellis.body_interest", Some(&interest));
                 true
             }
