@@ -29,12 +29,12 @@ pub struct Envoy {
 }
 
 /// A static HTTP/2 cluster of one endpoint at `address` (YAML of an Envoy `Address`), as a
-/// bootstrap's `clusters:` list item.
-fn h2_cluster(name: &str, address: &str) -> String {
+/// bootstrap's `clusters:` list item; `transport` is its `transport_socket` YAML, if any.
+fn h2_cluster(name: &str, address: &str, transport: &str) -> String {
     format!(
         r#"
   - name: {name}
-    type: STATIC
+    type: STATIC{transport}
     connect_timeout: 1s
     typed_extension_protocol_options:
       envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
@@ -77,6 +77,19 @@ impl Envoy {
         spec: &crate::proxies::NodeSpec,
         sds_socket: Option<&std::path::Path>,
     ) -> anyhow::Result<Envoy> {
+        Envoy::start_node_tls(xds, None, api, spec, sds_socket)
+    }
+
+    /// As [`Envoy::start_node_with`], reaching the control plane over TLS when `xds_ca` (the CA
+    /// of its xDS certificate) is given: the `xds` cluster then checks the server's
+    /// certificate against it and the address dialled.
+    pub fn start_node_tls(
+        xds: &str,
+        xds_ca: Option<&std::path::Path>,
+        api: AdsApi,
+        spec: &crate::proxies::NodeSpec,
+        sds_socket: Option<&std::path::Path>,
+    ) -> anyhow::Result<Envoy> {
         let (name, namespace, locality) = (spec.name.as_str(), spec.namespace.as_str(), spec.locality.as_str());
         let kind = spec.kind();
         let labels = spec.labels_yaml();
@@ -97,12 +110,36 @@ impl Envoy {
         let (mtls, agent) = match sds_socket {
             Some(path) => (
                 "\n    TRELLIS_MTLS: \"true\"".to_string(),
-                h2_cluster("sds-grpc", &format!("{{pipe: {{path: \"{}\"}}}}", path.display())),
+                h2_cluster("sds-grpc", &format!("{{pipe: {{path: \"{}\"}}}}", path.display()), ""),
             ),
             None => (String::new(), String::new()),
         };
-        let xds_cluster =
-            h2_cluster("xds", &format!("{{socket_address: {{address: \"{xds_host}\", port_value: {xds_port}}}}}"));
+        let xds_tls = match xds_ca {
+            Some(ca) => {
+                let san = if xds_host.parse::<std::net::IpAddr>().is_ok() { "IP_ADDRESS" } else { "DNS" };
+                format!(
+                    r#"
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: "{xds_host}"
+        common_tls_context:
+          alpn_protocols: [h2]
+          validation_context:
+            trusted_ca: {{filename: "{}"}}
+            match_typed_subject_alt_names:
+            - {{san_type: {san}, matcher: {{exact: "{xds_host}"}}}}"#,
+                    ca.display()
+                )
+            }
+            None => String::new(),
+        };
+        let xds_cluster = h2_cluster(
+            "xds",
+            &format!("{{socket_address: {{address: \"{xds_host}\", port_value: {xds_port}}}}}"),
+            &xds_tls,
+        );
         let bootstrap = format!(
             r#"node:
   id: "{node_id}"

@@ -228,6 +228,17 @@ impl TrellisAgent {
     /// Starts the agent for `namespace` / `service_account` with the token in `token_file`, and
     /// waits until it serves its socket.
     pub fn start(ca: &str, token_file: &str, namespace: &str, service_account: &str) -> anyhow::Result<TrellisAgent> {
+        TrellisAgent::start_with(ca, token_file, namespace, service_account, &[])
+    }
+
+    /// As [`TrellisAgent::start`], with extra flags (e.g. `--xds-ca-file`).
+    pub fn start_with(
+        ca: &str,
+        token_file: &str,
+        namespace: &str,
+        service_account: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<TrellisAgent> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("sds.sock");
         let log = dir.path().join("trellis-agent.log");
@@ -235,6 +246,7 @@ impl TrellisAgent {
             .args(["--ca", ca, "--token-file", token_file, "--namespace", namespace])
             .args(["--service-account", service_account, "--sds-socket"])
             .arg(&socket)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()

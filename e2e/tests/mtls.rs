@@ -30,10 +30,16 @@ fn workload_token(cp: &ControlPlane, dir: &std::path::Path, name: &str, ns: &str
 }
 
 fn proxy(cp: &ControlPlane, name: &str, ns: &str, sa: &str, token: Option<&str>) -> TrellisProxy {
+    proxy_with(cp, name, ns, sa, token, &[])
+}
+
+/// As [`proxy`], with extra flags.
+fn proxy_with(cp: &ControlPlane, name: &str, ns: &str, sa: &str, token: Option<&str>, extra: &[&str]) -> TrellisProxy {
     let mut flags = vec!["--service-account", sa];
     if let Some(t) = token {
         flags.extend(["--identity-token-file", t]);
     }
+    flags.extend(extra);
     TrellisProxy::start_node(&cp.xds_addr, &NodeSpec::sidecar(name, ns, ""), &flags).unwrap()
 }
 
@@ -492,10 +498,72 @@ fn service(name: &str, port: u16, ingress: u16, app: u16, reader: &str) -> Vec<V
     ]
 }
 
+/// A TLS handshake with the xDS port, trusting only `ca_pem`: the ALPN protocol agreed, or
+/// why it failed.
+async fn xds_handshake(addr: &str, ca_pem: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(c.map_err(|e| format!("{e:?}"))?).map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let host = addr.rsplit_once(':').unwrap().0.to_string();
+    let name = ServerName::try_from(host).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+}
+
+/// An ADS request in plaintext HTTP/2 (what a client without TLS sends): the status it got,
+/// or why there was none.
+async fn plaintext_ads(addr: &str) -> Result<http::StatusCode, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::post(format!(
+        "http://{addr}/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+    ))
+    .header("content-type", "application/grpc")
+    .body(Empty::new())
+    .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(resp.status())
+}
+
+/// Envoy and trellis-proxy with the control plane's xDS port over TLS (`--xds-tls on`): each
+/// proxy (and each trellis-agent, for its CSR and WorkloadToken) reaches it over TLS, trusting
+/// the control plane's CA; then they talk mTLS to each other.
 #[tokio::test]
-async fn envoy_and_trellis_proxy_talk_mtls_to_each_other_both_ways() {
+async fn envoy_and_trellis_proxy_talk_mtls_to_each_other_both_ways_with_xds_over_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(&dir.path().join("cp"), &["--push-debounce-ms", "50"]).unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), &["--push-debounce-ms", "50", "--xds-tls", "on"]).unwrap();
+    let xds_ca = cp.ca_file();
+    let xds_ca_flag = xds_ca.display().to_string();
+    let tls_flags = ["--xds-ca-file", xds_ca_flag.as_str()];
+    // The xDS port: TLS with the control plane's CA (and only it); no plaintext gRPC; module
+    // fetches (content-addressed) in plaintext too.
+    let ca_pem = std::fs::read(&xds_ca).unwrap();
+    assert_eq!(xds_handshake(&cp.xds_addr, &ca_pem).await, Ok(Some(b"h2".to_vec())));
+    let other_ca = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let foreign = xds_handshake(&cp.xds_addr, other_ca.cert.pem().as_bytes()).await;
+    assert!(foreign.as_ref().is_err_and(|e| e.contains("UnknownIssuer")), "another CA: {foreign:?}");
+    let plain = plaintext_ads(&cp.xds_addr).await;
+    assert!(plain.is_err(), "plaintext ADS: {plain:?}");
+    let module = ProxyClient::new(&cp.xds_addr).get(&cp.xds_addr, &format!("/wasm/{}", "0".repeat(64)), &[]).await;
+    assert_eq!(module.map(|a| a.status).ok(), Some(404), "a plaintext module fetch is served (no such module)");
     let (reviews_app, details_app) = (Echo::start("reviews").await.unwrap(), Echo::start("details").await.unwrap());
     let free = trellis_e2e::free_port;
     let (rport, ringress, dport, dingress) = (free(), free(), free(), free());
@@ -509,13 +577,14 @@ async fn envoy_and_trellis_proxy_talk_mtls_to_each_other_both_ways() {
     cp.client().unwrap().apply(config, None, false).await.unwrap();
     let d = dir.path();
     let token = |name: &str| workload_token(&cp, d, name, NS, &format!("bookinfo-{name}"));
-    let reviews = proxy(&cp, "reviews", NS, "bookinfo-reviews", Some(&token("reviews")));
-    let ratings = proxy(&cp, "ratings", NS, "bookinfo-ratings", Some(&token("ratings")));
+    let reviews = proxy_with(&cp, "reviews", NS, "bookinfo-reviews", Some(&token("reviews")), &tls_flags);
+    let ratings = proxy_with(&cp, "ratings", NS, "bookinfo-ratings", Some(&token("ratings")), &tls_flags);
     let envoy_with_agent = |name: &str| {
-        let agent = TrellisAgent::start(&cp.xds_addr, &token(name), NS, &format!("bookinfo-{name}")).unwrap();
+        let agent =
+            TrellisAgent::start_with(&cp.xds_addr, &token(name), NS, &format!("bookinfo-{name}"), &tls_flags).unwrap();
+        let spec = NodeSpec::sidecar(name, NS, "");
         let envoy =
-            Envoy::start_node_with(&cp.xds_addr, AdsApi::Sotw, &NodeSpec::sidecar(name, NS, ""), Some(&agent.socket))
-                .unwrap();
+            Envoy::start_node_tls(&cp.xds_addr, Some(&xds_ca), AdsApi::Sotw, &spec, Some(&agent.socket)).unwrap();
         (agent, envoy)
     };
     let (details_agent, details) = envoy_with_agent("details");

@@ -4,6 +4,7 @@
 //!
 //! ```yaml
 //! xds: 127.0.0.1:15010
+//! xdsCaFile: /etc/trellis/api-ca.pem  # xDS + CA over TLS, checked against this CA (control.rs)
 //! admin: 127.0.0.1:15000
 //! metrics: 0.0.0.0:15090       # Prometheus: /stats/prometheus
 //! accessLog: {format: text}     # off (default), text (Envoy's format) or json; path: FILE
@@ -34,8 +35,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Bootstrap {
-    /// The control plane's xDS address (`HOST:PORT`).
+    /// The control plane's xDS address (`HOST:PORT`, or `https://HOST:PORT`).
     pub xds: String,
+    /// The CA of the control plane's xDS certificate (PEM): when set, xDS and certificate
+    /// requests go over TLS (`crate::control`); empty: plaintext (loopback control planes).
+    pub xds_ca_file: String,
     /// The admin port; keep it on loopback.
     pub admin: String,
     /// The Prometheus port.
@@ -54,6 +58,7 @@ impl Default for Bootstrap {
     fn default() -> Self {
         Bootstrap {
             xds: "127.0.0.1:15010".into(),
+            xds_ca_file: String::new(),
             admin: "127.0.0.1:15000".into(),
             metrics: "0.0.0.0:15090".into(),
             access_log: AccessLogConfig::default(),
@@ -144,6 +149,7 @@ impl Bootstrap {
                 return Err(format!("{what}: {addr:?} is not HOST:PORT"));
             }
         }
+        crate::control::endpoint(&self.xds, &self.xds_ca_file).map_err(|e| format!("xds: {e}"))?;
         if !matches!(self.node.kind.as_str(), "sidecar" | "router") {
             return Err(format!("node.type: {:?} is neither sidecar nor router", self.node.kind));
         }

@@ -126,14 +126,23 @@ impl WorkloadIdentity {
 }
 
 /// Starts keeping the proxy's identity (namespace / service account of its bootstrap) current.
-pub fn spawn(config: IdentityConfig, xds: &str, namespace: &str, service_account: &str) -> Arc<WorkloadIdentity> {
+/// The certificate service is reached like the xDS port: over TLS when `tls_ca` (the CA of
+/// the control plane's certificate) is given (`crate::control`).
+pub fn spawn(
+    config: IdentityConfig,
+    xds: &str,
+    tls_ca: &str,
+    namespace: &str,
+    service_account: &str,
+) -> Arc<WorkloadIdentity> {
     let identity = Arc::new(WorkloadIdentity::default());
     let ca = if config.ca_address.is_empty() { xds.to_string() } else { config.ca_address.clone() };
-    let (id, ns, sa) = (identity.clone(), namespace.to_string(), service_account.to_string());
+    let (id, ns, sa, tls_ca) =
+        (identity.clone(), namespace.to_string(), service_account.to_string(), tls_ca.to_string());
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(500);
         loop {
-            let wait = match fetch(&config, &ca, &ns, &sa).await {
+            let wait = match fetch(&config, &ca, &tls_ca, &ns, &sa).await {
                 Ok(svid) => {
                     tracing::info!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, not_after = svid.not_after, "workload certificate received");
                     let renew = renew_in(&svid);
@@ -165,7 +174,13 @@ fn renew_in(svid: &Svid) -> Duration {
 }
 
 /// One CSR round: a fresh key, the CSR, the CA's answer, checked.
-async fn fetch(config: &IdentityConfig, ca: &str, namespace: &str, service_account: &str) -> Result<Svid, String> {
+async fn fetch(
+    config: &IdentityConfig,
+    ca: &str,
+    tls_ca: &str,
+    namespace: &str,
+    service_account: &str,
+) -> Result<Svid, String> {
     let token = std::fs::read_to_string(&config.token_file)
         .map_err(|e| format!("identity.tokenFile {}: {e}", config.token_file))?
         .trim()
@@ -175,7 +190,7 @@ async fn fetch(config: &IdentityConfig, ca: &str, namespace: &str, service_accou
         .serialize_request(&key)
         .and_then(|c| c.pem())
         .map_err(|e| format!("writing the CSR: {e}"))?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{ca}"))
+    let channel = crate::control::endpoint(ca, tls_ca)
         .map_err(|e| format!("CA address {ca:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(15))

@@ -16,6 +16,7 @@ pub mod bootstrap;
 pub mod builtins;
 pub mod callout;
 pub mod config;
+pub mod control;
 pub mod http;
 pub mod identity;
 pub mod listeners;

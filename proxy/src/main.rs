@@ -22,9 +22,13 @@ struct Args {
     /// Bootstrap YAML file (see the crate docs); flags override its values.
     #[arg(long, short = 'c', env = "TRELLIS_PROXY_CONFIG")]
     config: Option<PathBuf>,
-    /// Control plane xDS address, HOST:PORT.
+    /// Control plane xDS address, HOST:PORT (or https://HOST:PORT).
     #[arg(long, env = "TRELLIS_XDS_ADDRESS")]
     xds: Option<String>,
+    /// The CA of the control plane's xDS certificate (its <data-dir>/api-ca.pem): xDS and
+    /// certificate requests then go over TLS.
+    #[arg(long, env = "TRELLIS_XDS_CA_FILE")]
+    xds_ca_file: Option<String>,
     /// Admin address (loopback only).
     #[arg(long)]
     admin: Option<String>,
@@ -97,6 +101,7 @@ fn bootstrap(args: &Args) -> Result<Bootstrap, String> {
         }
     };
     set(&mut b.xds, &args.xds);
+    set(&mut b.xds_ca_file, &args.xds_ca_file);
     set(&mut b.admin, &args.admin);
     set(&mut b.metrics, &args.metrics);
     set(&mut b.access_log.format, &args.access_log);
@@ -172,10 +177,16 @@ fn main() -> anyhow::Result<()> {
         trellis_proxy::metrics::serve(proxy.clone(), metrics).await.map_err(|e| anyhow::anyhow!(e))?;
         tracing::info!(node = %b.node_id(), xds = %b.xds, admin = %b.admin, metrics = %b.metrics, "trellis-proxy starting");
         if !b.identity.token_file.is_empty() {
-            let id = trellis_proxy::identity::spawn(b.identity.clone(), &b.xds, &b.node.namespace, &b.node.service_account);
+            let id = trellis_proxy::identity::spawn(
+                b.identity.clone(),
+                &b.xds,
+                &b.xds_ca_file,
+                &b.node.namespace,
+                &b.node.service_account,
+            );
             let _ = proxy.mesh.identity.set(id);
         }
-        tokio::spawn(trellis_proxy::xds::run(proxy.clone(), b.xds.clone(), b.node()));
+        tokio::spawn(trellis_proxy::xds::run(proxy.clone(), b.xds.clone(), b.xds_ca_file.clone(), b.node()));
         shutdown_signal().await;
         tracing::info!("shutting down: draining listeners");
         proxy.shutdown(trellis_proxy::listeners::DRAIN_TIME).await;

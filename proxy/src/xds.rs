@@ -48,8 +48,9 @@ pub struct XdsStatus {
     pub reconnects: u64,
 }
 
-/// Runs the client forever.
-pub async fn run(proxy: Arc<Proxy>, server: String, node: Node) {
+/// Runs the client forever (over TLS when `ca_file`, the CA of the control plane's
+/// certificate, is given; `crate::control`).
+pub async fn run(proxy: Arc<Proxy>, server: String, ca_file: String, node: Node) {
     let mut held: Held = TYPES.iter().map(|t| (*t, BTreeMap::new())).collect();
     let mut attempt: u32 = 0;
     loop {
@@ -57,7 +58,7 @@ pub async fn run(proxy: Arc<Proxy>, server: String, node: Node) {
             s.connected = false;
             s.server = server.clone();
         });
-        match session(&proxy, &server, &node, &mut held, &mut attempt).await {
+        match session(&proxy, &server, &ca_file, &node, &mut held, &mut attempt).await {
             Ok(()) => tracing::info!(%server, "xDS stream closed by the server"),
             Err(e) => tracing::warn!(%server, error = %e, "xDS stream failed; serving the last good configuration"),
         }
@@ -83,16 +84,12 @@ impl Stream {
 async fn session(
     proxy: &Arc<Proxy>,
     server: &str,
+    ca_file: &str,
     node: &Node,
     held: &mut Held,
     attempt: &mut u32,
 ) -> Result<(), String> {
-    let endpoint = if server.starts_with("http://") || server.starts_with("https://") {
-        server.to_string()
-    } else {
-        format!("http://{server}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)
+    let channel = crate::control::endpoint(server, ca_file)
         .map_err(|e| format!("bad xDS address {server}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)

@@ -67,10 +67,30 @@ pub struct Config {
     #[arg(long = "api-tls-san", value_name = "NAME")]
     pub api_tls_sans: Vec<String>,
 
-    /// Address of the xDS (ADS) gRPC server, plaintext. Keep it on loopback or a trusted
-    /// network until xDS over TLS lands.
+    /// Address of the xDS (ADS) and certificate (CSR) gRPC server; proxies also fetch uploaded
+    /// wasm modules from it.
     #[arg(long, env = "TRELLIS_XDS_ADDR", default_value = "127.0.0.1:15010")]
     pub xds_addr: SocketAddr,
+
+    /// TLS for the xDS port: `auto` (TLS unless --xds-addr is a loopback address), `on`, or
+    /// `off` (plaintext; refused on a non-loopback address). With TLS, gRPC (xDS, CSRs and
+    /// their WorkloadTokens) is served over TLS only; module fetches (`GET /wasm/{sha256}`,
+    /// content-addressed, checked against their sha256 by the proxy) also work in plaintext.
+    #[arg(long, value_enum, default_value_t = ApiTls::Auto, env = "TRELLIS_XDS_TLS")]
+    pub xds_tls: ApiTls,
+
+    /// PEM certificate chain for the xDS port (default: issued from <data-dir>/api-ca.pem, the
+    /// CA the API's certificate comes from; proxies trust that file).
+    #[arg(long, requires = "xds_tls_key", env = "TRELLIS_XDS_TLS_CERT")]
+    pub xds_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --xds-tls-cert.
+    #[arg(long, requires = "xds_tls_cert", env = "TRELLIS_XDS_TLS_KEY")]
+    pub xds_tls_key: Option<PathBuf>,
+
+    /// Extra names (DNS or IP) for the issued xDS certificate: the names proxies dial.
+    #[arg(long = "xds-tls-san", value_name = "NAME")]
+    pub xds_tls_sans: Vec<String>,
 
     /// The address proxies reach the xDS port on, when it binds a wildcard address; they also
     /// fetch uploaded wasm modules from it (`GET /wasm/{sha256}`).
@@ -148,17 +168,45 @@ impl Config {
     /// Names the issued API certificate covers: the listen address (or, for an unspecified
     /// address, localhost and 127.0.0.1) plus --api-tls-san.
     pub fn api_tls_names(&self) -> Vec<String> {
-        let ip = self.api_addr.ip();
-        let mut names = if ip.is_unspecified() || ip.is_loopback() {
-            vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()]
-        } else {
-            vec![ip.to_string()]
-        };
-        names.extend(self.api_tls_sans.iter().cloned());
-        names.sort();
-        names.dedup();
-        names
+        tls_names(&[self.api_addr], &self.api_tls_sans)
     }
+
+    /// Whether the xDS port serves TLS, or why the combination of flags is refused.
+    pub fn xds_uses_tls(&self) -> Result<bool, String> {
+        let loopback = self.xds_addr.ip().is_loopback();
+        match self.xds_tls {
+            ApiTls::On => Ok(true),
+            ApiTls::Auto => Ok(!loopback || self.xds_tls_cert.is_some()),
+            ApiTls::Off if loopback => Ok(false),
+            ApiTls::Off => Err(format!(
+                "--xds-tls off on {} would send workload tokens and certificates in clear over the network; use TLS (the default) or a loopback address",
+                self.xds_addr
+            )),
+        }
+    }
+
+    /// Names the issued xDS certificate covers: the listen and advertised addresses (or, for
+    /// an unspecified one, localhost and 127.0.0.1) plus --xds-tls-san.
+    pub fn xds_tls_names(&self) -> Vec<String> {
+        let addrs: Vec<SocketAddr> = std::iter::once(self.xds_addr).chain(self.xds_advertise_addr).collect();
+        tls_names(&addrs, &self.xds_tls_sans)
+    }
+}
+
+fn tls_names(addrs: &[SocketAddr], extra: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    for ip in addrs.iter().map(SocketAddr::ip) {
+        if ip.is_unspecified() || ip.is_loopback() {
+            names.extend(["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()]);
+        }
+        if !ip.is_unspecified() {
+            names.push(ip.to_string());
+        }
+    }
+    names.extend(extra.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
 }
 
 #[cfg(test)]
@@ -178,5 +226,25 @@ mod tests {
         assert!(refused.contains("in clear"), "{refused}");
         let names = parse(&["--api-addr", "0.0.0.0:15080", "--api-tls-san", "cp.example.com"]).api_tls_names();
         assert_eq!(names, vec!["127.0.0.1", "::1", "cp.example.com", "localhost"]);
+    }
+
+    #[test]
+    fn xds_tls_is_on_off_loopback_and_plaintext_is_refused_on_the_network() {
+        assert_eq!(parse(&[]).xds_uses_tls(), Ok(false), "loopback default: plaintext for development");
+        assert_eq!(parse(&["--xds-addr", "0.0.0.0:15010"]).xds_uses_tls(), Ok(true));
+        assert_eq!(parse(&["--xds-tls", "on"]).xds_uses_tls(), Ok(true));
+        let refused = parse(&["--xds-addr", "10.1.2.3:15010", "--xds-tls", "off"]).xds_uses_tls().unwrap_err();
+        assert!(refused.contains("in clear") && refused.contains("10.1.2.3:15010"), "{refused}");
+        let names = parse(&[
+            "--xds-addr",
+            "0.0.0.0:15010",
+            "--xds-advertise-addr",
+            "10.0.0.5:15010",
+            "--xds-tls-san",
+            "cp.example.com",
+        ])
+        .xds_tls_names();
+        assert_eq!(names, vec!["10.0.0.5", "127.0.0.1", "::1", "cp.example.com", "localhost"]);
+        assert_eq!(parse(&["--xds-addr", "10.1.2.3:15010"]).xds_tls_names(), vec!["10.1.2.3"]);
     }
 }

@@ -23,6 +23,7 @@ async fn main() -> anyhow::Result<()> {
         bail!("--allow-anonymous-loopback needs a loopback --api-addr (got {})", config.api_addr);
     }
     let tls = config.api_uses_tls().map_err(anyhow::Error::msg)?;
+    let xds_tls = config.xds_uses_tls().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let token = load_or_create_token(&config.data_dir)?;
@@ -64,15 +65,26 @@ async fn main() -> anyhow::Result<()> {
     let ads = trellis_xds::AdsServer::new(hub.clone()).service();
     // Workloads get their certificates on the xDS port too (CSR + WorkloadToken).
     let certs = trellis_control::certs::CertificateService::new(ca.clone(), store.clone());
-    let routes = tonic::service::Routes::from(trellis_control::api::module_router(store.clone()))
-        .add_service(ads)
-        .add_service(certs);
+    let modules = trellis_control::api::module_router(store.clone());
+    let routes = tonic::service::Routes::from(modules.clone()).add_service(ads).add_service(certs);
+    let xds_tls_config = if xds_tls {
+        let given = config.xds_tls_cert.as_deref().zip(config.xds_tls_key.as_deref());
+        Some(trellis_control::tls::server_config(&config.data_dir, given, &config.xds_tls_names())?)
+    } else {
+        None
+    };
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
-        // HTTP/1.1 as well, for module fetches (`GET /wasm/{sha256}`).
-        let server = tonic::transport::Server::builder().accept_http1(true).add_routes(routes);
-        if let Err(e) = server.serve_with_incoming(incoming).await {
-            tracing::error!(error = %e, "xDS server stopped");
+        let served = match xds_tls_config {
+            Some(cfg) => trellis_control::tls::serve_xds_tls(xds_listener, cfg, routes, modules).await,
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
+                // HTTP/1.1 as well, for module fetches (`GET /wasm/{sha256}`).
+                let server = tonic::transport::Server::builder().accept_http1(true).add_routes(routes);
+                server.serve_with_incoming(incoming).await.map_err(anyhow::Error::from)
+            }
+        };
+        if let Err(e) = served {
+            tracing::error!(error = %format!("{e:#}"), "xDS server stopped");
         }
     });
     let debug_listener = TcpListener::bind(config.debug_addr)
@@ -97,8 +109,15 @@ async fn main() -> anyhow::Result<()> {
         (true, Some(_)) => " TRELLIS_CA_FILE=<the CA of your certificate>".to_string(),
         (false, _) => String::new(),
     };
+    let xds_mode = match (xds_tls, &config.xds_tls_cert) {
+        (true, None) => {
+            format!("gRPC over TLS; proxies trust {}", trellis_control::tls::ca_path(&config.data_dir).display())
+        }
+        (true, Some(_)) => "gRPC over TLS".to_string(),
+        (false, _) => "plaintext gRPC".to_string(),
+    };
     eprintln!(
-        "\nTrellis control plane is up.\n  config API:  {scheme}://{addr}\n  xDS (ADS):   {xds_addr} (plaintext gRPC)\n  debug:       http://{debug_addr}/debug/syncz\n  store:       {store_config}\n  mesh CA:     trust domain {}, {ca_source}\n  admin token: {}\n\nTry:\n  export TRELLIS_SERVER={scheme}://{addr} TRELLIS_TOKEN_FILE={}{ca_env}\n  trellis get virtualservices -A\n  trellis apply -f examples/\n  trellis analyze\n",
+        "\nTrellis control plane is up.\n  config API:  {scheme}://{addr}\n  xDS (ADS):   {xds_addr} ({xds_mode})\n  debug:       http://{debug_addr}/debug/syncz\n  store:       {store_config}\n  mesh CA:     trust domain {}, {ca_source}\n  admin token: {}\n\nTry:\n  export TRELLIS_SERVER={scheme}://{addr} TRELLIS_TOKEN_FILE={}{ca_env}\n  trellis get virtualservices -A\n  trellis apply -f examples/\n  trellis analyze\n",
         ca.trust_domain(),
         token_file.display(),
         token_file.display(),

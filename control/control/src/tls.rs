@@ -1,4 +1,4 @@
-//! TLS for the config API.
+//! TLS for the config API and the xDS port.
 //!
 //! The control plane runs outside the clusters it serves, so its API is reached over networks:
 //! tokens must not travel in clear. With `--api-tls-cert/--api-tls-key` the given certificate
@@ -23,7 +23,7 @@ use rcgen::{
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 /// The CA certificate clients should trust, in a data directory.
@@ -193,4 +193,67 @@ pub async fn serve_tls(
         tracing::warn!("some API connections did not finish within 10 s of shutdown");
     }
     Ok(())
+}
+
+/// Serves the xDS port with TLS: a connection that opens with a TLS record (first byte 0x16)
+/// gets TLS and every service of `routes` (ADS, CSRs, module fetches); any other connection
+/// may only fetch modules (`modules`, HTTP/1.1) — they are content-addressed and each proxy
+/// checks what it fetched against the sha256 in its configuration, so Envoy's remote module
+/// source keeps working without TLS, while xDS, workload tokens and certificates never travel
+/// in clear (a plaintext gRPC connection is not HTTP/1.1 and is closed).
+pub async fn serve_xds_tls(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    routes: tonic::service::Routes,
+    modules: Router,
+) -> anyhow::Result<()> {
+    let acceptor = TlsAcceptor::from(config);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<tokio_rustls::server::TlsStream<TcpStream>>>(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an xDS connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx, modules) = (acceptor.clone(), tx.clone(), modules.clone());
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(Duration::from_secs(10), tcp.peek(&mut first)).await {
+                    Ok(Ok(1)) if first[0] == 0x16 => {
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send(Ok(tls)).await;
+                            }
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "xDS TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "xDS TLS handshake timed out"),
+                        }
+                    }
+                    Ok(Ok(1)) => {
+                        let service = hyper::service::service_fn(move |req| {
+                            use tower::Service;
+                            modules.clone().call(req)
+                        });
+                        let conn =
+                            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service);
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, error = %e, "plaintext connection to the xDS port closed (only module fetches are served without TLS)");
+                        }
+                    }
+                    _ => {}
+                }
+            });
+        }
+    });
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(routes)
+        .serve_with_incoming(incoming)
+        .await
+        .context("serving xDS over TLS")
 }

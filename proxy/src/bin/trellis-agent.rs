@@ -13,6 +13,10 @@ struct Args {
     /// The control plane's certificate service (its xDS address), HOST:PORT.
     #[arg(long, env = "TRELLIS_XDS_ADDRESS")]
     ca: String,
+    /// The CA of the control plane's xDS certificate (its <data-dir>/api-ca.pem): certificate
+    /// requests (and their WorkloadToken) then go over TLS.
+    #[arg(long, env = "TRELLIS_XDS_CA_FILE", default_value = "")]
+    xds_ca_file: String,
     /// The WorkloadToken secret, in a file.
     #[arg(long)]
     token_file: PathBuf,
@@ -40,7 +44,10 @@ async fn main() -> anyhow::Result<()> {
         ca_address: args.ca.clone(),
         ttl_seconds: args.ttl,
     };
-    let identity = trellis_proxy::identity::spawn(config, &args.ca, &args.namespace, &args.service_account);
+    // Refuse a bad address or CA file now, not at every retry.
+    trellis_proxy::control::endpoint(&args.ca, &args.xds_ca_file).map_err(anyhow::Error::msg)?;
+    let identity =
+        trellis_proxy::identity::spawn(config, &args.ca, &args.xds_ca_file, &args.namespace, &args.service_account);
     tokio::select! {
         r = trellis_proxy::agent::serve(identity, &args.sds_socket) => r,
         _ = tokio::signal::ctrl_c() => Ok(()),
