@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use trellis_e2e::bench::{Config, oha, run, table};
+use trellis_e2e::bench::{Config, added_by_filters, oha, run, table};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -60,5 +60,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let samples = run(&cfg).await?;
     println!("\n{}", table(&samples));
+    if cfg.filters.iter().any(|f| *f > 0) {
+        println!("Added by the filters (paired within each repetition):\n\n{}", added_by_filters(&samples));
+    }
     Ok(())
 }

@@ -122,6 +122,9 @@ pub struct Sample {
     pub failed: u64,
     /// Proxy CPU in vCPU over the measurement (None for direct).
     pub cpu: Option<f64>,
+    /// The user-space part of it (what wasm filters add to; the system part is socket I/O,
+    /// the same work in every mode, and where most of this VM's noise is).
+    pub cpu_user: Option<f64>,
     pub rss_start_mb: Option<f64>,
     pub rss_peak_mb: Option<f64>,
     /// Requests the proxy says it handled (warm-up included) vs what was sent to it.
@@ -222,11 +225,15 @@ impl Drop for Nginx {
 
 /// utime + stime of a process in seconds.
 pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_split(pid).map(|(user, system)| user + system)
+}
+
+/// (utime, stime) of a process in seconds.
+fn cpu_split(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
+    Some((f.get(11)?.parse::<f64>().ok()? / 100.0, f.get(12)?.parse::<f64>().ok()? / 100.0))
 }
 
 pub(crate) fn status_kib(pid: u32, key: &str) -> Option<f64> {
@@ -454,7 +461,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Vec<Sample>> {
             for mode in modes {
                 let s = measure(cfg, &cp, &nginx, mode, *rate, rep).await?;
                 println!(
-                    "rep {rep} {rate} rps {:<13} p50 {:.3} p90 {:.3} p99 {:.3} ms  sent {} failed {}  cpu {}  rss {}/{} MB  counted {:?}  cpu0 busy {:.0}%  {}",
+                    "rep {rep} {rate} rps {:<13} p50 {:.3} p90 {:.3} p99 {:.3} ms  sent {} failed {}  cpu {} (user {})  rss {}/{} MB  counted {:?}  cpu0 busy {:.0}%  {}",
                     mode.name(),
                     s.p50_ms,
                     s.p90_ms,
@@ -462,6 +469,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Vec<Sample>> {
                     s.sent,
                     s.failed,
                     s.cpu.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into()),
+                    s.cpu_user.map(|c| format!("{c:.3}")).unwrap_or_else(|| "-".into()),
                     s.rss_start_mb.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
                     s.rss_peak_mb.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
                     s.proxy_counted,
@@ -513,15 +521,15 @@ async fn measure(
     };
     let rss_start_mb = pid.and_then(|p| status_kib(p, "VmRSS:")).map(|k| k / 1024.0);
     let warm = load(&url, host, rate, cfg.connections, cfg.warmup, cfg.pin).await?;
-    let cpu_before = pid.and_then(cpu_seconds);
+    let cpu_before = pid.and_then(cpu_split);
     let busy_before = cpu0();
     let t = Instant::now();
     let l = load(&url, host, rate, cfg.connections, cfg.measure, cfg.pin).await?;
     let wall = t.elapsed().as_secs_f64();
     let busy_after = cpu0();
-    let cpu = match (cpu_before, pid.and_then(cpu_seconds)) {
-        (Some(a), Some(b)) => Some((b - a) / wall),
-        _ => None,
+    let (cpu, cpu_user) = match (cpu_before, pid.and_then(cpu_split)) {
+        (Some(a), Some(b)) => (Some((b.0 + b.1 - a.0 - a.1) / wall), Some((b.0 - a.0) / wall)),
+        _ => (None, None),
     };
     let rss_peak_mb = pid.and_then(|p| status_kib(p, "VmHWM:")).map(|k| k / 1024.0);
     let counted = match (&sidecar, before_count) {
@@ -547,6 +555,7 @@ async fn measure(
         sent: l.sent,
         failed: l.failed,
         cpu,
+        cpu_user,
         rss_start_mb,
         rss_peak_mb,
         proxy_counted: counted,
@@ -563,6 +572,61 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// What the wasm filters add, paired within each repetition (the same proxy with and without
+/// filters, measured back to back): per rate and proxy, the median (min–max) of the added vCPU
+/// and of its user-space part, and the median per request in µs.
+pub fn added_by_filters(samples: &[Sample]) -> String {
+    let mut out = String::from(
+        "| rate | filters | added vCPU | µs / request | added user vCPU | user µs / request |\n|---|---|---|---|---|---|\n",
+    );
+    let mut rates: Vec<u32> = samples.iter().map(|s| s.rate).collect();
+    rates.sort();
+    rates.dedup();
+    for rate in rates {
+        let here: Vec<&Sample> = samples.iter().filter(|s| s.rate == rate).collect();
+        let mut modes: Vec<Mode> =
+            here.iter().map(|s| s.mode).filter(|m| matches!(m, Mode::Envoy(n) | Mode::Trellis(n) if *n > 0)).collect();
+        modes.sort_by_key(|m| match m {
+            Mode::Envoy(n) => (1, *n),
+            Mode::Trellis(n) => (2, *n),
+            Mode::Direct => (0, 0),
+        });
+        modes.dedup();
+        for mode in modes {
+            let base = match mode {
+                Mode::Envoy(_) => Mode::Envoy(0),
+                _ => Mode::Trellis(0),
+            };
+            let paired = |g: fn(&Sample) -> Option<f64>| {
+                let v: Vec<f64> = here
+                    .iter()
+                    .filter(|s| s.mode == mode)
+                    .filter_map(|s| {
+                        let b = here.iter().find(|b| b.mode == base && b.repetition == s.repetition)?;
+                        Some(g(s)? - g(b)?)
+                    })
+                    .collect();
+                median(v)
+            };
+            let (total, user) = (paired(|s| s.cpu), paired(|s| s.cpu_user));
+            let per_request = |v: f64| v / f64::from(rate) * 1e6;
+            out.push_str(&format!(
+                "| {rate} | {} | {:+.3} ({:+.3} … {:+.3}) | {:.1} | {:+.3} ({:+.3} … {:+.3}) | {:.1} |\n",
+                mode.name(),
+                total.0,
+                total.1,
+                total.2,
+                per_request(total.0),
+                user.0,
+                user.1,
+                user.2,
+                per_request(user.0),
+            ));
+        }
+    }
+    out
 }
 
 /// The summary table: medians (min–max) per mode and rate, and the proxied/direct ratio of

@@ -612,4 +612,29 @@ async fn envoy_and_trellis_proxy_talk_mtls_to_each_other_both_ways_with_xds_over
     let plain = plaintext_get(&format!("127.0.0.1:{dingress}"), &dhost).await;
     assert!(plain.is_err(), "plaintext to Envoy's STRICT port: {plain:?}");
     assert_eq!((reviews_app.requests(), details_app.requests()), (1, 1), "only the allowed identities got through");
+    // A pushed module reaches both proxies from the TLS control plane (fetched in plaintext,
+    // checked against its sha256): the hello filter marks every response it sees.
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
+    let hello = trellis_filter_testkit::build(manifest, "hello").unwrap();
+    let out = cp.cli(&["wasm", "push", hello.to_str().unwrap()]).unwrap();
+    let (stdout, stderr) = trellis_e2e::text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let url = stdout.split_whitespace().find(|w| w.starts_with("trellis://")).unwrap().to_string();
+    let plugin = json!({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+        "metadata": {"name": "hello", "namespace": NS}, "spec": {"url": url, "match": [{"mode": "CLIENT"}]}});
+    cp.client().unwrap().apply(vec![plugin], None, false).await.unwrap();
+    for (client, host, path) in
+        [(&productpage.outbound, &rhost, "/reviews/1"), (&ratings.outbound, &dhost, "/details/1")]
+    {
+        let c = ProxyClient::new(client);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let a = c.get(host, path, &[]).await.unwrap();
+            if a.status == 200 && a.headers.contains_key("x-hello-seen") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the pushed module never ran in {client}: {a:?}\n{}", logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use trellis_e2e::bench::{Config, Mode, run, table};
+use trellis_e2e::bench::{Config, Mode, added_by_filters, run, table};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_benchmark_runs_and_counts_every_request() {
@@ -24,6 +24,12 @@ async fn the_proxy_benchmark_runs_and_counts_every_request() {
     };
     let samples = run(&cfg).await.unwrap();
     println!("{}", table(&samples));
+    let added = added_by_filters(&samples);
+    println!("{added}");
+    assert!(
+        added.contains("| 200 | envoy +4 wasm (V8) |") && added.contains("| 200 | trellis-proxy +4 wasm |"),
+        "{added}"
+    );
     for mode in [Mode::Direct, Mode::Envoy(0), Mode::Envoy(4), Mode::Trellis(0), Mode::Trellis(4)] {
         let s = samples.iter().find(|s| s.mode == mode).unwrap_or_else(|| panic!("{mode:?} not measured"));
         assert_eq!(s.failed, 0, "{mode:?}: {s:?}");
@@ -37,6 +43,7 @@ async fn the_proxy_benchmark_runs_and_counts_every_request() {
                 s.aborted
             );
             assert!(s.cpu.is_some() && s.rss_peak_mb.is_some(), "{s:?}");
+            assert!(s.cpu_user.zip(s.cpu).is_some_and(|(u, c)| u <= c + 1e-9), "{s:?}");
         }
     }
 }
