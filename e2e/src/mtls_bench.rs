@@ -22,6 +22,9 @@ pub enum PairMode {
     Direct,
     Trellis,
     Envoy,
+    /// Two byte relays in the proxies' place ([`relay`]): no HTTP, no TLS — the floor any
+    /// pair of proxies pays on this machine for two more processes and four more socket hops.
+    Relay,
 }
 
 impl PairMode {
@@ -30,6 +33,7 @@ impl PairMode {
             PairMode::Direct => "direct",
             PairMode::Trellis => "trellis-proxy pair, mTLS",
             PairMode::Envoy => "Envoy pair, mTLS",
+            PairMode::Relay => "TCP relay pair (floor)",
         }
     }
 }
@@ -42,8 +46,59 @@ pub struct Config {
     pub measure: Duration,
     pub connections: usize,
     pub pin: bool,
-    /// Only these modes (default: all three).
+    /// Only these modes (default: direct and both proxy pairs).
     pub modes: Option<Vec<PairMode>>,
+    /// The command that runs [`relay`] with LISTEN and TARGET appended (needed for
+    /// [`PairMode::Relay`]; the example binary runs itself with `--relay`).
+    pub relay_command: Option<Vec<String>>,
+}
+
+/// A byte relay from `listen` to `target` on one thread: what [`PairMode::Relay`] runs twice.
+pub async fn relay(listen: &str, target: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (mut inbound, _) = listener.accept().await?;
+        let target = target.to_string();
+        tokio::spawn(async move {
+            let _ = inbound.set_nodelay(true);
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                let _ = outbound.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+/// A running relay process.
+struct RelayProcess(std::process::Child);
+
+impl RelayProcess {
+    fn start(command: &[String], listen: &str, target: &str) -> anyhow::Result<RelayProcess> {
+        let (program, args) = command.split_first().ok_or_else(|| anyhow::anyhow!("empty relay command"))?;
+        let mut child = std::process::Command::new(program)
+            .args(args)
+            .args([listen, target])
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            if let Some(status) = child.try_wait()? {
+                bail!("the relay on {listen} exited with {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("the relay on {listen} never listened");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(RelayProcess(child))
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +119,8 @@ pub struct Sample {
 enum Pair {
     Trellis(TrellisProxy, TrellisProxy),
     Envoy(Envoy, TrellisAgent, Envoy, TrellisAgent),
+    /// Client relay (and the address it listens on), server relay.
+    Relay(RelayProcess, String, RelayProcess),
 }
 
 impl Pair {
@@ -71,6 +128,7 @@ impl Pair {
         match self {
             Pair::Trellis(c, s) => (c.pid(), s.pid()),
             Pair::Envoy(c, _, s, _) => (c.pid(), s.pid()),
+            Pair::Relay(c, _, s) => (c.0.id(), s.0.id()),
         }
     }
 
@@ -78,6 +136,7 @@ impl Pair {
         match self {
             Pair::Trellis(c, _) => &c.outbound,
             Pair::Envoy(c, _, _, _) => &c.outbound,
+            Pair::Relay(_, listen, _) => listen,
         }
     }
 
@@ -87,6 +146,7 @@ impl Pair {
             Pair::Envoy(c, ca, s, sa) => {
                 format!("{}\n{}\n---\n{}\n{}", c.log_text(), ca.log_text(), s.log_text(), sa.log_text())
             }
+            Pair::Relay(..) => String::new(),
         }
     }
 }
@@ -134,7 +194,14 @@ async fn configure(s: &Setup, ingress: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_pair(s: &Setup, mode: PairMode) -> anyhow::Result<Pair> {
+async fn start_pair(cfg: &Config, s: &Setup, mode: PairMode) -> anyhow::Result<Pair> {
+    if mode == PairMode::Relay {
+        let command = cfg.relay_command.as_deref().ok_or_else(|| anyhow::anyhow!("no relay command configured"))?;
+        let (client, server) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let srv = RelayProcess::start(command, &server, &s.nginx.addr)?;
+        let cli = RelayProcess::start(command, &client, &server)?;
+        return Ok(Pair::Relay(cli, client, srv));
+    }
     // A new port for every pair: a listener just closed on the last one may linger.
     let ingress = free_port();
     configure(s, ingress).await?;
@@ -166,7 +233,7 @@ async fn start_pair(s: &Setup, mode: PairMode) -> anyhow::Result<Pair> {
             let cli = Envoy::start_node_with(xds, AdsApi::Delta, &client, Some(&ca.socket))?;
             Pair::Envoy(cli, ca, srv, sa)
         }
-        PairMode::Direct => bail!("direct has no pair"),
+        PairMode::Direct | PairMode::Relay => bail!("{} is not a proxy pair", mode.name()),
     })
 }
 
@@ -203,7 +270,7 @@ pub async fn run(cfg: &Config) -> anyhow::Result<Vec<Sample>> {
 async fn measure(cfg: &Config, s: &Setup, mode: PairMode, rate: u32, rep: usize) -> anyhow::Result<Sample> {
     let pair = match mode {
         PairMode::Direct => None,
-        _ => Some(start_pair(s, mode).await?),
+        _ => Some(start_pair(cfg, s, mode).await?),
     };
     let (url, host) = match &pair {
         None => (format!("http://{}/", s.nginx.addr), None),
@@ -261,7 +328,7 @@ pub fn table(samples: &[Sample]) -> String {
     rates.sort();
     rates.dedup();
     for rate in rates {
-        for mode in [PairMode::Direct, PairMode::Trellis, PairMode::Envoy] {
+        for mode in [PairMode::Direct, PairMode::Relay, PairMode::Trellis, PairMode::Envoy] {
             let these: Vec<&Sample> = samples.iter().filter(|s| s.rate == rate && s.mode == mode).collect();
             if these.is_empty() {
                 continue;

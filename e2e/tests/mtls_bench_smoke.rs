@@ -18,6 +18,8 @@ async fn the_mtls_benchmark_runs_every_mode() {
         connections: 8,
         pin: false,
         modes: None,
+        // The relay floor needs the example binary (it runs itself as the relays).
+        relay_command: None,
     };
     let samples = run(&cfg).await.unwrap();
     println!("{}", table(&samples));
