@@ -4,7 +4,9 @@
 //! time per stream is printed per filter and for the chain. A quick, noise-free view of what
 //! `proxy_bench`'s "+4 filters" pays inside the VMs (the proxy's glue around them excluded).
 //!
-//! `cargo run --release -p trellis-e2e --example chain_cost -- [STREAMS]` (default 200000).
+//! `cargo run --release -p trellis-e2e --example chain_cost -- [STREAMS [EVICT_KIB]]` (default
+//! 200000 streams; EVICT_KIB > 0 writes that much memory between streams, outside the timed
+//! part, to see the chain with cold caches as in a proxy whose requests cross the kernel).
 
 #![allow(clippy::print_stdout)]
 
@@ -35,6 +37,8 @@ fn pairs(list: &[(&str, &str)]) -> Arc<Vec<(String, Vec<u8>)>> {
 
 fn main() -> anyhow::Result<()> {
     let streams: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(200_000);
+    let evict_kib: usize = std::env::args().nth(2).map(|s| s.parse()).transpose()?.unwrap_or(0);
+    let mut evict = vec![0u8; evict_kib * 1024];
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../filters/Cargo.toml");
     let host = Host::new()?;
     let mut vms = Vec::new();
@@ -78,6 +82,10 @@ fn main() -> anyhow::Result<()> {
             // The first tenth warms up.
             per_filter.iter_mut().for_each(|d| *d = std::time::Duration::ZERO);
         }
+        for (i, b) in evict.iter_mut().enumerate().step_by(64) {
+            *b = b.wrapping_add(i as u8);
+        }
+        std::hint::black_box(&evict);
         let mut ids = Vec::with_capacity(vms.len());
         for (i, (_, vm)) in vms.iter_mut().enumerate() {
             let t = Instant::now();
