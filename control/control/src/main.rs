@@ -110,9 +110,11 @@ async fn main() -> anyhow::Result<()> {
         (false, _) => String::new(),
     };
     let xds_mode = match (xds_tls, &config.xds_tls_cert) {
-        (true, None) => {
-            format!("gRPC over TLS; proxies trust {}", trellis_control::tls::ca_path(&config.data_dir).display())
-        }
+        (true, None) => format!(
+            "gRPC over TLS for {}; proxies trust {}",
+            config.xds_tls_names().join(", "),
+            trellis_control::tls::ca_path(&config.data_dir).display()
+        ),
         (true, Some(_)) => "gRPC over TLS".to_string(),
         (false, _) => "plaintext gRPC".to_string(),
     };
