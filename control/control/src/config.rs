@@ -153,16 +153,7 @@ impl Config {
 impl Config {
     /// Whether the API serves TLS, or why the combination of flags is refused.
     pub fn api_uses_tls(&self) -> Result<bool, String> {
-        let loopback = self.api_addr.ip().is_loopback();
-        match self.api_tls {
-            ApiTls::On => Ok(true),
-            ApiTls::Auto => Ok(!loopback || self.api_tls_cert.is_some()),
-            ApiTls::Off if loopback => Ok(false),
-            ApiTls::Off => Err(format!(
-                "--api-tls off on {} would send tokens in clear over the network; use TLS (the default) or a loopback address",
-                self.api_addr
-            )),
-        }
+        uses_tls(self.api_tls, self.api_addr, self.api_tls_cert.is_some(), "--api-tls", "tokens")
     }
 
     /// Names the issued API certificate covers: the listen address (or, for an unspecified
@@ -173,16 +164,8 @@ impl Config {
 
     /// Whether the xDS port serves TLS, or why the combination of flags is refused.
     pub fn xds_uses_tls(&self) -> Result<bool, String> {
-        let loopback = self.xds_addr.ip().is_loopback();
-        match self.xds_tls {
-            ApiTls::On => Ok(true),
-            ApiTls::Auto => Ok(!loopback || self.xds_tls_cert.is_some()),
-            ApiTls::Off if loopback => Ok(false),
-            ApiTls::Off => Err(format!(
-                "--xds-tls off on {} would send workload tokens and certificates in clear over the network; use TLS (the default) or a loopback address",
-                self.xds_addr
-            )),
-        }
+        let what = "workload tokens and certificates";
+        uses_tls(self.xds_tls, self.xds_addr, self.xds_tls_cert.is_some(), "--xds-tls", what)
     }
 
     /// Names the issued xDS certificate covers: the listen and advertised addresses (or, for
@@ -190,6 +173,20 @@ impl Config {
     pub fn xds_tls_names(&self) -> Vec<String> {
         let addrs: Vec<SocketAddr> = std::iter::once(self.xds_addr).chain(self.xds_advertise_addr).collect();
         tls_names(&addrs, &self.xds_tls_sans)
+    }
+}
+
+/// TLS for a port at `addr`: `auto` is TLS unless the address is loopback (or a certificate
+/// was given); plaintext on a network address is refused, naming what would travel in clear.
+fn uses_tls(mode: ApiTls, addr: SocketAddr, cert_given: bool, flag: &str, what: &str) -> Result<bool, String> {
+    let loopback = addr.ip().is_loopback();
+    match mode {
+        ApiTls::On => Ok(true),
+        ApiTls::Auto => Ok(!loopback || cert_given),
+        ApiTls::Off if loopback => Ok(false),
+        ApiTls::Off => Err(format!(
+            "{flag} off on {addr} would send {what} in clear over the network; use TLS (the default) or a loopback address"
+        )),
     }
 }
 
