@@ -75,22 +75,15 @@ struct RelayProcess(std::process::Child);
 impl RelayProcess {
     fn start(command: &[String], listen: &str, target: &str) -> anyhow::Result<RelayProcess> {
         let (program, args) = command.split_first().ok_or_else(|| anyhow::anyhow!("empty relay command"))?;
-        let mut child = std::process::Command::new(program)
+        let child = std::process::Command::new(program)
             .args(args)
             .args([listen, target])
             .stdout(std::process::Stdio::null())
             .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() {
-            if let Some(status) = child.try_wait()? {
-                bail!("the relay on {listen} exited with {status}");
-            }
-            if Instant::now() > deadline {
-                bail!("the relay on {listen} never listened");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(RelayProcess(child))
+        // Killed on drop, also when it never listens.
+        let mut relay = RelayProcess(child);
+        crate::await_listening(&mut relay.0, listen, "the relay")?;
+        Ok(relay)
     }
 }
 

@@ -30,8 +30,12 @@ pub fn endpoint(address: &str, ca_file: &str) -> Result<Endpoint, String> {
         return Ok(endpoint);
     }
     let pem = std::fs::read(ca_file).map_err(|e| format!("xdsCaFile {ca_file}: {e}"))?;
-    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-        return Err(format!("xdsCaFile {ca_file}: no PEM certificate in it"));
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    match CertificateDer::pem_slice_iter(&pem).next() {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => return Err(format!("xdsCaFile {ca_file}: not a PEM certificate: {e:?}")),
+        None => return Err(format!("xdsCaFile {ca_file}: no PEM certificate in it")),
     }
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)).domain_name(host);
     endpoint.tls_config(tls).map_err(|e| format!("xdsCaFile {ca_file}: {e}"))

@@ -202,12 +202,13 @@ fn derived_property(s: &crate::state::Stream, path: &str) -> Option<Vec<u8>> {
     }
 }
 
-/// Foreign functions Trellis's host implements itself: `trellis.body_interest` (two bytes: whether
-/// the module reads request / response bodies, the embedder skipping body callbacks it does not
-/// need; an optional third: what it needs at a stream's end, 0 = the host calls only
+/// Foreign functions Trellis's host implements itself: `trellis.body_interest` (two bytes:
+/// whether the module reads request / response bodies, the embedder skipping body callbacks it
+/// does not need; an optional third: what it needs at a stream's end, 0 = the host calls only
 /// `proxy_on_delete`, 1 = `proxy_on_log` and `proxy_on_done` too, 2 = `proxy_on_log` too (the
-/// proxy-wasm crate's `on_done` does nothing unless a filter overrides it); an optional fourth: whether it needs
-/// `proxy_on_response_headers`, 0 = never called) and those that act on the current stream, for the embedder to carry out:
+/// proxy-wasm crate's `on_done` does nothing unless a filter overrides it); an optional fourth:
+/// whether it needs `proxy_on_response_headers`, 0 = never called) and those that act on the
+/// current stream, for the embedder to carry out:
 /// `trellis.retain_request` (keep the request body for a re-send) and `trellis.resend`
 /// (argument: the delay in milliseconds as a little-endian u32, or nothing for none; only from
 /// a response-headers callback). `None`: not one of these.
