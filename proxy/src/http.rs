@@ -124,11 +124,11 @@ pub async fn serve(
 pub(crate) struct LocalAddr(pub SocketAddr);
 
 /// The authority a request names: from an absolute URI (HTTP/2, proxies) or the Host header.
-pub(crate) fn request_authority<B>(req: &Request<B>) -> String {
+pub(crate) fn request_authority<B>(req: &Request<B>) -> &str {
     req.uri()
         .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(String::from))
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or_default()
 }
 
@@ -170,7 +170,7 @@ pub async fn handle(
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         },
-        authority: request_authority(&req),
+        authority: request_authority(&req).to_string(),
         user_agent: text("user-agent"),
         x_forwarded_for: text("x-forwarded-for"),
         request_id: text("x-request-id"),
@@ -226,7 +226,7 @@ pub(crate) async fn route_request<B: ProxyBody>(
             return (local_reply(StatusCode::NOT_FOUND, why), outcome);
         }
     };
-    let authority = request_authority(&req);
+    let authority = request_authority(&req).to_string();
     let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(String::from);
@@ -291,13 +291,13 @@ pub(crate) fn matched_route<'r, B>(
     let authority = request_authority(req);
     let view = RequestView {
         method: req.method(),
-        authority: &authority,
+        authority,
         scheme: req.uri().scheme_str().unwrap_or("http"),
         path: req.uri().path(),
         query: req.uri().query(),
         headers: req.headers(),
     };
-    table.virtual_host(&authority).and_then(|vh| vh.route(&view)).ok_or("")
+    table.virtual_host(authority).and_then(|vh| vh.route(&view)).ok_or("")
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {

@@ -63,20 +63,88 @@ struct Active {
     responds: bool,
 }
 
+/// Header maps handed to filters come back here when their stream ends (`Chain`'s drop) and
+/// are filled again for the next one: built anew, a map cost two allocations per header (name
+/// and value) on every request of every chain — most of the chain's allocations.
+mod spare {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+
+    use trellis_wasm_host::Pairs;
+
+    /// Maps kept per thread, and the most bytes one may hold to be kept.
+    const KEEP: usize = 64;
+    const KEEP_BYTES: usize = 16 << 10;
+
+    thread_local!(static SPARE: RefCell<Vec<Arc<Pairs>>> = const { RefCell::new(Vec::new()) });
+
+    /// A map to fill: the caller holds the only reference.
+    pub(super) fn take() -> Arc<Pairs> {
+        SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default()
+    }
+
+    /// Keeps `map` for reuse when nothing else refers to it.
+    pub(super) fn give(map: Arc<Pairs>) {
+        let bytes = || map.iter().map(|(k, v)| k.capacity() + v.capacity()).sum::<usize>();
+        if Arc::strong_count(&map) == 1 && Arc::weak_count(&map) == 0 && bytes() <= KEEP_BYTES {
+            SPARE.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < KEEP {
+                    s.push(map);
+                }
+            });
+        }
+    }
+
+    /// Writes pairs over a reused map's entries (reusing their buffers), dropping what is left
+    /// over when done.
+    pub(super) struct Filler<'a> {
+        map: &'a mut Pairs,
+        n: usize,
+    }
+
+    impl<'a> Filler<'a> {
+        pub(super) fn new(map: &'a mut Arc<Pairs>) -> Filler<'a> {
+            Filler { map: Arc::make_mut(map), n: 0 }
+        }
+
+        pub(super) fn put(&mut self, k: &str, v: &[u8]) {
+            match self.map.get_mut(self.n) {
+                Some((key, value)) => {
+                    key.clear();
+                    key.push_str(k);
+                    value.clear();
+                    value.extend_from_slice(v);
+                }
+                None => self.map.push((k.to_owned(), v.to_vec())),
+            }
+            self.n += 1;
+        }
+    }
+
+    impl Drop for Filler<'_> {
+        fn drop(&mut self) {
+            self.map.truncate(self.n);
+        }
+    }
+}
+
 /// The request headers as filters see them, with Envoy's pseudo-headers.
 fn request_pairs<B>(req: &Request<B>) -> Arc<Pairs> {
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut headers: Pairs = Vec::with_capacity(req.headers().len() + 4);
-    headers.push((":method".into(), req.method().as_str().as_bytes().to_vec()));
-    headers.push((":path".into(), path.as_bytes().to_vec()));
-    headers.push((":authority".into(), crate::http::request_authority(req).into_bytes()));
-    headers.push((":scheme".into(), req.uri().scheme_str().unwrap_or("http").as_bytes().to_vec()));
+    let mut map = spare::take();
+    let mut headers = spare::Filler::new(&mut map);
+    headers.put(":method", req.method().as_str().as_bytes());
+    headers.put(":path", path.as_bytes());
+    headers.put(":authority", crate::http::request_authority(req).as_bytes());
+    headers.put(":scheme", req.uri().scheme_str().unwrap_or("http").as_bytes());
     for (k, v) in req.headers() {
         if k != header::HOST {
-            headers.push((k.as_str().to_string(), v.as_bytes().to_vec()));
+            headers.put(k.as_str(), v.as_bytes());
         }
     }
-    Arc::new(headers)
+    drop(headers);
+    map
 }
 
 /// The properties every filter of a request shares (those in the headers — `request.path`,
@@ -121,6 +189,16 @@ impl trellis_wasm_host::Properties for RequestInfo {
             _ => None,
         }
     }
+
+    /// The names most filters read on every request, without an allocation.
+    fn get_into(&self, path: &str, out: &mut Vec<u8>) -> bool {
+        let name = match path {
+            "route_name" | "xds.route_name" => &self.route,
+            "cluster_name" | "xds.cluster_name" => &self.cluster,
+            _ => return self.get(path).map(|v| out.extend_from_slice(&v)).is_some(),
+        };
+        name.as_ref().map(|n| out.extend_from_slice(n.as_bytes())).is_some()
+    }
 }
 
 fn request_properties<B>(
@@ -161,6 +239,16 @@ impl trellis_wasm_host::Properties for ResponseInfo {
             }
             _ => None,
         }
+    }
+
+    /// What a retry policy reads on every response, without an allocation.
+    fn get_into(&self, path: &str, out: &mut Vec<u8>) -> bool {
+        match path {
+            "response.code" => out.extend_from_slice(&i64::from(self.code).to_le_bytes()),
+            "response.flags" => out.extend_from_slice(&self.flags.to_le_bytes()),
+            _ => return self.get(path).map(|v| out.extend_from_slice(&v)).is_some(),
+        }
+        true
     }
 }
 
@@ -217,10 +305,14 @@ fn apply_request<B>(req: &mut Request<B>, pairs: &Pairs) -> Result<(), String> {
 }
 
 fn response_pairs(resp: &Response<BoxBody>) -> Arc<Pairs> {
-    let mut pairs: Pairs = Vec::with_capacity(resp.headers().len() + 1);
-    pairs.push((":status".into(), resp.status().as_str().as_bytes().to_vec()));
-    pairs.extend(resp.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec())));
-    Arc::new(pairs)
+    let mut map = spare::take();
+    let mut pairs = spare::Filler::new(&mut map);
+    pairs.put(":status", resp.status().as_str().as_bytes());
+    for (k, v) in resp.headers() {
+        pairs.put(k.as_str(), v.as_bytes());
+    }
+    drop(pairs);
+    map
 }
 
 fn apply_response(resp: &mut Response<BoxBody>, pairs: &Pairs) -> Result<(), String> {
@@ -275,12 +367,16 @@ fn done(active: Vec<Active>) {
     }
 }
 
-/// The filters of one stream, finished when the last user (the run, a body) lets go.
-struct Chain(Vec<Active>);
+/// The filters of one stream, finished when the last user (the run, a body) lets go; and the
+/// header maps handed to them, reused once the stream is over.
+struct Chain(Vec<Active>, Vec<Arc<Pairs>>);
 
 impl Drop for Chain {
     fn drop(&mut self) {
         done(std::mem::take(&mut self.0));
+        for map in self.1.drain(..) {
+            spare::give(map);
+        }
     }
 }
 
@@ -591,10 +687,11 @@ pub async fn run(
     let end_of_stream = req.body().is_end_stream();
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let mut req = req.map(crate::boxed);
-    let chain: Shared = Arc::new(Mutex::new(Chain(Vec::new())));
+    let chain: Shared = Arc::new(Mutex::new(Chain(Vec::new(), Vec::new())));
     let shared = request_properties(&req, peer, route_name, cluster_name);
     // What the filters see, changed by each in turn.
     let mut pairs = request_pairs(&req);
+    lock(&chain).1.push(pairs.clone());
     for filter in filters {
         let slot = match filter.take() {
             Ok(slot) => slot,
@@ -641,9 +738,12 @@ pub async fn run(
                 return (resp, outcome);
             }
             // The request changes only when the filter changed its headers.
-            waited.and_then(|()| match s.filter(|s| s.request_headers_changed) {
-                Some(s) => {
-                    pairs = s.request_headers.clone();
+            let changed = s.filter(|s| s.request_headers_changed).map(|s| s.request_headers.clone());
+            drop(vm);
+            waited.and_then(|()| match changed {
+                Some(map) => {
+                    c.1.push(map.clone());
+                    pairs = map;
                     apply_request(&mut req, &pairs)
                 }
                 None => Ok(()),
@@ -699,7 +799,9 @@ pub async fn run(
         let (parts, body) = resp.into_parts();
         resp = Response::from_parts(parts, crate::boxed(FilteredBody::new(body, chain.clone(), rt.clone(), false)));
     }
-    // The streams finish when the last body holding the chain is done.
+    // The streams finish when the last body holding the chain is done (and the header maps
+    // go back for reuse then, when no one else holds them).
+    drop(pairs);
     drop(chain);
     (resp, outcome)
 }
@@ -714,8 +816,16 @@ async fn respond(
     outcome: &mut Outcome,
     can_resend: bool,
 ) -> Option<Duration> {
-    let n = lock(chain).0.len();
+    let n = {
+        let c = lock(chain);
+        // No filter takes the response headers callback: nothing to show them.
+        if !c.0.iter().any(|a| a.responds) {
+            return None;
+        }
+        c.0.len()
+    };
     let mut pairs = response_pairs(resp);
+    lock(chain).1.push(pairs.clone());
     let mut shared = response_properties(resp, outcome);
     for i in (0..n).rev() {
         let action = {
@@ -783,4 +893,59 @@ async fn respond(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().method("POST").uri("/a?b=1");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn owned(list: &[(&str, &str)]) -> Pairs {
+        list.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
+    }
+
+    #[test]
+    fn header_maps_are_reused_without_leftovers_and_only_when_no_one_holds_them() {
+        let big = request(&[("host", "a.example"), ("x-one", "1"), ("x-two", "2"), ("x-three", "a long value")]);
+        let first = request_pairs(&big);
+        let want_first = owned(&[
+            (":method", "POST"),
+            (":path", "/a?b=1"),
+            (":authority", "a.example"),
+            (":scheme", "http"),
+            ("x-one", "1"),
+            ("x-two", "2"),
+            ("x-three", "a long value"),
+        ]);
+        assert_eq!(*first, want_first);
+        let ptr = Arc::as_ptr(&first);
+        spare::give(first);
+        // The next map is the same one, refilled: nothing of the first request is left.
+        let small = request(&[("host", "b.example"), ("x-two", "zwei")]);
+        let second = request_pairs(&small);
+        assert_eq!(Arc::as_ptr(&second), ptr);
+        assert_eq!(
+            *second,
+            owned(&[
+                (":method", "POST"),
+                (":path", "/a?b=1"),
+                (":authority", "b.example"),
+                (":scheme", "http"),
+                ("x-two", "zwei")
+            ])
+        );
+        // A map someone still holds (a filter's stream) is not taken back.
+        let held = second.clone();
+        spare::give(second);
+        let third = request_pairs(&small);
+        assert_ne!(Arc::as_ptr(&third), Arc::as_ptr(&held));
+        assert_eq!(*held, *third);
+    }
 }

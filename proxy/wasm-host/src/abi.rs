@@ -208,7 +208,20 @@ pub fn deserialize_pairs(b: &[u8]) -> Option<Pairs> {
 
 /// A property path: segments separated by NUL bytes (`request\0path`) → `request.path`.
 pub fn property_path(b: &[u8]) -> String {
-    b.split(|c| *c == 0).map(|s| String::from_utf8_lossy(s)).collect::<Vec<_>>().join(".")
+    let mut path = String::new();
+    dotted_path(b, &mut path);
+    path
+}
+
+/// [`property_path`] into `out` (cleared first), allocating only when it must grow.
+pub fn dotted_path(b: &[u8], out: &mut String) {
+    out.clear();
+    for (i, segment) in b.split(|c| *c == 0).enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(&String::from_utf8_lossy(segment));
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use wasmtime::{Caller, Extern, Linker, Memory};
 
 use crate::abi::{
-    BufferType, LogLevel, MapType, MetricType, Pairs, Status, StreamType, deserialize_pairs, property_path,
-    serialize_pairs,
+    BufferType, LogLevel, MapType, MetricType, Pairs, Status, StreamType, deserialize_pairs, dotted_path,
+    property_path, serialize_pairs,
 };
 use crate::state::{Callout, GrpcOp, GrpcOpen, LocalResponse, VmState};
 
@@ -37,7 +37,29 @@ fn read(c: &mut C<'_>, ptr: i32, len: i32) -> Option<Vec<u8>> {
 }
 
 fn read_str(c: &mut C<'_>, ptr: i32, len: i32) -> Option<String> {
-    read(c, ptr, len).map(|b| String::from_utf8_lossy(&b).into_owned())
+    read(c, ptr, len)
+        .map(|b| String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
+/// `ptr..ptr+len` of guest memory `data`, when in bounds.
+fn slice(data: &[u8], ptr: i32, len: i32) -> Option<&[u8]> {
+    let start = ptr as u32 as usize;
+    data.get(start..start.checked_add(len as u32 as usize)?)
+}
+
+/// Guest memory and the VM's state together, so a call can read its arguments in place
+/// instead of copying them out (the calls every request makes).
+fn memory_and_state<'a>(c: &'a mut C<'_>) -> Option<(&'a mut [u8], &'a mut VmState)> {
+    let mem = memory(c)?;
+    Some(mem.data_and_store_mut(c))
+}
+
+/// Hands `value` (the VM's scratch buffer, filled by the caller) to the guest and keeps the
+/// buffer for the next call.
+fn give_scratch(c: &mut C<'_>, value: Vec<u8>, ret_ptr: i32, ret_size: i32) -> R {
+    let r = give(c, &value, ret_ptr, ret_size);
+    c.data_mut().scratch = value;
+    st(r?)
 }
 
 fn write(c: &mut C<'_>, ptr: i32, bytes: &[u8]) -> bool {
@@ -70,9 +92,16 @@ fn give(c: &mut C<'_>, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> wasmtime::R
         ),
     };
     let addr = if bytes.is_empty() { 0 } else { alloc.call(&mut *c, bytes.len() as i32)? };
-    if (!bytes.is_empty() && (addr == 0 || !write(c, addr, bytes)))
-        || !write_u32(c, ret_ptr, addr as u32)
-        || !write_u32(c, ret_size, bytes.len() as u32)
+    let Some(mem) = memory(c) else { return Ok(Status::InternalFailure) };
+    // One look at the memory for the three writes.
+    let data = mem.data_mut(&mut *c);
+    let mut put = |at: i32, b: &[u8]| {
+        let start = at as u32 as usize;
+        data.get_mut(start..start + b.len()).map(|dst| dst.copy_from_slice(b)).is_some()
+    };
+    if (!bytes.is_empty() && (addr == 0 || !put(addr, bytes)))
+        || !put(ret_ptr, &(addr as u32).to_le_bytes())
+        || !put(ret_size, &(bytes.len() as u32).to_le_bytes())
     {
         return Ok(Status::InternalFailure);
     }
@@ -411,25 +440,28 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "proxy_get_header_map_value",
         |mut c: C<'_>, kind: i32, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32| -> R {
             let Some(t) = MapType::from_i32(kind) else { return st(Status::BadArgument) };
-            let Some(key) = read_str(&mut c, kp, kl) else { return st(Status::BadArgument) };
-            let key = key.to_ascii_lowercase();
-            let map = match map_ref(c.data_mut(), t) {
+            let Some((data, s)) = memory_and_state(&mut c) else { return st(Status::BadArgument) };
+            let Some(key) = slice(data, kp, kl) else { return st(Status::BadArgument) };
+            let mut joined = std::mem::take(&mut s.scratch);
+            joined.clear();
+            let map = match map_ref(s, t) {
                 Ok(m) => m,
                 Err(e) => return st(e),
             };
-            // Repeated headers are joined with commas, as Envoy does.
-            let mut joined: Option<Vec<u8>> = None;
-            for (_, v) in map.iter().filter(|(k, _)| *k == key) {
-                match &mut joined {
-                    None => joined = Some(v.clone()),
-                    Some(j) => {
-                        j.push(b',');
-                        j.extend_from_slice(v);
-                    }
+            // Names are kept lower-case; repeated headers are joined with commas, as Envoy does.
+            let mut found = false;
+            for (_, v) in map.iter().filter(|(k, _)| k.as_bytes().eq_ignore_ascii_case(key)) {
+                if found {
+                    joined.push(b',');
                 }
+                joined.extend_from_slice(v);
+                found = true;
             }
-            let Some(joined) = joined else { return st(Status::NotFound) };
-            st(give(&mut c, &joined, ret_ptr, ret_size)?)
+            if !found {
+                s.scratch = joined;
+                return st(Status::NotFound);
+            }
+            give_scratch(&mut c, joined, ret_ptr, ret_size)
         },
     )?;
     for (name, op) in [("proxy_replace_header_map_value", 0), ("proxy_add_header_map_value", 1)] {
@@ -476,25 +508,34 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         env,
         "proxy_get_property",
         |mut c: C<'_>, pp: i32, pl: i32, ret_ptr: i32, ret_size: i32| -> R {
-            let Some(raw) = read(&mut c, pp, pl) else { return st(Status::BadArgument) };
-            let path = property_path(&raw);
-            let s = c.data_mut();
-            let value = s
-                .streams
-                .get(&s.effective_context)
-                .and_then(|st| {
-                    st.properties
-                        .get(&path)
-                        .cloned()
-                        .or_else(|| st.response_properties.get(&path))
-                        .or_else(|| st.request_properties.get(&path))
-                        .or_else(|| derived_property(st, &path))
-                })
-                .or_else(|| vm_property(s, &path));
-            match value {
-                Some(v) => st(give(&mut c, &v, ret_ptr, ret_size)?),
-                None => st(Status::NotFound),
+            // Read in place and answered from the VM's scratch buffers: filters read
+            // properties (route_name, ...) on every request.
+            let Some((data, s)) = memory_and_state(&mut c) else { return st(Status::BadArgument) };
+            let Some(raw) = slice(data, pp, pl) else { return st(Status::BadArgument) };
+            let mut path = std::mem::take(&mut s.scratch_path);
+            dotted_path(raw, &mut path);
+            let mut value = std::mem::take(&mut s.scratch);
+            value.clear();
+            let found = match s.streams.get(&s.effective_context) {
+                Some(st) => match st.properties.get(&path) {
+                    Some(v) => {
+                        value.extend_from_slice(v);
+                        true
+                    }
+                    None => {
+                        st.response_properties.get_into(&path, &mut value)
+                            || st.request_properties.get_into(&path, &mut value)
+                            || derived_property(st, &path).map(|v| value.extend_from_slice(&v)).is_some()
+                    }
+                },
+                None => false,
+            } || vm_property(s, &path).map(|v| value.extend_from_slice(&v)).is_some();
+            s.scratch_path = path;
+            if !found {
+                s.scratch = value;
+                return st(Status::NotFound);
             }
+            give_scratch(&mut c, value, ret_ptr, ret_size)
         },
     )?;
     linker.func_wrap(env, "proxy_set_property", |mut c: C<'_>, pp: i32, pl: i32, vp: i32, vl: i32| -> R {
@@ -648,7 +689,8 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             };
             let Some(headers) = deserialize_pairs(&headers) else { return st(Status::SerializationFailure) };
             let Some(s) = c.data_mut().stream() else { return st(Status::NotFound) };
-            s.local_response = Some(LocalResponse { status: status as u32, details, body, headers, grpc_status: grpc });
+            s.local_response =
+                Some(Box::new(LocalResponse { status: status as u32, details, body, headers, grpc_status: grpc }));
             OK
         },
     )?;
@@ -782,23 +824,29 @@ pub fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         env,
         "proxy_call_foreign_function",
         |mut c: C<'_>, np: i32, nl: i32, ap: i32, al: i32, ret_ptr: i32, ret_size: i32| -> R {
-            let (Some(name), Some(args)) = (read_str(&mut c, np, nl), read(&mut c, ap, al)) else {
+            // Name and arguments read in place (the retry filter calls two per request).
+            let Some((data, s)) = memory_and_state(&mut c) else { return st(Status::BadArgument) };
+            let (Some(name), Some(args)) = (slice(data, np, nl), slice(data, ap, al)) else {
                 return st(Status::BadArgument);
             };
+            let name = String::from_utf8_lossy(name);
             // The embedder's functions first: one of the same name replaces a built-in one.
-            if let Some(f) = c.data().foreign.get(&name).cloned() {
-                return match f(&args) {
-                    Ok(result) => st(give(&mut c, &result, ret_ptr, ret_size)?),
-                    Err(s) => st(s),
-                };
+            let result = if let Some(f) = s.foreign.get(name.as_ref()) {
+                f(args)
+            } else if name == "trellis.shared_add" {
+                shared_add(s, args).map(|next| {
+                    let mut out = std::mem::take(&mut s.scratch);
+                    out.clear();
+                    out.extend_from_slice(&next.to_le_bytes());
+                    out
+                })
+            } else {
+                return st(stream_function(s, &name, args).unwrap_or(Status::NotFound));
+            };
+            match result {
+                Ok(result) => give_scratch(&mut c, result, ret_ptr, ret_size),
+                Err(s) => st(s),
             }
-            if name == "trellis.shared_add" {
-                return match shared_add(c.data(), &args) {
-                    Ok(next) => st(give(&mut c, &next.to_le_bytes(), ret_ptr, ret_size)?),
-                    Err(s) => st(s),
-                };
-            }
-            st(stream_function(c.data_mut(), &name, &args).unwrap_or(Status::NotFound))
         },
     )?;
     linker.func_wrap(env, "proxy_define_metric", |mut c: C<'_>, kind: i32, np: i32, nl: i32, ret: i32| -> R {

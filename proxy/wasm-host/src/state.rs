@@ -39,11 +39,22 @@ pub struct LocalResponse {
 pub trait Properties: Send + Sync + std::fmt::Debug {
     /// The value of `path` (dotted, e.g. `source.address`) in Envoy's encoding.
     fn get(&self, path: &str) -> Option<Vec<u8>>;
+
+    /// [`Properties::get`], appended to `out`; true when `path` has a value. The host calls
+    /// this one: implement it to answer the properties filters read on every request
+    /// without allocating.
+    fn get_into(&self, path: &str, out: &mut Vec<u8>) -> bool {
+        self.get(path).map(|v| out.extend_from_slice(&v)).is_some()
+    }
 }
 
 impl Properties for HashMap<String, Vec<u8>> {
     fn get(&self, path: &str) -> Option<Vec<u8>> {
         HashMap::get(self, path).cloned()
+    }
+
+    fn get_into(&self, path: &str, out: &mut Vec<u8>) -> bool {
+        HashMap::get(self, path).map(|v| out.extend_from_slice(v)).is_some()
     }
 }
 
@@ -52,22 +63,34 @@ impl Properties for HashMap<String, Vec<u8>> {
 pub struct SharedProperties(pub Arc<dyn Properties>);
 
 impl Default for SharedProperties {
-    /// None; one shared empty set (a stream is made per filter and request).
+    /// None; one empty set per thread (a stream is made per filter and request, and one
+    /// shared reference count would bounce between the workers' cores).
     fn default() -> Self {
-        static NONE: std::sync::OnceLock<Arc<dyn Properties>> = std::sync::OnceLock::new();
-        SharedProperties(NONE.get_or_init(|| Arc::new(HashMap::<String, Vec<u8>>::new())).clone())
+        thread_local!(static NONE: Arc<dyn Properties> = Arc::new(HashMap::<String, Vec<u8>>::new()));
+        SharedProperties(NONE.with(Arc::clone))
     }
+}
+
+/// An empty header map, one per thread: a stream's maps before the embedder fills them, without
+/// an allocation per filter and request.
+fn no_pairs() -> Arc<Pairs> {
+    thread_local!(static NONE: Arc<Pairs> = Arc::new(Pairs::new()));
+    NONE.with(Arc::clone)
 }
 
 impl SharedProperties {
     pub fn get(&self, path: &str) -> Option<Vec<u8>> {
         self.0.get(path)
     }
+
+    pub fn get_into(&self, path: &str, out: &mut Vec<u8>) -> bool {
+        self.0.get_into(path, out)
+    }
 }
 
 /// One HTTP stream as a filter sees it. The header maps are shared (`Arc`) so the filters of
 /// a chain see one copy until one of them changes it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Stream {
     pub request_headers: Arc<Pairs>,
     pub request_body: Vec<u8>,
@@ -79,14 +102,17 @@ pub struct Stream {
     /// embedder shares between the filters of a stream (`request_properties`, and in the
     /// response callbacks `response_properties`); `request.*` / `response.*` values that live
     /// in the headers are read from them (imports.rs).
-    pub properties: HashMap<String, Vec<u8>>,
+    /// (A B-tree: made and dropped per filter and request, nearly always empty, and a hash
+    /// map's random keys cost more than its lookups save.)
+    pub properties: BTreeMap<String, Vec<u8>>,
     pub request_properties: SharedProperties,
     pub response_properties: SharedProperties,
     /// Whether the filter changed the request / response headers (the embedder applies them
     /// only then).
     pub request_headers_changed: bool,
     pub response_headers_changed: bool,
-    pub local_response: Option<LocalResponse>,
+    /// (Boxed: rare, and a stream is moved a few times per filter and request.)
+    pub local_response: Option<Box<LocalResponse>>,
     /// Streams the filter resumed (`proxy_continue_stream`) or closed.
     pub resumed: Vec<crate::abi::StreamType>,
     pub closed: Vec<crate::abi::StreamType>,
@@ -102,6 +128,31 @@ pub struct Stream {
     /// and the request sent upstream again after this many milliseconds (foreign function
     /// `trellis.resend`).
     pub resend: Option<u32>,
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Stream {
+            request_headers: no_pairs(),
+            request_body: Vec::new(),
+            request_trailers: Pairs::new(),
+            response_headers: no_pairs(),
+            response_body: Vec::new(),
+            response_trailers: Pairs::new(),
+            properties: BTreeMap::new(),
+            request_properties: SharedProperties::default(),
+            response_properties: SharedProperties::default(),
+            request_headers_changed: false,
+            response_headers_changed: false,
+            local_response: None,
+            resumed: Vec::new(),
+            closed: Vec::new(),
+            request_headers_open: false,
+            response_headers_open: false,
+            retain_request: false,
+            resend: None,
+        }
+    }
 }
 
 /// An outgoing call a filter made (`proxy_http_call`, `proxy_grpc_call`); the embedder
@@ -254,6 +305,10 @@ pub struct VmState {
     /// on every call).
     pub(crate) memory: Option<wasmtime::Memory>,
     pub(crate) alloc: Option<Arc<wasmtime::TypedFunc<i32, i32>>>,
+    /// Reused buffers for what the hot imports hand to the guest (property values, header
+    /// values) and for property paths, so a request's calls allocate nothing on the host.
+    pub(crate) scratch: Vec<u8>,
+    pub(crate) scratch_path: String,
 }
 
 impl std::fmt::Debug for VmState {

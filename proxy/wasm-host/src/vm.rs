@@ -132,6 +132,8 @@ impl Vm {
             host_properties: host.properties(),
             memory: None,
             alloc: None,
+            scratch: Vec::new(),
+            scratch_path: String::new(),
         };
         let mut store = Store::new(host.engine(), state);
         store.limiter(|s| &mut s.limits);

@@ -234,7 +234,7 @@ impl<'a> RequestBuilder<'a> {
 }
 
 fn local(vm: &Vm, id: u32) -> Option<LocalResponse> {
-    vm.stream(id).and_then(|s| s.local_response.clone())
+    vm.stream(id).and_then(|s| s.local_response.as_deref().cloned())
 }
 
 /// A stream after some callbacks.
