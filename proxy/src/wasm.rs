@@ -38,7 +38,7 @@ pub struct VmSlot {
 }
 
 impl VmSlot {
-    fn new(vm: Vm) -> Arc<VmSlot> {
+    pub(crate) fn new(vm: Vm) -> Arc<VmSlot> {
         Arc::new(VmSlot { vm: Mutex::new(vm), last_tick: Mutex::new(None), calls: Default::default() })
     }
 

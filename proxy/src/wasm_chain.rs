@@ -367,6 +367,24 @@ fn done(active: Vec<Active>) {
     }
 }
 
+/// Whether stream `id` of the filter on `slot` will get no more callbacks after its request
+/// headers: the module needs neither the response headers nor the stream's end
+/// (`trellis.body_interest`), has no body still to see, and left nothing in flight (no call
+/// out, no gRPC stream). Such a stream is finished right away (`proxy_on_delete`, as
+/// [`done`]).
+fn nothing_more(slot: &crate::wasm::VmSlot, id: u32, responds: bool, end_of_stream: bool) -> bool {
+    if responds || slot.calls.in_flight(id) > 0 {
+        return false;
+    }
+    let vm = slot.lock();
+    let (request_body, response_body) = vm.handles_bodies();
+    vm.state().end_interest == (false, false)
+        && (end_of_stream || !request_body)
+        && !response_body
+        && !vm.state().grpc_open.values().any(|g| g.context == id)
+        && vm.stream(id).is_some_and(|s| !s.retain_request && s.local_response.is_none())
+}
+
 /// The filters of one stream, finished when the last user (the run, a body) lets go; and the
 /// header maps handed to them, reused once the stream is over.
 struct Chain(Vec<Active>, Vec<Arc<Pairs>>);
@@ -754,6 +772,16 @@ pub async fn run(
         {
             return r;
         }
+        // A filter the stream has nothing more for is finished now, while its VM is warm,
+        // rather than with the others at the stream's end.
+        if !paused && nothing_more(&slot, id, responds, end_of_stream) {
+            let mut c = lock(&chain);
+            if c.0.len() == i + 1 {
+                let finished = c.0.pop();
+                drop(c);
+                done(finished.into_iter().collect());
+            }
+        }
     }
     let (request_bodies, response_bodies, retain) =
         lock(&chain).0.iter().fold((false, false, false), |(q, r, k), a| {
@@ -947,5 +975,44 @@ mod tests {
         let third = request_pairs(&small);
         assert_ne!(Arc::as_ptr(&third), Arc::as_ptr(&held));
         assert_eq!(*held, *third);
+    }
+
+    /// The built-in modules' streams after their request headers: which are finished at once.
+    #[test]
+    fn streams_with_nothing_more_to_see_are_finished_after_their_request_headers() {
+        let host = trellis_wasm_host::Host::new().unwrap();
+        let slot = |code: &[u8], config: serde_json::Value| {
+            let plugin = trellis_wasm_host::PluginConfig {
+                name: "t".into(),
+                vm_id: "t".into(),
+                configuration: config.to_string().into_bytes(),
+                ..Default::default()
+            };
+            let module = host.load(code, None).unwrap();
+            crate::wasm::VmSlot::new(trellis_wasm_host::Vm::start(&host, module, plugin, Default::default()).unwrap())
+        };
+        let get = request(&[("host", "a.example")]);
+        // (module, config, request ends with its headers, expected)
+        let mirror = serde_json::json!({"routes": {"r": [{"cluster": "c", "percentage": 0}]}});
+        let cases = [
+            ("fault", crate::builtins::FAULT, serde_json::json!({}), true, true),
+            ("auth", crate::builtins::AUTH, serde_json::json!({"stages": []}), true, true),
+            // Mirror reads request bodies: finished early only when there is none.
+            ("mirror, no body", crate::builtins::MIRROR, mirror.clone(), true, true),
+            ("mirror, a body to come", crate::builtins::MIRROR, mirror, false, false),
+            // Retry takes the response headers and the stream's end.
+            ("retry", crate::builtins::RETRY, serde_json::json!({}), true, false),
+        ];
+        for (what, code, config, end_of_stream, want) in cases {
+            let slot = slot(code, config);
+            let (id, responds) = {
+                let mut vm = slot.lock();
+                let stream = Stream { request_headers: request_pairs(&get), ..Default::default() };
+                let id = vm.create_stream(stream).unwrap();
+                vm.on_request_headers(id, end_of_stream).unwrap();
+                (id, vm.handles_response_headers())
+            };
+            assert_eq!(nothing_more(&slot, id, responds, end_of_stream), want, "{what}");
+        }
     }
 }
