@@ -504,23 +504,35 @@ async fn forward<B: ProxyBody>(
 
     // The upstream request.
     let (mut parts, body) = req.into_parts();
-    let mut new_path = path.to_string();
-    if let Some(prefix) = &fwd.prefix_rewrite {
-        // Replaces the matched prefix; routes with exact or regex matches use regex_rewrite.
-        new_path = prefix_rewrite(path, prefix, matched);
-    }
-    if let Some((re, sub)) = &fwd.regex_rewrite {
-        new_path = re.replace_all(&new_path, sub.as_str()).into_owned();
-    }
-    let pq = match query {
-        Some(q) => format!("{new_path}?{q}"),
-        None => new_path,
+    let http2 = cluster.config.http2;
+    // The common case — HTTP/1.1 upstream, no rewrite, a request in origin form — keeps the
+    // request's URI as it is, without building and parsing it again.
+    let rewrite = fwd.prefix_rewrite.is_some() || fwd.regex_rewrite.is_some();
+    let keep_uri = !http2 && !rewrite && parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+    let pq = if keep_uri {
+        String::new()
+    } else {
+        let mut new_path = path.to_string();
+        if let Some(prefix) = &fwd.prefix_rewrite {
+            // Replaces the matched prefix; routes with exact or regex matches use regex_rewrite.
+            new_path = prefix_rewrite(path, prefix, matched);
+        }
+        if let Some((re, sub)) = &fwd.regex_rewrite {
+            new_path = re.replace_all(&new_path, sub.as_str()).into_owned();
+        }
+        match query {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        }
     };
-    let host_header = fwd.host_rewrite.clone().unwrap_or_else(|| authority.to_string());
+    let host_header = fwd.host_rewrite.as_deref().unwrap_or(authority);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     apply_request_ops(&mut parts.headers, route_ops);
     apply_request_ops(&mut parts.headers, &wc.headers);
-    if let Ok(v) = HeaderValue::from_str(&host_header) {
+    // (Left alone when it is already that one value.)
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let same = matches!((hosts.next(), hosts.next()), (Some(h), None) if h.as_bytes() == host_header.as_bytes());
+    if !same && let Ok(v) = HeaderValue::from_str(host_header) {
         parts.headers.insert(header::HOST, v);
     }
     let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -531,19 +543,18 @@ async fn forward<B: ProxyBody>(
         parts.headers.insert("x-forwarded-for", v);
     }
     parts.headers.entry("x-forwarded-proto").or_insert(HeaderValue::from_static("http"));
-    let http2 = cluster.config.http2;
     parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    parts.uri = if http2 {
-        match Uri::builder().scheme("http").authority(host_header.as_str()).path_and_query(pq.as_str()).build() {
+    if http2 {
+        parts.uri = match Uri::builder().scheme("http").authority(host_header).path_and_query(pq.as_str()).build() {
             Ok(u) => u,
             Err(_) => return fail(StatusCode::BAD_REQUEST, "bad authority".into(), "DPE", outcome),
-        }
-    } else {
-        match pq.parse::<Uri>() {
+        };
+    } else if !keep_uri {
+        parts.uri = match pq.parse::<Uri>() {
             Ok(u) => u,
             Err(_) => return fail(StatusCode::BAD_REQUEST, "bad path".into(), "DPE", outcome),
-        }
-    };
+        };
+    }
     if http2 {
         parts.headers.remove(header::HOST);
     }

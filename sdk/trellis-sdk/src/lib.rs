@@ -88,7 +88,10 @@ pub trait Filter: Sized + 'static {
 
     /// Whether [`Filter::on_response`] is needed. True by default; a filter that never looks
     /// at responses may say false, and Trellis's host then spares a call into the module per
-    /// request (other hosts call it anyway; the SDK then continues the response).
+    /// request (other hosts call it anyway; the SDK then continues the response). With
+    /// `SEES_DONE` false too, Trellis's host drops the filter's stream right after
+    /// [`Filter::on_request`] when nothing is left for it (no body it reads still to come, no
+    /// call out, no delay): its `Drop` runs then, not at the stream's end.
     const SEES_RESPONSE: bool = true;
 
     /// A piece of the request body passed by (`end`: the last one), when
