@@ -516,9 +516,15 @@ async fn route_actions_redirect_rewrite_and_edit_headers(under: Under) {
             {"match": [{"uri": {"prefix": "/headers"}}],
              "headers": {"request": {"set": {"x-added": "yes"}, "remove": ["x-secret"]}, "response": {"set": {"x-resp": "done"}}},
              "route": to("v1")},
+            {"match": [{"uri": {"prefix": "/renamed"}}], "rewrite": {"uri": "/headers", "authority": "rewritten.example.com"},
+             "route": to("v1")},
             {"route": to("v1")}]))]
     })
     .await;
+    // The authority rewritten, and the prefix with the query kept.
+    let a = m.client.get(REVIEWS, "/renamed?q=1", &[]).await.unwrap();
+    let seen: Value = serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("{e}: {a:?}"));
+    assert_eq!((&seen["host"], &seen[":path"]), (&json!("rewritten.example.com"), &json!("/headers?q=1")), "{seen}");
     assert_eq!(m.client.get(REVIEWS, "/?canary=1", &[]).await.unwrap().body, "v2");
     assert_eq!(m.client.get(REVIEWS, "/?canary=0", &[]).await.unwrap().body, "v1");
     let a = m.client.get(REVIEWS, "/old/page", &[]).await.unwrap();
@@ -527,8 +533,10 @@ async fn route_actions_redirect_rewrite_and_edit_headers(under: Under) {
     let a = m.client.get(REVIEWS, "/items/42", &[]).await.unwrap();
     let seen: Value = serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("{e}: {a:?}"));
     assert_eq!(seen[":path"], "/headers", "regex rewrite");
-    let a = m.client.get(REVIEWS, "/headers", &[("x-secret", "s3cret")]).await.unwrap();
+    let a = m.client.get(REVIEWS, "/headers?a=b&c", &[("x-secret", "s3cret")]).await.unwrap();
     let seen: Value = serde_json::from_str(&a.body).unwrap();
+    // Nothing rewritten: the path, query and Host as the client sent them.
+    assert_eq!((&seen["host"], &seen[":path"]), (&json!(REVIEWS), &json!("/headers?a=b&c")), "{seen}");
     assert_eq!(seen["x-added"], "yes");
     assert!(seen.get("x-secret").is_none(), "{seen}");
     assert_eq!(a.headers.get("x-resp").and_then(|v| v.to_str().ok()), Some("done"));

@@ -150,7 +150,7 @@ pub async fn handle(
     let start = std::time::SystemTime::now();
     let started = Instant::now();
     if !req.headers().contains_key("x-request-id")
-        && let Ok(v) = HeaderValue::from_str(&new_request_id())
+        && let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(new_request_id()))
     {
         req.headers_mut().insert("x-request-id", v);
     }
@@ -226,10 +226,6 @@ pub(crate) async fn route_request<B: ProxyBody>(
             return (local_reply(StatusCode::NOT_FOUND, why), outcome);
         }
     };
-    let authority = request_authority(&req).to_string();
-    let scheme = req.uri().scheme_str().unwrap_or("http").to_string();
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().map(String::from);
     outcome.route = Some(route.name.clone());
     match &route.action {
         Action::Direct { status, body } => {
@@ -241,7 +237,14 @@ pub(crate) async fn route_request<B: ProxyBody>(
             (r, outcome)
         }
         Action::Redirect(rd) => {
-            let location = redirect_location(rd, &scheme, &authority, &path, query.as_deref());
+            let uri = req.uri();
+            let location = redirect_location(
+                rd,
+                uri.scheme_str().unwrap_or("http"),
+                request_authority(&req),
+                uri.path(),
+                uri.query(),
+            );
             let mut r = local_reply(StatusCode::from_u16(rd.code).unwrap_or(StatusCode::MOVED_PERMANENTLY), "");
             if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers_mut().insert(header::LOCATION, v);
@@ -253,19 +256,7 @@ pub(crate) async fn route_request<B: ProxyBody>(
         Action::Forward(fwd) => {
             let upgrade = is_upgrade(&req);
             let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-            let (resp, o) = forward(
-                rt,
-                fwd,
-                &route.headers,
-                &route.matcher.path,
-                peer,
-                req,
-                &authority,
-                &path,
-                query.as_deref(),
-                outcome,
-            )
-            .await;
+            let (resp, o) = forward(rt, fwd, &route.headers, &route.matcher.path, peer, req, outcome).await;
             if let (Some(down), true) = (downstream_upgrade, resp.0.status() == StatusCode::SWITCHING_PROTOCOLS) {
                 let (mut resp, up) = resp;
                 if let Some(up) = up {
@@ -453,9 +444,6 @@ async fn forward<B: ProxyBody>(
     matched: &PathMatch,
     peer: SocketAddr,
     req: Request<B>,
-    authority: &str,
-    path: &str,
-    query: Option<&str>,
     mut outcome: Outcome,
 ) -> ForwardResult {
     let fail = |status: StatusCode, body: String, flags: &'static str, mut o: Outcome| {
@@ -490,12 +478,13 @@ async fn forward<B: ProxyBody>(
     };
     let upgrade = is_upgrade(&req);
     let host = if cluster.original_dst() {
+        let authority = request_authority(&req);
         match authority.parse::<SocketAddr>() {
             Ok(_) => Some(Arc::new(upstream::Host::ephemeral(authority))),
             Err(_) => None,
         }
     } else {
-        cluster.pick(hash_key(&fwd.hash_policy, &req, peer, query))
+        cluster.pick(hash_key(&fwd.hash_policy, &req, peer, req.uri().query()))
     };
     let Some(host) = host else {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream".into(), "UH", outcome);
@@ -504,11 +493,21 @@ async fn forward<B: ProxyBody>(
 
     // The upstream request.
     let (mut parts, body) = req.into_parts();
+    // The request's URI and Host as they arrived (before the header operations), borrowed from
+    // here on: nothing is copied unless something is rewritten.
+    let uri = std::mem::take(&mut parts.uri);
+    let host_value = parts.headers.get(header::HOST).cloned();
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| host_value.as_ref().and_then(|h| h.to_str().ok()))
+        .unwrap_or_default();
+    let (path, query) = (uri.path(), uri.query());
     let http2 = cluster.config.http2;
     // The common case — HTTP/1.1 upstream, no rewrite, a request in origin form — keeps the
     // request's URI as it is, without building and parsing it again.
     let rewrite = fwd.prefix_rewrite.is_some() || fwd.regex_rewrite.is_some();
-    let keep_uri = !http2 && !rewrite && parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+    let keep_uri = !http2 && !rewrite && uri.scheme().is_none() && uri.authority().is_none();
     let pq = if keep_uri {
         String::new()
     } else {
@@ -554,6 +553,8 @@ async fn forward<B: ProxyBody>(
             Ok(u) => u,
             Err(_) => return fail(StatusCode::BAD_REQUEST, "bad path".into(), "DPE", outcome),
         };
+    } else {
+        parts.uri = uri;
     }
     if http2 {
         parts.headers.remove(header::HOST);
