@@ -37,6 +37,15 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Table order: direct, then Envoy, then trellis-proxy, each by filter count.
+    fn order(&self) -> (u8, u8) {
+        match self {
+            Mode::Direct => (0, 0),
+            Mode::Envoy(n) => (1, *n),
+            Mode::Trellis(n) => (2, *n),
+        }
+    }
+
     pub fn name(self) -> String {
         match self {
             Mode::Direct => "direct".into(),
@@ -565,7 +574,16 @@ async fn measure(
     })
 }
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+/// The distinct rates, in order (the tables' rows).
+pub(crate) fn rates(all: impl Iterator<Item = u32>) -> Vec<u32> {
+    let mut rates: Vec<u32> = all.collect();
+    rates.sort();
+    rates.dedup();
+    rates
+}
+
+/// Median, min and max of the finite values (NaN when there are none).
+pub(crate) fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return (f64::NAN, f64::NAN, f64::NAN);
@@ -581,18 +599,11 @@ pub fn added_by_filters(samples: &[Sample]) -> String {
     let mut out = String::from(
         "| rate | filters | added vCPU | µs / request | added user vCPU | user µs / request |\n|---|---|---|---|---|---|\n",
     );
-    let mut rates: Vec<u32> = samples.iter().map(|s| s.rate).collect();
-    rates.sort();
-    rates.dedup();
-    for rate in rates {
+    for rate in rates(samples.iter().map(|s| s.rate)) {
         let here: Vec<&Sample> = samples.iter().filter(|s| s.rate == rate).collect();
         let mut modes: Vec<Mode> =
             here.iter().map(|s| s.mode).filter(|m| matches!(m, Mode::Envoy(n) | Mode::Trellis(n) if *n > 0)).collect();
-        modes.sort_by_key(|m| match m {
-            Mode::Envoy(n) => (1, *n),
-            Mode::Trellis(n) => (2, *n),
-            Mode::Direct => (0, 0),
-        });
+        modes.sort_by_key(Mode::order);
         modes.dedup();
         for mode in modes {
             let base = match mode {
@@ -635,16 +646,9 @@ pub fn table(samples: &[Sample]) -> String {
     let mut out = String::from(
         "| rate | mode | p50 ms | p90 ms | p99 ms | p50 / direct | p99 / direct | proxy vCPU | RSS start / peak MB |\n|---|---|---|---|---|---|---|---|---|\n",
     );
-    let mut rates: Vec<u32> = samples.iter().map(|s| s.rate).collect();
-    rates.sort();
-    rates.dedup();
-    for rate in rates {
+    for rate in rates(samples.iter().map(|s| s.rate)) {
         let mut modes: Vec<Mode> = samples.iter().filter(|s| s.rate == rate).map(|s| s.mode).collect();
-        modes.sort_by_key(|m| match m {
-            Mode::Direct => (0, 0),
-            Mode::Envoy(n) => (1, *n),
-            Mode::Trellis(n) => (2, *n),
-        });
+        modes.sort_by_key(Mode::order);
         modes.dedup();
         for mode in modes {
             let these: Vec<&Sample> = samples.iter().filter(|s| s.rate == rate && s.mode == mode).collect();

@@ -302,13 +302,8 @@ async fn measure(cfg: &Config, s: &Setup, mode: PairMode, rate: u32, rep: usize)
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    crate::bench::median(v).0
 }
 
 /// Medians per rate and mode; the added latency is the median of each repetition's pair
@@ -317,10 +312,7 @@ pub fn table(samples: &[Sample]) -> String {
     let mut out = String::from(
         "| rate | mode | p50 ms | p99 ms | added p50 / p99 ms | vCPU client + server | RSS MB client / server |\n|---|---|---|---|---|---|---|\n",
     );
-    let mut rates: Vec<u32> = samples.iter().map(|s| s.rate).collect();
-    rates.sort();
-    rates.dedup();
-    for rate in rates {
+    for rate in crate::bench::rates(samples.iter().map(|s| s.rate)) {
         for mode in [PairMode::Direct, PairMode::Relay, PairMode::Trellis, PairMode::Envoy] {
             let these: Vec<&Sample> = samples.iter().filter(|s| s.rate == rate && s.mode == mode).collect();
             if these.is_empty() {

@@ -38,7 +38,7 @@ pub struct VmSlot {
 }
 
 impl VmSlot {
-    pub(crate) fn new(vm: Vm) -> Arc<VmSlot> {
+    fn new(vm: Vm) -> Arc<VmSlot> {
         Arc::new(VmSlot { vm: Mutex::new(vm), last_tick: Mutex::new(None), calls: Default::default() })
     }
 
@@ -443,24 +443,24 @@ pub fn rebuild(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn time_samples_cover_every_position_of_a_periodic_call_pattern() {
         // A filter making 2 or 3 calls per request: each position is timed about as often.
         for period in [2u64, 3, 4, 8] {
             let mut hits = vec![0u32; period as usize];
             for n in 0..80_000u64 {
-                if super::sampled(n) {
+                if sampled(n) {
                     hits[(n % period) as usize] += 1;
                 }
             }
-            let expected = 80_000 / super::TIME_SAMPLE as u32 / period as u32;
+            let expected = 80_000 / TIME_SAMPLE as u32 / period as u32;
             for h in &hits {
                 assert!(h.abs_diff(expected) * 10 < expected, "period {period}: {hits:?}, expected ~{expected}");
             }
         }
     }
-
-    use super::*;
 
     fn user(name: &str, root_id: &str) -> WasmFilterConfig {
         WasmFilterConfig {

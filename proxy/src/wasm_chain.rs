@@ -184,20 +184,28 @@ impl trellis_wasm_host::Properties for RequestInfo {
                 .into(),
             ),
             "request.time" => int(self.time_nanos),
-            "route_name" | "xds.route_name" => self.route.as_ref().map(|r| r.as_bytes().to_vec()),
-            "cluster_name" | "xds.cluster_name" => self.cluster.as_ref().map(|c| c.as_bytes().to_vec()),
-            _ => None,
+            _ => self.name(path).map(|n| n.as_bytes().to_vec()),
         }
     }
 
     /// The names most filters read on every request, without an allocation.
     fn get_into(&self, path: &str, out: &mut Vec<u8>) -> bool {
-        let name = match path {
-            "route_name" | "xds.route_name" => &self.route,
-            "cluster_name" | "xds.cluster_name" => &self.cluster,
-            _ => return self.get(path).map(|v| out.extend_from_slice(&v)).is_some(),
-        };
-        name.as_ref().map(|n| out.extend_from_slice(n.as_bytes())).is_some()
+        match self.name(path) {
+            Some(n) => out.extend_from_slice(n.as_bytes()),
+            None => return self.get(path).map(|v| out.extend_from_slice(&v)).is_some(),
+        }
+        true
+    }
+}
+
+impl RequestInfo {
+    /// `route_name` / `cluster_name` (and their `xds.` forms).
+    fn name(&self, path: &str) -> Option<&str> {
+        match path {
+            "route_name" | "xds.route_name" => self.route.as_deref(),
+            "cluster_name" | "xds.cluster_name" => self.cluster.as_deref(),
+            _ => None,
+        }
     }
 }
 
@@ -230,25 +238,33 @@ struct ResponseInfo {
 impl trellis_wasm_host::Properties for ResponseInfo {
     fn get(&self, path: &str) -> Option<Vec<u8>> {
         match path {
-            "response.code" => Some(i64::from(self.code).to_le_bytes().to_vec()),
-            "response.flags" => Some(self.flags.to_le_bytes().to_vec()),
             "upstream.address" => self.upstream.as_ref().map(|u| u.as_bytes().to_vec()),
             "upstream.port" => {
                 let port = self.upstream.as_ref()?.rsplit_once(':')?.1.parse::<i64>().ok()?;
                 Some(port.to_le_bytes().to_vec())
             }
-            _ => None,
+            _ => self.word(path).map(|w| w.to_vec()),
         }
     }
 
     /// What a retry policy reads on every response, without an allocation.
     fn get_into(&self, path: &str, out: &mut Vec<u8>) -> bool {
-        match path {
-            "response.code" => out.extend_from_slice(&i64::from(self.code).to_le_bytes()),
-            "response.flags" => out.extend_from_slice(&self.flags.to_le_bytes()),
-            _ => return self.get(path).map(|v| out.extend_from_slice(&v)).is_some(),
+        match self.word(path) {
+            Some(w) => out.extend_from_slice(&w),
+            None => return self.get(path).map(|v| out.extend_from_slice(&v)).is_some(),
         }
         true
+    }
+}
+
+impl ResponseInfo {
+    /// `response.code` / `response.flags`, 8 bytes little-endian as in Envoy.
+    fn word(&self, path: &str) -> Option<[u8; 8]> {
+        match path {
+            "response.code" => Some(i64::from(self.code).to_le_bytes()),
+            "response.flags" => Some(self.flags.to_le_bytes()),
+            _ => None,
+        }
     }
 }
 
@@ -367,16 +383,12 @@ fn done(active: Vec<Active>) {
     }
 }
 
-/// Whether stream `id` of the filter on `slot` will get no more callbacks after its request
-/// headers: the module needs neither the response headers nor the stream's end
-/// (`trellis.body_interest`), has no body still to see, and left nothing in flight (no call
-/// out, no gRPC stream). Such a stream is finished right away (`proxy_on_delete`, as
-/// [`done`]).
-fn nothing_more(slot: &crate::wasm::VmSlot, id: u32, responds: bool, end_of_stream: bool) -> bool {
-    if responds || slot.calls.in_flight(id) > 0 {
-        return false;
-    }
-    let vm = slot.lock();
+/// Whether stream `id` in `vm` will get no more callbacks after its request headers, as far
+/// as the VM knows: the module needs no stream end (`trellis.body_interest`), has no body
+/// still to see, no gRPC stream open, no request kept for a re-send and no local reply. With
+/// no response-headers callback and no call out in flight either, [`run`] finishes such a
+/// stream right away (`proxy_on_delete`, as [`done`]).
+fn quiet(vm: &trellis_wasm_host::Vm, id: u32, end_of_stream: bool) -> bool {
     let (request_body, response_body) = vm.handles_bodies();
     vm.state().end_interest == (false, false)
         && (end_of_stream || !request_body)
@@ -744,6 +756,9 @@ pub async fn run(
         };
         let paused = action == Action::Pause && slot.lock().stream(id).is_some_and(|s| s.local_response.is_none());
         let waited = if paused { wait_resumed(rt, &chain, i, StreamType::HttpRequest).await } else { Ok(()) };
+        // Whether the stream has nothing more for this filter, looked at while the VM is
+        // locked below (calls out it started are counted once they are started there).
+        let over: bool;
         let applied = {
             let mut c = lock(&chain);
             let a = &mut c.0[i];
@@ -757,6 +772,7 @@ pub async fn run(
             }
             // The request changes only when the filter changed its headers.
             let changed = s.filter(|s| s.request_headers_changed).map(|s| s.request_headers.clone());
+            over = !paused && !responds && quiet(&vm, id, end_of_stream);
             drop(vm);
             waited.and_then(|()| match changed {
                 Some(map) => {
@@ -773,14 +789,10 @@ pub async fn run(
             return r;
         }
         // A filter the stream has nothing more for is finished now, while its VM is warm,
-        // rather than with the others at the stream's end.
-        if !paused && nothing_more(&slot, id, responds, end_of_stream) {
-            let mut c = lock(&chain);
-            if c.0.len() == i + 1 {
-                let finished = c.0.pop();
-                drop(c);
-                done(finished.into_iter().collect());
-            }
+        // rather than with the others at the stream's end (it is the chain's last so far).
+        if over && slot.calls.in_flight(id) == 0 {
+            let finished = lock(&chain).0.pop();
+            done(finished.into_iter().collect());
         }
     }
     let (request_bodies, response_bodies, retain) =
@@ -977,11 +989,12 @@ mod tests {
         assert_eq!(*held, *third);
     }
 
-    /// The built-in modules' streams after their request headers: which are finished at once.
+    /// The built-in modules' streams after their request headers: which are finished at once
+    /// (as `run` decides, with no call out in flight).
     #[test]
     fn streams_with_nothing_more_to_see_are_finished_after_their_request_headers() {
         let host = trellis_wasm_host::Host::new().unwrap();
-        let slot = |code: &[u8], config: serde_json::Value| {
+        let vm = |code: &[u8], config: serde_json::Value| {
             let plugin = trellis_wasm_host::PluginConfig {
                 name: "t".into(),
                 vm_id: "t".into(),
@@ -989,7 +1002,7 @@ mod tests {
                 ..Default::default()
             };
             let module = host.load(code, None).unwrap();
-            crate::wasm::VmSlot::new(trellis_wasm_host::Vm::start(&host, module, plugin, Default::default()).unwrap())
+            trellis_wasm_host::Vm::start(&host, module, plugin, Default::default()).unwrap()
         };
         let get = request(&[("host", "a.example")]);
         // (module, config, request ends with its headers, expected)
@@ -1004,15 +1017,12 @@ mod tests {
             ("retry", crate::builtins::RETRY, serde_json::json!({}), true, false),
         ];
         for (what, code, config, end_of_stream, want) in cases {
-            let slot = slot(code, config);
-            let (id, responds) = {
-                let mut vm = slot.lock();
-                let stream = Stream { request_headers: request_pairs(&get), ..Default::default() };
-                let id = vm.create_stream(stream).unwrap();
-                vm.on_request_headers(id, end_of_stream).unwrap();
-                (id, vm.handles_response_headers())
-            };
-            assert_eq!(nothing_more(&slot, id, responds, end_of_stream), want, "{what}");
+            let mut vm = vm(code, config);
+            let stream = Stream { request_headers: request_pairs(&get), ..Default::default() };
+            let id = vm.create_stream(stream).unwrap();
+            vm.on_request_headers(id, end_of_stream).unwrap();
+            let responds = vm.handles_response_headers();
+            assert_eq!(!responds && quiet(&vm, id, end_of_stream), want, "{what}");
         }
     }
 }
